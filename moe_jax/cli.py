@@ -1,0 +1,41 @@
+"""The `moe-jax` command line: one subcommand per module, imported lazily.
+
+Each entry maps a subcommand to `module:function`; the function takes the remaining argv list and
+returns an exit code. Lazy imports keep `moe-jax --help` fast and keep TensorFlow (seqio) out of every
+command that does not build data.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module:function, one-line help)
+    "smoke": ("moe_jax.smoke:main", "forward/backward smoke run of a small DeepSeekMoE model"),
+    "data": ("moe_jax.data.cli:main", "build the offline corpus, vocabulary and token cache"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: moe-jax COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"moe-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""moe_jax: DeepSeekMoE and its baselines in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Mixture-of-Experts language models (DeepSeekMoE, GShard, Switch, Hash) in JAX/Flax NNX",
+    packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "tensorstore",
+        "gin-config",
+        "numpy",
+        "sentencepiece",
+        "tqdm",
+        "matplotlib",
+        "safetensors",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # seqio (and with it TensorFlow) is only needed to *build* the token cache.
+        "data": ["seqio"],
+    },
+    entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
+)
