@@ -1,0 +1,200 @@
+"""Model configuration: two frozen, gin-configurable dataclasses.
+
+`ModelConfig` describes the decoder trunk (paper §3, §4.1.3, §5.1.2, §7.1) and `MoEConfig` the FFN of
+its MoE layers (paper §3.1-§3.3). Every model of the paper is one binding of these two: there are no
+model classes per paper. Gin files under `gin/` bind them; see `gin/architectures/decoder.gin`.
+
+Vocabulary used below: N' = `num_experts` routed experts, K' = `top_k` activated routed experts,
+K_s = `num_shared_experts`, f = `expert_dim` (the expert FFN's intermediate width). Fine-grained
+segmentation with factor m is `num_experts = m*N - K_s`, `top_k = m*K - K_s`, `expert_dim = F/m`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+
+ROUTERS = ("softmax", "hash")
+DISPATCHES = ("dropless", "capacity", "reference")
+SECOND_EXPERT_POLICIES = ("greedy", "random")
+BALANCE_SCOPES = ("sequence", "global")
+HASH_TABLES = ("random", "balanced")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE FFN (paper Eq 9-17).
+
+    Attributes:
+      num_experts: N', routed experts per MoE layer. 0 gives a layer of shared experts only
+        (Dense x4 / Dense x16 of paper Tab 2/9).
+      num_shared_experts: K_s, always-on experts with gate weight 1, fused into one SwiGLU MLP of
+        width `num_shared_experts * expert_dim` as in DeepSeek's code.
+      expert_dim: f, intermediate width of one expert (routed or shared).
+      top_k: K', routed experts activated per token.
+      router: "softmax" (learned softmax over the routed experts, top-k; Switch is k=1, GShard k=2)
+        or "hash" (a fixed token-id -> expert table, Roller et al. 2021; k must be 1).
+      second_expert_policy: for k >= 2, how choices after the first are kept: "greedy" (always) or
+        "random" (GShard: keep choice j with probability min(1, 2 g_j / (g_1 + g_j))).
+      renormalize_topk: divide the selected gates by their sum. Off in the paper (Eq 10) and in
+        DeepSeekMoE 16B (`norm_topk_prob: false`).
+      expert_balance_alpha: alpha_1 of the expert-level balance loss (Eq 12). Paper: 0.01 at 2B,
+        0.001 at 16B, 0.003 at 145B.
+      device_balance_alpha: alpha_2 of the device-level balance loss (Eq 15); 0.05 at 145B.
+      num_device_groups: D, groups of routed experts for the device-level loss; 0 means "the size of
+        the mesh's expert axis" (1 on a single device).
+      balance_loss_scope: "sequence" (Eq 12-14 per sequence, then averaged over the batch, as the
+        paper and DeepSeek's `seq_aux=True`) or "global" (f and P over all tokens of the batch).
+      router_z_loss_alpha: weight of the router z-loss mean(logsumexp(logits)^2); 0 disables it.
+      dispatch: "dropless" (sort by expert + grouped matmul; the paper's setting), "capacity"
+        (fixed expert capacity, overflow dropped, first choices outrank second choices as in
+        GShard) or "reference" (naive per-expert loop; the test oracle).
+      capacity_factor: for dispatch="capacity": capacity = ceil(capacity_factor * T * K' / N') slots
+        per expert for T tokens.
+      gmm_backend: grouped-matmul kernel of the dropless dispatch: "auto" (fastest measured for the
+        platform), or a name registered in `moe_jax.moe.dispatch.gmm`.
+      hash_table: for router="hash": "random" (uniform random token -> expert map from `hash_seed`)
+        or "balanced" (greedy bin packing of token frequencies read from `hash_frequencies`).
+      hash_seed: seed of the hash table.
+      hash_frequencies: path of a `.npy` file of token counts [vocab] for hash_table="balanced".
+    """
+
+    num_experts: int = 16
+    num_shared_experts: int = 0
+    expert_dim: int = 512
+    top_k: int = 2
+    router: str = "softmax"
+    second_expert_policy: str = "greedy"
+    renormalize_topk: bool = False
+    expert_balance_alpha: float = 0.01
+    device_balance_alpha: float = 0.0
+    num_device_groups: int = 0
+    balance_loss_scope: str = "sequence"
+    router_z_loss_alpha: float = 0.0
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    gmm_backend: str = "auto"
+    hash_table: str = "random"
+    hash_seed: int = 0
+    hash_frequencies: str = ""
+
+    def __post_init__(self):
+        _check_choice("MoEConfig.router", self.router, ROUTERS)
+        _check_choice("MoEConfig.dispatch", self.dispatch, DISPATCHES)
+        _check_choice("MoEConfig.second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
+        _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
+        _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
+        if self.num_experts < 0 or self.num_shared_experts < 0:
+            raise ValueError("MoEConfig: num_experts and num_shared_experts must be >= 0")
+        if self.num_experts == 0 and self.num_shared_experts == 0:
+            raise ValueError("MoEConfig: a layer needs routed or shared experts (both are 0)")
+        if self.num_experts > 0 and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"MoEConfig.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.router == "hash" and self.num_experts > 0 and self.top_k != 1:
+            raise ValueError(f"MoEConfig: hash routing is top-1; got top_k={self.top_k}")
+        if self.hash_table == "balanced" and self.router == "hash" and not self.hash_frequencies:
+            raise ValueError("MoEConfig.hash_table='balanced' needs MoEConfig.hash_frequencies (a .npy of token counts)")
+        if self.num_device_groups and self.num_experts % self.num_device_groups:
+            raise ValueError(
+                f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}")
+
+    @property
+    def has_router(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def activated_dim(self) -> int:
+        """Intermediate width a token activates: (K_s + K') * f."""
+        return (self.num_shared_experts + (self.top_k if self.num_experts else 0)) * self.expert_dim
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Transformer as DeepSeek's models are built (pre-norm RMSNorm, RoPE, MHA, SwiGLU).
+
+    Attributes:
+      vocab_size: vocabulary size (8K at 2B, 102400 at 16B/145B).
+      d_model: hidden size d.
+      num_layers: number of Transformer blocks.
+      num_heads: attention heads (multi-head attention; no GQA in the paper).
+      head_dim: per-head width.
+      ffn_dim: intermediate width of the dense SwiGLU FFN (dense models and the first `first_k_dense`
+        layers of MoE models).
+      moe: the MoE FFN; None for a dense model.
+      first_k_dense: the first this many layers use the dense FFN (16B/145B: 1; 2B: 0).
+      moe_layer_freq: layer l >= first_k_dense is MoE iff l % moe_layer_freq == 0 (DeepSeek's rule).
+      init_std: std of the normal initialisation of every weight matrix (paper: 0.006).
+      rope_theta: RoPE base.
+      norm_eps: RMSNorm epsilon.
+      dtype: compute dtype ("float32" or "bfloat16"); parameters stay in `param_dtype`.
+      param_dtype: parameter dtype.
+      scan_layers: run identical consecutive layers with jax.lax.scan (one compiled body).
+      remat: rematerialisation of each block in the backward pass: "none", "full", or "dots"
+        (save matmul outputs only).
+      attention_impl: implementation passed to jax.nn.dot_product_attention (None picks one).
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 688
+    moe: Optional[MoEConfig] = None
+    first_k_dense: int = 0
+    moe_layer_freq: int = 1
+    init_std: float = 0.006
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+
+    def __post_init__(self):
+        _check_choice("ModelConfig.dtype", self.dtype, DTYPES)
+        _check_choice("ModelConfig.param_dtype", self.param_dtype, DTYPES)
+        _check_choice("ModelConfig.remat", self.remat, REMAT_POLICIES)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "moe_layer_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """DeepSeek's placement rule: MoE iff a MoE is configured, l >= first_k_dense, l % freq == 0."""
+        return self.moe is not None and layer >= self.first_k_dense and layer % self.moe_layer_freq == 0
+
+    def layer_segments(self) -> list[tuple[bool, int, int]]:
+        """Runs of consecutive layers of the same kind: [(is_moe, first_layer, count), ...]."""
+        segments: list[tuple[bool, int, int]] = []
+        for layer in range(self.num_layers):
+            kind = self.is_moe_layer(layer)
+            if segments and segments[-1][0] == kind:
+                segments[-1] = (kind, segments[-1][1], segments[-1][2] + 1)
+            else:
+                segments.append((kind, layer, 1))
+        return segments
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(layer) for layer in range(self.num_layers))
+
+    def replace(self, **kwargs) -> "ModelConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    def replace_moe(self, **kwargs) -> "ModelConfig":
+        if self.moe is None:
+            raise ValueError("replace_moe on a dense model (ModelConfig.moe is None)")
+        return dataclasses.replace(self, moe=dataclasses.replace(self.moe, **kwargs))

@@ -1,0 +1,116 @@
+"""The MoE FFN of paper Eq 9: shared experts + routed experts chosen by a router, run by a dispatch.
+
+    h = sum_{i <= K_s} FFN_i(u) + sum_{routed i} g_{i,t} FFN_i(u)        (the residual is added by the block)
+
+One class expresses every model of the paper by configuration: DeepSeekMoE (K_s >= 1, fine-grained),
+GShard/Switch (K_s = 0, k = 2 / 1), Hash (router="hash"), Dense x4 / x16 (no routed experts).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moe_jax.config import ModelConfig
+from moe_jax.model.mlp import MLP
+from moe_jax.moe import balance
+from moe_jax.moe.dispatch import ExpertParams, get_dispatch
+from moe_jax.moe.routers import ROUTERS
+from moe_jax.moe.stats import RoutingStats, routing_stats
+
+
+@struct.dataclass
+class MoELosses:
+    """Auxiliary losses of one MoE layer (or summed over layers), already multiplied by their alphas."""
+
+    expert_balance: jax.Array
+    device_balance: jax.Array
+    z_loss: jax.Array
+
+    @classmethod
+    def zeros(cls) -> "MoELosses":
+        z = jnp.zeros((), jnp.float32)
+        return cls(z, z, z)
+
+    @property
+    def total(self) -> jax.Array:
+        return self.expert_balance + self.device_balance + self.z_loss
+
+    def __add__(self, other: "MoELosses") -> "MoELosses":
+        return jax.tree.map(jnp.add, self, other)
+
+
+@struct.dataclass
+class MoEAux:
+    """What a MoE layer returns beside its output: losses for the objective, stats for metrics."""
+
+    losses: MoELosses
+    stats: RoutingStats
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class MoELayer(nnx.Module):
+    """Router + routed experts (stacked [E, ...]) + fused shared experts, behind one dispatch."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        m = cfg.moe
+        self.cfg = m
+        self.compute_dtype = _dtype(cfg.dtype)
+        std, pd, d = cfg.init_std, _dtype(cfg.param_dtype), cfg.d_model
+        if m.num_experts:
+            self.router = ROUTERS[m.router](cfg, rngs)
+            e, f = m.num_experts, m.expert_dim
+            self.wi = nnx.Param(std * jax.random.normal(rngs.params(), (e, d, 2, f), pd),
+                                axes=("experts", "embed", None, "expert_mlp"))
+            self.wo = nnx.Param(std * jax.random.normal(rngs.params(), (e, f, d), pd),
+                                axes=("experts", "expert_mlp", "embed"))
+        else:
+            self.router = None
+        self.shared = (MLP(d, m.num_shared_experts * m.expert_dim, init_std=std, param_dtype=pd, rngs=rngs)
+                       if m.num_shared_experts else None)
+        self.num_device_groups = m.num_device_groups or 1
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None = None, rng: jax.Array | None = None,
+                 ) -> tuple[jax.Array, MoEAux | None]:
+        """x [B, S, d], token_ids [B, S] (needed by hash routing), rng (GShard random policy).
+
+        Returns y [B, S, d] and MoEAux (None when the layer has no routed experts).
+        """
+        b, s, d = x.shape
+        xf = x.reshape(b * s, d)
+        y = jnp.zeros_like(xf)
+        aux = None
+        if self.router is not None:
+            m = self.cfg
+            ids = None if token_ids is None else token_ids.reshape(b * s)
+            routing = self.router(xf, ids, rng)
+            experts = ExpertParams(wi=self.wi[...].astype(x.dtype), wo=self.wo[...].astype(x.dtype))
+            out = get_dispatch(m.dispatch)(xf, routing, experts, capacity_factor=m.capacity_factor,
+                                           gmm_backend=m.gmm_backend)
+            y = y + out.y
+            aux = MoEAux(losses=self._losses(routing, b, s),
+                         stats=routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs))
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        return y.reshape(b, s, d), aux
+
+    def _losses(self, routing, b: int, s: int) -> MoELosses:
+        m = self.cfg
+        losses = MoELosses.zeros()
+        if routing.probs is None or not self.router.uses_balance_loss:
+            return losses
+        probs = routing.probs.reshape(b, s, -1)
+        idx = routing.indices.reshape(b, s, -1)
+        mask = routing.mask.reshape(b, s, -1)
+        expert = device = z = losses.z_loss
+        if m.expert_balance_alpha:
+            expert = m.expert_balance_alpha * balance.expert_balance_loss(probs, idx, mask, m.balance_loss_scope)
+        if m.device_balance_alpha:
+            device = m.device_balance_alpha * balance.device_balance_loss(
+                probs, idx, mask, self.num_device_groups, m.balance_loss_scope)
+        if m.router_z_loss_alpha:
+            z = m.router_z_loss_alpha * balance.router_z_loss(routing.logits)
+        return MoELosses(expert_balance=expert, device_balance=device, z_loss=z)

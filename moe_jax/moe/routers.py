@@ -1,0 +1,61 @@
+"""Router modules: they own the router's state and return a `Routing` (see routing.py).
+
+A router is called as `router(x [T, d], token_ids [T], rng) -> Routing`. `uses_balance_loss` says
+whether balance losses apply (not for hash routing, which never learns: Megatron-LM #7079).
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.moe import routing as R
+
+
+class HashTable(nnx.Variable):
+    """A non-trainable int table (not an nnx.Param, so optimizers and gradients never see it)."""
+
+
+class SoftmaxRouter(nnx.Module):
+    """Learned softmax top-k router; the expert centroids e_i are the columns of `kernel` [d, E]."""
+
+    uses_balance_loss = True
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg.moe
+        self.kernel = nnx.Param(
+            cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
+            axes=("embed", "router_experts"))
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
+        logits = R.router_logits(x, self.kernel[...])
+        return R.softmax_topk(logits, self.cfg.top_k, renormalize=self.cfg.renormalize_topk,
+                              second_expert_policy=self.cfg.second_expert_policy, rng=rng)
+
+
+class HashRouter(nnx.Module):
+    """Fixed token-id -> expert table (random from a seed, or frequency-balanced); top-1, gate 1."""
+
+    uses_balance_loss = False
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        vocab_size, cfg = cfg.vocab_size, cfg.moe
+        if cfg.hash_table == "balanced":
+            freqs = np.load(cfg.hash_frequencies)
+            if freqs.shape != (vocab_size,):
+                raise ValueError(f"hash frequencies {cfg.hash_frequencies} have shape {freqs.shape}, "
+                                 f"expected ({vocab_size},)")
+            table = R.balanced_hash_table(freqs, cfg.num_experts, cfg.hash_seed)
+        else:
+            table = R.random_hash_table(vocab_size, cfg.num_experts, cfg.hash_seed)
+        self.table = HashTable(jnp.asarray(table), axes=("vocab",))
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
+        if token_ids is None:
+            raise ValueError("hash routing needs the input token ids; pass token_ids to the model")
+        return R.hash_route(token_ids, self.table[...])
+
+
+ROUTERS = {"softmax": SoftmaxRouter, "hash": HashRouter}

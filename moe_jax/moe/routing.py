@@ -1,0 +1,127 @@
+"""Routers: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
+
+Pure functions over token-major arrays; `moe_jax.moe.routers` wraps them in NNX modules that own the
+router weights or the hash table. Shapes: T tokens, d hidden size, E routed experts, k experts per token.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class Routing:
+    """Per-token expert assignment.
+
+    Attributes:
+      indices: [T, k] int32 routed expert ids, best first.
+      weights: [T, k] float32 gate values g_{i,t}; 0 where `mask` is False.
+      mask: [T, k] bool, True where the assignment is active. GShard's random policy can drop a
+        second choice; hash routing and greedy top-k keep all.
+      probs: [T, E] float32 router scores s_{i,t} (softmax over routed experts), or None for routers
+        without scores (hash). Balance losses need them.
+      logits: [T, E] float32 router logits, or None (z-loss needs them).
+    """
+
+    indices: jax.Array
+    weights: jax.Array
+    mask: jax.Array
+    probs: jax.Array | None = None
+    logits: jax.Array | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.indices.shape[1]
+
+
+def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Router logits u_t^T e_i in float32: x [T, d], kernel [d, E] -> [T, E]."""
+    return jnp.einsum("td,de->te", x.astype(jnp.float32), kernel.astype(jnp.float32))
+
+
+def softmax_topk(
+    logits: jax.Array,
+    k: int,
+    *,
+    renormalize: bool = False,
+    second_expert_policy: str = "greedy",
+    rng: jax.Array | None = None,
+) -> Routing:
+    """Learned softmax routing with top-k selection (paper Eq 4-5 / 10-11).
+
+    The gate of a selected expert is its softmax probability over all E routed experts, without
+    renormalisation unless `renormalize` (paper: none; DeepSeekMoE 16B: `norm_topk_prob=false`).
+
+    Args:
+      logits: [T, E] float32 router logits.
+      k: experts per token (Switch: 1, GShard: 2, DeepSeekMoE 2B: 7).
+      renormalize: divide the k selected gates by their sum.
+      second_expert_policy: "greedy" keeps all k choices. "random" is GShard's policy: choice j >= 2
+        is kept with probability min(1, 2 * g_j / (g_1 + g_j)); needs `rng`. A dropped choice gets
+        mask False and weight 0.
+      rng: PRNG key for the random policy; without one (e.g. at evaluation) the policy is greedy.
+
+    Returns:
+      Routing with indices/weights/mask [T, k], probs/logits [T, E].
+    """
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, indices = jax.lax.top_k(probs, k)
+    mask = jnp.ones(indices.shape, dtype=bool)
+    if second_expert_policy == "random" and k > 1 and rng is not None:
+        keep_prob = jnp.minimum(1.0, 2.0 * gates[:, 1:] / (gates[:, :1] + gates[:, 1:]))
+        keep = jax.random.uniform(rng, keep_prob.shape) < keep_prob
+        mask = mask.at[:, 1:].set(keep)
+    elif second_expert_policy not in ("greedy", "random"):
+        raise ValueError(f"unknown second_expert_policy {second_expert_policy!r}")
+    gates = jnp.where(mask, gates, 0.0)
+    if renormalize:
+        gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+    return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
+
+
+def hash_route(token_ids: jax.Array, table: jax.Array) -> Routing:
+    """Hash routing (Roller et al. 2021): token id -> fixed expert, gate 1, no scores.
+
+    Args:
+      token_ids: [T] int token ids of the *input* tokens (the ids reach every layer explicitly).
+      table: [vocab] int32 expert id per token id.
+
+    Returns:
+      Routing with k = 1, weight 1, probs/logits None (so no balance loss applies).
+    """
+    indices = jnp.take(table, token_ids.astype(jnp.int32), axis=0)[:, None].astype(jnp.int32)
+    return Routing(indices=indices, weights=jnp.ones(indices.shape, jnp.float32),
+                   mask=jnp.ones(indices.shape, bool))
+
+
+def random_hash_table(vocab_size: int, num_experts: int, seed: int) -> np.ndarray:
+    """A uniform random token -> expert map [vocab] (int32), deterministic in `seed`."""
+    return np.random.default_rng(seed).integers(0, num_experts, size=vocab_size, dtype=np.int32)
+
+
+def balanced_hash_table(frequencies: np.ndarray, num_experts: int, seed: int) -> np.ndarray:
+    """A frequency-balanced token -> expert map [vocab] (int32).
+
+    Greedy longest-processing-time bin packing: tokens in decreasing frequency each go to the expert
+    with the least total frequency so far; ties between equal frequencies are broken by a seeded
+    shuffle so the table is deterministic in `seed` but not ordered by token id. Every expert's load
+    is at most mean + max single-token frequency.
+    """
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(frequencies.shape[0])
+    order = shuffled[np.argsort(-frequencies[shuffled], kind="stable")]
+    loads = np.zeros(num_experts, dtype=np.float64)
+    table = np.zeros(frequencies.shape[0], dtype=np.int32)
+    for token in order:
+        expert = int(np.argmin(loads))
+        table[token] = expert
+        loads[expert] += frequencies[token]
+    return table
