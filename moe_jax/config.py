@@ -22,6 +22,7 @@ BALANCE_SCOPES = ("sequence", "global")
 HASH_TABLES = ("random", "balanced")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+EXPERT_PARALLEL_SCHEMES = ("ring", "all_to_all")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -66,6 +67,13 @@ class MoEConfig:
         or "balanced" (greedy bin packing of token frequencies read from `hash_frequencies`).
       hash_seed: seed of the hash table.
       hash_frequencies: path of a `.npy` file of token counts [vocab] for hash_table="balanced".
+      expert_parallel: how the dispatch exchanges tokens when a device mesh is set (see
+        `moe_jax.moe.dispatch.expert_parallel` and docs/parallelism.md): "ring" (all-gather tokens over
+        the expert axis, local experts, reduce-scatter; exactly dropless) or "all_to_all" (fixed-size
+        buffers per device pair).
+      ep_buffer_factor: for expert_parallel="all_to_all": 0 sizes the buffers for the worst case
+        (dropless); f > 0 gives ceil(f * T_local * K' / EP) rows per device pair and drops (and
+        counts) the overflow.
     """
 
     num_experts: int = 16
@@ -86,6 +94,8 @@ class MoEConfig:
     hash_table: str = "random"
     hash_seed: int = 0
     hash_frequencies: str = ""
+    expert_parallel: str = "ring"
+    ep_buffer_factor: float = 0.0
 
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
@@ -93,6 +103,9 @@ class MoEConfig:
         _check_choice("MoEConfig.second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
         _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
+        _check_choice("MoEConfig.expert_parallel", self.expert_parallel, EXPERT_PARALLEL_SCHEMES)
+        if self.ep_buffer_factor < 0:
+            raise ValueError(f"MoEConfig.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = dropless)")
         if self.num_experts < 0 or self.num_shared_experts < 0:
             raise ValueError("MoEConfig: num_experts and num_shared_experts must be >= 0")
         if self.num_experts == 0 and self.num_shared_experts == 0:
@@ -106,6 +119,17 @@ class MoEConfig:
         if self.num_device_groups and self.num_experts % self.num_device_groups:
             raise ValueError(
                 f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}")
+
+    @classmethod
+    def fine_grained(cls, num_experts: int, top_k: int, granularity: int, num_shared: int, ffn_dim: int,
+                     **kwargs) -> "MoEConfig":
+        """The paper's parametrisation (§3.1-§3.2): N experts of width F with top-K, each split into m
+        experts of width F/m, K_s of the mN isolated as shared. GShard is (16, 2, 1, 0, F);
+        DeepSeekMoE 2B is (16, 2, 4, 1, F): 63 routed of width F/4, top-7, 1 shared."""
+        if ffn_dim % granularity:
+            raise ValueError(f"ffn_dim={ffn_dim} is not divisible by granularity m={granularity}")
+        return cls(num_experts=granularity * num_experts - num_shared, top_k=granularity * top_k - num_shared,
+                   num_shared_experts=num_shared, expert_dim=ffn_dim // granularity, **kwargs)
 
     @property
     def has_router(self) -> bool:
