@@ -15,6 +15,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.model.mlp import MLP
 from moe_jax.moe import balance
 from moe_jax.moe.dispatch import ExpertParams, get_dispatch
+from moe_jax.moe.dispatch.expert_parallel import ambient_mesh, expert_axis_size, expert_parallel_dispatch
 from moe_jax.moe.routers import ROUTERS
 from moe_jax.moe.stats import RoutingStats, routing_stats
 
@@ -71,7 +72,7 @@ class MoELayer(nnx.Module):
             self.router = None
         self.shared = (MLP(d, m.num_shared_experts * m.expert_dim, init_std=std, param_dtype=pd, rngs=rngs)
                        if m.num_shared_experts else None)
-        self.num_device_groups = m.num_device_groups or 1
+        self.num_device_groups = m.num_device_groups  # 0: the ambient mesh's expert-axis size, read per call
 
     def __call__(self, x: jax.Array, token_ids: jax.Array | None = None, rng: jax.Array | None = None,
                  ) -> tuple[jax.Array, MoEAux | None]:
@@ -88,8 +89,15 @@ class MoELayer(nnx.Module):
             ids = None if token_ids is None else token_ids.reshape(b * s)
             routing = self.router(xf, ids, rng)
             experts = ExpertParams(wi=self.wi[...].astype(x.dtype), wo=self.wo[...].astype(x.dtype))
-            out = get_dispatch(m.dispatch)(xf, routing, experts, capacity_factor=m.capacity_factor,
-                                           gmm_backend=m.gmm_backend)
+            mesh = ambient_mesh()
+            if mesh is not None and m.dispatch != "reference":
+                # Expert parallelism (docs/parallelism.md): shard_map over the mesh set by jax.set_mesh.
+                out = expert_parallel_dispatch(xf, routing, experts, mesh=mesh, mode=m.dispatch,
+                                               scheme=m.expert_parallel, capacity_factor=m.capacity_factor,
+                                               buffer_factor=m.ep_buffer_factor, gmm_backend=m.gmm_backend)
+            else:
+                out = get_dispatch(m.dispatch)(xf, routing, experts, capacity_factor=m.capacity_factor,
+                                               gmm_backend=m.gmm_backend)
             y = y + out.y
             aux = MoEAux(losses=self._losses(routing, b, s),
                          stats=routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs))
@@ -109,8 +117,9 @@ class MoELayer(nnx.Module):
         if m.expert_balance_alpha:
             expert = m.expert_balance_alpha * balance.expert_balance_loss(probs, idx, mask, m.balance_loss_scope)
         if m.device_balance_alpha:
+            groups = self.num_device_groups or expert_axis_size()
             device = m.device_balance_alpha * balance.device_balance_loss(
-                probs, idx, mask, self.num_device_groups, m.balance_loss_scope)
+                probs, idx, mask, groups, m.balance_loss_scope)
         if m.router_z_loss_alpha:
             z = m.router_z_loss_alpha * balance.router_z_loss(routing.logits)
         return MoELosses(expert_balance=expert, device_balance=device, z_loss=z)
