@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 from moe_jax.data.errors import CorpusMissingError, DataError, EmptyCorpusError, FetchError
 from moe_jax.data.textutil import doc_key, group_records, normalise, read_text, split_documents, stable_hash
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 
@@ -191,6 +191,26 @@ def _write_manifest(corpus_dir: Path, manifest: dict) -> None:
 # ------------------------------------------------------------------------------ the package corpus
 
 
+class _InProcess:
+    """A stand-in for ProcessPoolExecutor that runs each job when its result is asked for (workers=1)."""
+
+    class _Job:
+        def __init__(self, fn, args):
+            self.fn, self.args = fn, args
+
+        def result(self):
+            return self.fn(*self.args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        return self._Job(fn, args)
+
+
 def _extract_worker(name: str, files: dict[str, str]) -> tuple[str, list[str], float]:
     from moe_jax.data.sources import SOURCES
 
@@ -254,11 +274,11 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
     t0 = time.time()
     records: dict[str, list[str]] = {}
     order = sorted(ok, key=lambda n: -SOURCES[n].approx_mb)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
+    with (ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess()) as ex:
         futs = {ex.submit(_extract_worker, n, {k: str(v) for k, v in files[n].items()}): n for n in order}
         bar = tqdm(total=sum(SOURCES[n].approx_mb for n in ok), desc="extract", unit="MB",
                    disable=not progress, leave=False, delay=1, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]")
-        for fut in as_completed(futs):
+        for fut in (as_completed(futs) if workers > 1 else list(futs)):
             name = futs[fut]
             try:
                 _, recs, dt = fut.result()
