@@ -88,8 +88,10 @@ def train_vocab(corpus_dir: Path, model_path: Path, vocab_size: int = 8192, *, i
         spm.SentencePieceTrainer.train(sentence_iterator=_sentences(corpus_dir, manifest),
                                        model_prefix=tmp_prefix, **settings)
     except RuntimeError as e:
-        m = re.search(r"<= (\d+)", str(e))
-        hint = f" (this corpus allows at most {m.group(1)}): pass a smaller --vocab_size" if m else ""
+        too_big = re.search(r"Please set it to a value <= (\d+)", str(e))
+        too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        hint = (f": this corpus allows at most {too_big.group(1)}, pass a smaller --vocab_size" if too_big else
+                f": this corpus needs at least {too_small.group(1)}, pass a larger --vocab_size" if too_small else "")
         raise DataError(f"SentencePiece training failed: {e}{hint}") from None
     os.replace(tmp_prefix + ".model", model_path)
     os.replace(tmp_prefix + ".vocab", model_path.with_suffix(".vocab"))
