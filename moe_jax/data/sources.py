@@ -243,10 +243,11 @@ def _moby_dick(files):
 
 
 def _python_stdlib(files):
-    for path, tar, m in iter_deb(files["libpython3.11-stdlib"], r"usr/lib/python3\.11/.*\.py$"):
-        if "/test/" in path or "/tests/" in path:
-            continue
-        yield _read_member(tar, m)
+    for pkg in ("libpython3.11-minimal", "libpython3.11-stdlib"):
+        for path, tar, m in iter_deb(files[pkg], r"usr/lib/python3\.11/.*\.py$"):
+            if "/test/" in path or "/tests/" in path or "/idle_test/" in path:
+                continue
+            yield _read_member(tar, m)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -288,9 +289,9 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("devil", (_DEB("dict-devil"),), _devil, "Bierce, The Devil's Dictionary", "public domain",
            group_bytes=16384, approx_mb=0.2),
     # optional code corpus (`--with_code`)
-    Source("python_stdlib", (_DEB("libpython3.11-stdlib"),), _python_stdlib,
+    Source("python_stdlib", (_DEB("libpython3.11-minimal"), _DEB("libpython3.11-stdlib")), _python_stdlib,
            "CPython 3.11 standard library .py files (no tests)", "PSF-2.0", kind="code", default=False,
-           approx_mb=11),
+           approx_mb=10),
 ]}
 
 DEFAULT_SOURCES = tuple(n for n, s in SOURCES.items() if s.default)
