@@ -161,7 +161,7 @@ def build_cache(corpus_dir: Path, vocab_path: Path, cache_dir: Path, seq_len: in
     for split in SPLITS:
         parts = []
         for name in manifest["sources"]:
-            bar.set_postfix_str(f"{split}/{name}")
+            bar.set_postfix_str(f"{split}/{name}", refresh=False)
             docs = iter_docs(corpus_dir, name, split)
             tok, seg, st = pack_split(_batches(docs, ENCODE_BATCH_BYTES), sp, seq_len, dtype, threads,
                                       byte_table, bar)

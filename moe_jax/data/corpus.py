@@ -246,7 +246,7 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
     files: dict[str, dict[str, Path]] = {}
     bar = tqdm(sources, desc="fetch", unit="src", disable=not progress, leave=False, delay=1)
     for name in bar:
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(name, refresh=False)
         try:
             files[name] = {p.name: fetch(p, raw_root, offline=offline) for p in SOURCES[name].packages}
         except FetchError as e:

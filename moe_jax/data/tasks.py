@@ -193,7 +193,7 @@ def materialise(name: str, cache_dir: str | Path, seq_len: int, vocab_path: str 
     from moe_jax.data.cache import FORMAT_VERSION, META, token_dtype, write_split
     from moe_jax.data.store import write_array
 
-    cache_dir, vocab_path = Path(cache_dir), Path(vocab_path)
+    cache_dir, vocab_path = Path(cache_dir), Path(vocab_path).resolve()
     sp = vocab_mod.load(vocab_path)
     dtype = token_dtype(sp.get_piece_size())
     byte_table = np.asarray(vocab_mod.token_byte_lengths(sp), dtype=np.int64)
