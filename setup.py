@@ -22,7 +22,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "tensorboard"],
         # seqio (and with it TensorFlow) is only needed to *build* the token cache.
         "data": ["seqio"],
     },

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
     "smoke": ("moe_jax.smoke:main", "forward/backward smoke run of a small DeepSeekMoE model"),
     "data": ("moe_jax.data.cli:main", "build the offline corpus, vocabulary and token cache"),
+    "train": ("moe_jax.train.cli:main", "train a gin-configured model (checkpoints, metrics, resume)"),
     "params": ("moe_jax.configs.params_cli:main", "parameter counts and training FLOPs of gin models vs the paper"),
 }
 

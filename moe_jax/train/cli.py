@@ -1,0 +1,68 @@
+"""`moe-jax train`: train a gin-configured model, T5X style.
+
+    moe-jax train --model=deepseekmoe_tiny --gin_file=runs/proxy_cpu.gin --workdir=workdirs/ds_tiny \\
+        [--gin.KEY=VALUE ...] [--mesh=data:2,expert:4] [--restore_step=N]
+
+The effective gin configuration is written to <workdir>/config.gin. Running the same command again
+resumes from the latest checkpoint in the workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_MODULES = ("moe_jax.train.config", "moe_jax.parallel.mesh")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-jax train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and config.gin")
+    p.add_argument("--mesh", default="", help="mesh axes, e.g. data:2,expert:4 (default: MeshConfig from gin)")
+    p.add_argument("--restore_step", type=int, default=None, help="restore this step instead of the latest")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    from moe_jax.parallel import add_distributed_args
+    add_distributed_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moe_jax.configs.gin_utils import GinConfigError, parse_gin, split_gin_args
+
+    try:
+        gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
+    except GinConfigError as err:
+        print(f"moe-jax train: {err}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(list(gin_args.rest))
+    if not gin_args.gin_files:
+        print("moe-jax train: give a model (--model=NAME or --gin_file=gin/models/NAME.gin) and usually a run "
+              "file (--gin_file=runs/proxy_cpu.gin)", file=sys.stderr)
+        return 2
+    from moe_jax.parallel import distributed_config_from_args, initialize_distributed
+    initialize_distributed(distributed_config_from_args(args))
+    try:
+        parse_gin(gin_args.gin_files, gin_args.bindings, modules=TRAIN_MODULES)
+        import gin
+        from moe_jax.config import ModelConfig
+        from moe_jax.parallel import MeshConfig
+        from moe_jax.train.config import TrainConfig
+        model_cfg, train_cfg = ModelConfig(), TrainConfig()
+        mesh_cfg = MeshConfig.from_string(args.mesh) if args.mesh else MeshConfig()
+    except (GinConfigError, ValueError, TypeError) as err:
+        print(f"moe-jax train: {err}", file=sys.stderr)
+        return 2
+    from moe_jax.data.errors import DataError
+    from moe_jax.parallel import ShardingError
+    from moe_jax.train.checkpoint import CheckpointError
+    from moe_jax.train.loop import NonFiniteLossError, train
+    try:
+        result = train(args.workdir, model_cfg, train_cfg, mesh_cfg, restore_step=args.restore_step,
+                       progress=not args.no_progress, gin_config=gin.config_str())
+    except (DataError, ShardingError, CheckpointError, NonFiniteLossError) as err:
+        print(f"moe-jax train: {err}", file=sys.stderr)
+        return 1
+    print(f"done: step {result.step}, train loss {result.train_loss:.4f}, held-out loss "
+          f"{result.heldout_loss if result.heldout_loss is None else round(result.heldout_loss, 4)}, "
+          f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.1%} ({result.stopped})")
+    return 130 if result.stopped == "interrupted" else 0
