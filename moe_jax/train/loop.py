@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from moe_jax.config import ModelConfig
 from moe_jax.configs.params import count_params
 from moe_jax.data import paths as data_paths
+from moe_jax.data.errors import DataError
 from moe_jax.data.loader import TokenLoader
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel import MeshConfig, build_mesh, describe, shard_batch, validate
@@ -133,9 +135,11 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     cache = default_cache(cfg, model_cfg.vocab_size)
     loader = TokenLoader(cache, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
-    if loader.meta.get("vocab_size") not in (None, model_cfg.vocab_size):
-        raise ValueError(f"the model's vocab_size={model_cfg.vocab_size} differs from the cache's "
-                         f"{loader.meta['vocab_size']} ({cache}): set ModelConfig.vocab_size or rebuild the cache")
+    cache_vocab = int(loader.meta["vocab"]["size"])
+    if cache_vocab != model_cfg.vocab_size:
+        raise DataError(f"the model's vocab_size={model_cfg.vocab_size} differs from the token cache's {cache_vocab} "
+                        f"({cache}): set --gin.VOCAB_SIZE={cache_vocab} or build a cache with "
+                        f"`moe-jax data build --vocab_size {model_cfg.vocab_size}`")
 
     def heldout_loader():
         return TokenLoader(cache, cfg.heldout_split, cfg.batch_size, cfg.seq_len, seed=0, repeat=False,
@@ -188,7 +192,9 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     ho_loss = None
     tokens_per_s = mfu = 0.0
     window_t, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    # A live bar on a terminal; plain log lines (steps, loss, tokens/s, MFU, ETA) otherwise.
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main and sys.stderr.isatty()),
+               unit="step", dynamic_ncols=True)
     stopped = "done"
     with _StopFlag() as stop, jax.set_mesh(mesh):
         step = start
@@ -221,14 +227,15 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                 writer.write(step, scalars, hist)
                 train_loss = scalars["ce"]
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                if not bar.disable and not bar.fp.isatty():
+                if bar.disable and is_main:
                     eta = (cfg.steps - step) * (cfg.batch_size * cfg.seq_len) / max(tokens_per_s, 1e-9)
-                    bar.write(f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-                              f"MFU {mfu:.1%}  ETA {eta:.0f}s")
+                    print(f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                          f"MFU {mfu:.1%}  ETA {eta:.0f}s", flush=True)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(), mesh, cfg.eval_batches)
                 writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
-                bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
+                if is_main:
+                    bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason:
                 ckpt.save(step, state, loader.get_state())
                 last_good = step
