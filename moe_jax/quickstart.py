@@ -28,6 +28,7 @@ def train_model(name: str, workdir: Path, steps: int | None, bindings: list[str]
     from moe_jax.parallel import MeshConfig
     from moe_jax.train.config import TrainConfig
     from moe_jax.train.loop import train
+    from moe_jax.train.metrics import read_metrics
 
     extra = list(bindings) + ([f"TRAIN_STEPS={steps}", f"WARMUP_STEPS={max(1, steps // 10)}"] if steps else [])
     parse_gin([model_gin_path(name), "runs/proxy_cpu.gin"], extra,
@@ -38,7 +39,9 @@ def train_model(name: str, workdir: Path, steps: int | None, bindings: list[str]
           f"{train_cfg.steps} steps of {train_cfg.batch_size} x {train_cfg.seq_len} tokens", flush=True)
     t0 = time.perf_counter()
     result = train(workdir / name, model_cfg, train_cfg, MeshConfig(), gin_config=gin.config_str())
-    return {"model": name, "total_params": counts.total, "activated_params": counts.activated,
+    last = [r for r in read_metrics(workdir / name) if "ce" in r][-1]
+    loads = {k.split("/")[1]: v for k, v in last.items() if k.startswith("moe/layer") and k.endswith("/max_load")}
+    return {"expert_max_load": loads, "model": name, "total_params": counts.total, "activated_params": counts.activated,
             "steps": result.step, "train_loss": result.train_loss, "heldout_loss": result.heldout_loss,
             "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t0}
 
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (workdir / "quickstart.json").write_text(json.dumps({"rows": rows, "unigram": unigram.__dict__}, indent=2,
                                                        default=float) + "\n")
+    print("\nExpert load at the last step, per MoE layer (busiest expert's tokens / mean; 1.00 = balanced):")
+    for r in rows:
+        print(f"  {r['model']:<20} " + "  ".join(f"{layer} {v:.2f}" for layer, v in r["expert_max_load"].items()))
     best = min(rows, key=lambda r: r["heldout_loss"])
     print(f"\nbest held-out loss: {best['model']} ({best['heldout_loss']:.4f}); every model beats the unigram "
           f"baseline: {all(r['heldout_loss'] < unigram.heldout_loss for r in rows)}")
