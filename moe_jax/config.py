@@ -74,6 +74,11 @@ class MoEConfig:
       ep_buffer_factor: for expert_parallel="all_to_all": 0 sizes the buffers for the worst case
         (dropless); f > 0 gives ceil(f * T_local * K' / EP) rows per device pair and drops (and
         counts) the overflow.
+      disable_top_experts: inference-time analysis (paper §4.5, Fig 4): per token, mask this many
+        routed experts with the highest routing probability, then take the top-k from the remaining
+        ones (gates stay the original probabilities). 0 = normal routing. Softmax routers only.
+      disable_shared: inference-time analysis (paper §4.5): drop the shared experts' output (the
+        paper then activates one more routed expert: set `top_k` one higher too).
     """
 
     num_experts: int = 16
@@ -96,6 +101,8 @@ class MoEConfig:
     hash_frequencies: str = ""
     expert_parallel: str = "ring"
     ep_buffer_factor: float = 0.0
+    disable_top_experts: int = 0
+    disable_shared: bool = False
 
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
@@ -116,6 +123,14 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: hash routing is top-1; got top_k={self.top_k}")
         if self.hash_table == "balanced" and self.router == "hash" and not self.hash_frequencies:
             raise ValueError("MoEConfig.hash_table='balanced' needs MoEConfig.hash_frequencies (a .npy of token counts)")
+        if self.disable_top_experts:
+            if self.disable_top_experts < 0 or self.router != "softmax" or not self.num_experts:
+                raise ValueError(f"MoEConfig.disable_top_experts={self.disable_top_experts} must be >= 0 and "
+                                 f"needs softmax routing over routed experts (router={self.router!r}, "
+                                 f"num_experts={self.num_experts})")
+            if self.disable_top_experts + self.top_k > self.num_experts:
+                raise ValueError(f"MoEConfig.disable_top_experts={self.disable_top_experts} + top_k={self.top_k} "
+                                 f"must be <= num_experts={self.num_experts}")
         if self.num_device_groups and self.num_experts % self.num_device_groups:
             raise ValueError(
                 f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}")

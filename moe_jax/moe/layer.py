@@ -101,7 +101,7 @@ class MoELayer(nnx.Module):
             y = y + out.y
             aux = MoEAux(losses=self._losses(routing, b, s),
                          stats=routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs))
-        if self.shared is not None:
+        if self.shared is not None and not self.cfg.disable_shared:  # disable_shared: §4.5 analysis
             y = y + self.shared(xf)
         return y.reshape(b, s, d), aux
 

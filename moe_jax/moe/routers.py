@@ -32,7 +32,8 @@ class SoftmaxRouter(nnx.Module):
     def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
         logits = R.router_logits(x, self.kernel[...])
         return R.softmax_topk(logits, self.cfg.top_k, renormalize=self.cfg.renormalize_topk,
-                              second_expert_policy=self.cfg.second_expert_policy, rng=rng)
+                              second_expert_policy=self.cfg.second_expert_policy, rng=rng,
+                              disable_top=self.cfg.disable_top_experts)
 
 
 class HashRouter(nnx.Module):

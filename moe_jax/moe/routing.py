@@ -52,6 +52,7 @@ def softmax_topk(
     renormalize: bool = False,
     second_expert_policy: str = "greedy",
     rng: jax.Array | None = None,
+    disable_top: int = 0,
 ) -> Routing:
     """Learned softmax routing with top-k selection (paper Eq 4-5 / 10-11).
 
@@ -66,13 +67,26 @@ def softmax_topk(
         is kept with probability min(1, 2 * g_j / (g_1 + g_j)); needs `rng`. A dropped choice gets
         mask False and weight 0.
       rng: PRNG key for the random policy; without one (e.g. at evaluation) the policy is greedy.
+      disable_top: inference-time analysis of paper §4.5 / Fig 4: per token, the `disable_top`
+        routed experts with the highest probability are excluded (their scores set to -inf for the
+        selection) and the top-k are taken from the remaining ones. The gates stay the original
+        softmax probabilities (over all E experts) of the chosen experts, and `probs` is unchanged.
+        0 (the default) changes nothing. Needs disable_top + k <= E.
 
     Returns:
       Routing with indices/weights/mask [T, k], probs/logits [T, E].
     """
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, indices = jax.lax.top_k(probs, k)
+    if disable_top:
+        if disable_top + k > probs.shape[-1]:
+            raise ValueError(f"disable_top={disable_top} + k={k} exceeds the {probs.shape[-1]} routed experts")
+        _, top = jax.lax.top_k(probs, disable_top)
+        rows = jnp.arange(probs.shape[0])[:, None]
+        _, indices = jax.lax.top_k(probs.at[rows, top].set(-jnp.inf), k)
+        gates = jnp.take_along_axis(probs, indices, axis=-1)
+    else:
+        gates, indices = jax.lax.top_k(probs, k)
     mask = jnp.ones(indices.shape, dtype=bool)
     if second_expert_policy == "random" and k > 1 and rng is not None:
         keep_prob = jnp.minimum(1.0, 2.0 * gates[:, 1:] / (gates[:, :1] + gates[:, 1:]))
