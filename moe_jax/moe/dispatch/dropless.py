@@ -1,25 +1,45 @@
 """Dropless dispatch: sort the T*k assignments by expert, run each expert on its contiguous rows
 with a grouped matmul, unsort and combine (the paper's setting: no token is ever dropped).
 
-Memory for dispatch is O(T*k*d) (one permuted copy of the tokens), never O(T*E*capacity).
+Memory for dispatch is O(T*k*d) (one permuted copy of the tokens), never O(T*E*capacity). Two
+choices keep it close to a dense FFN's:
+  * the gate values are folded into the rows before the output projection
+    (sum_k g_k FFN_k(x) = sum_k (g_k a_k) W_o), so the combine is a plain sum over k and the
+    backward pass needs no saved [T*k, d] expert outputs;
+  * the gather, the SwiGLU elementwise part and the output projection are rematerialised in the
+    backward pass: of the whole expert computation only the first projection h [T*k, 2f] is saved
+    (plus x itself); the two grouped matmuls are not recomputed.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from moe_jax.moe.dispatch.base import (DispatchOutput, ExpertParams, active_expert_ids, combine,
-                                       count_per_expert)
+from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, active_expert_ids, count_per_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, inverse_permutation, permute_rows
 from moe_jax.moe.routing import Routing
 
+SAVED_NAME = "moe_expert_h"   # the only activation of the expert computation kept for the backward pass
 
-def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, experts: ExpertParams, gmm: GmmFn) -> jax.Array:
-    """SwiGLU of expert e on its rows. xs [M, d] sorted by expert, group_sizes [E] -> [M, d]."""
+
+def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, experts: ExpertParams, gmm: GmmFn,
+                   row_weights: jax.Array | None = None) -> jax.Array:
+    """SwiGLU of expert e on its rows. xs [M, d] sorted by expert, group_sizes [E] -> [M, d].
+
+    `row_weights` [M] (optional) scales each row's activation before the output projection, i.e.
+    its output: out[m] = row_weights[m] * FFN_e(xs[m]). Gate and up projections run as one gmm.
+    """
     e, d, _, f = experts.wi.shape
-    h = gmm(xs, experts.wi.reshape(e, d, 2 * f), group_sizes).reshape(-1, 2, f)
-    return gmm(jax.nn.silu(h[:, 0]) * h[:, 1], experts.wo, group_sizes)
+    h = gmm(xs, experts.wi.reshape(e, d, 2 * f), group_sizes)
+    h = checkpoint_name(h, SAVED_NAME).reshape(-1, 2, f)
+    a = jax.nn.silu(h[:, 0]) * h[:, 1]
+    if row_weights is not None:
+        a = a * row_weights[:, None].astype(a.dtype)
+    return gmm(a, experts.wo, group_sizes)
 
 
 def sort_by_expert(routing: Routing, num_experts: int):
@@ -32,13 +52,23 @@ def sort_by_expert(routing: Routing, num_experts: int):
     return order, inverse_permutation(order), count_per_expert(ids, num_experts)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(3, 7),
+                   policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME))
+def _sorted_expert_outputs(x, order, inv, k: int, row_weights, group_sizes, experts: ExpertParams,
+                           gmm: GmmFn) -> jax.Array:
+    """x [T, d] -> [T*k, d] gate-weighted expert outputs in sorted order (zero past the groups)."""
+    xs = gather_replicated(x, order, inv, k)                     # [T*k, d] sorted by expert
+    return grouped_swiglu(xs, group_sizes, experts, gmm, row_weights)
+
+
 def dropless_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto",
                       **_) -> DispatchOutput:
     """x [T, d] -> DispatchOutput with y [T, d]; every active assignment is computed."""
     t, k = routing.indices.shape
     order, inv, group_sizes = sort_by_expert(routing, experts.num_experts)
-    xs = gather_replicated(x, order, inv, k)                     # [T*k, d] sorted by expert
-    out = grouped_swiglu(xs, group_sizes, experts, get_gmm(gmm_backend))
+    gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
+    row_weights = permute_rows(gates, order, inv)               # [T*k] gate of each sorted row
+    out = _sorted_expert_outputs(x, order, inv, k, row_weights, group_sizes, experts, get_gmm(gmm_backend))
     out_tk = permute_rows(out, inv, order).reshape(t, k, -1)     # back to token-major
-    y = combine(out_tk, routing.weights, routing.mask, x.dtype)
+    y = out_tk.astype(jnp.float32).sum(axis=1).astype(x.dtype)
     return DispatchOutput(y=y, tokens_per_expert=group_sizes, dropped=jnp.zeros((t, k), bool))

@@ -5,7 +5,14 @@ A kernel computes, for rows sorted by expert,
 where rows [offset_e, offset_e + group_sizes[e]) are multiplied by rhs[e] and rows past
 sum(group_sizes) are zero (in the output and in every gradient).
 
-Kernels are registered by name; `get_gmm("auto")` picks the best measured one for the platform.
+Kernels are registered by name; `get_gmm("auto")` picks the best measured one for the platform:
+
+  name                 backend     how                                                   module
+  "chunked"            CPU         loop over experts, static-size row chunks, custom VJP   kernels_cpu
+  "ragged_dot_triton"  GPU         jax.lax.ragged_dot with the Pallas/Triton lowering      kernels_gpu
+  "ragged_dot"         TPU         jax.lax.ragged_dot (XLA:CPU: dense fallback, E x FLOPs)  here
+
+Measurements behind the choice: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -13,9 +20,14 @@ from typing import Callable
 
 import jax
 
+from moe_jax.moe.dispatch import kernels_cpu, kernels_gpu
+
 GmmFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 _GMM_KERNELS: dict[str, GmmFn] = {}
+
+AUTO_BY_PLATFORM = {"cpu": "chunked", "gpu": "ragged_dot_triton", "cuda": "ragged_dot_triton",
+                    "rocm": "ragged_dot_triton", "tpu": "ragged_dot"}
 
 
 def register_gmm(name: str):
@@ -34,14 +46,34 @@ def ragged_dot_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jax.numpy.int32))
 
 
+register_gmm("chunked")(kernels_cpu.chunked_gmm)
+register_gmm("ragged_dot_triton")(kernels_gpu.triton_ragged_dot_gmm)
+
+
 def available_gmm() -> tuple[str, ...]:
     return tuple(_GMM_KERNELS)
 
 
+def resolve_gmm(name: str = "auto", platform: str | None = None) -> str:
+    """The kernel name `name` stands for: itself, or for "auto" the choice for `platform`
+    (default jax.default_backend()); unknown platforms get "chunked", which runs anywhere."""
+    if name != "auto":
+        return name
+    return AUTO_BY_PLATFORM.get(platform or jax.default_backend(), "chunked")
+
+
 def get_gmm(name: str = "auto", platform: str | None = None) -> GmmFn:
-    """The kernel registered as `name`; "auto" chooses per platform (jax.default_backend())."""
-    if name == "auto":
-        name = "ragged_dot"
+    """The kernel registered as `name`; "auto" chooses per platform (see `resolve_gmm`)."""
+    name = resolve_gmm(name, platform)
     if name not in _GMM_KERNELS:
         raise ValueError(f"unknown gmm backend {name!r}; available: {available_gmm()}")
     return _GMM_KERNELS[name]
+
+
+def prepare_gmm(name: str = "auto", platform: str | None = None) -> str:
+    """Process-wide setup a kernel needs before anything is jitted (the GPU Triton lowering is a
+    jax config flag read when XLA lowers); call once at program start. Returns the resolved name."""
+    name = resolve_gmm(name, platform)
+    if name == "ragged_dot_triton":
+        kernels_gpu.enable_triton_ragged_dot()
+    return name
