@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices for the multi-device tests (must precede any jax import)."""
+"""Test-wide setup: 8 fake CPU devices for the multi-device tests (must precede any jax import), and a
+tiny corpus + vocabulary + token cache (`train_cache`) for tests that train."""
 import os
 import sys
 
@@ -6,3 +7,42 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import random
+from pathlib import Path
+
+import pytest
+
+from helpers import TRAIN_SEQ, TRAIN_VOCAB
+
+
+def _write_texts(folder: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    words = ("the cat sat on a mat and then it ran to the red door where seven old dogs slept "
+             "under warm blue blankets while rain fell softly over quiet hills").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for _ in range(60):
+        n = rng.choice([20, 60, 150, 400])
+        # Some structure to learn: frequent bigrams, repeated phrases.
+        docs.append(" ".join(words[(i * 3 + rng.randrange(3)) % len(words)] for i in range(n)))
+    (folder / "part0.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory) -> Path:
+    from moe_jax.data.cache import build_cache
+    from moe_jax.data.corpus import build_text_corpus
+    from moe_jax.data.vocab import train_vocab
+
+    root = tmp_path_factory.mktemp("traindata")
+    _write_texts(root / "texts", 0)
+    corpus = root / "corpus_train"
+    build_text_corpus(corpus, [f"words={root / 'texts'}/*.txt"], heldout_frac=0.1, heldout_min_bytes=0,
+                      progress=False)
+    vocab = root / "vocab.model"
+    train_vocab(corpus, vocab, TRAIN_VOCAB, progress=False)
+    cache = root / "cache"
+    build_cache(corpus, vocab, cache, TRAIN_SEQ, progress=False)
+    return cache

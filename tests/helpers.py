@@ -2,6 +2,10 @@
 import numpy as np
 import jax
 
+# The tiny token cache of the `train_cache` fixture (tests/conftest.py).
+TRAIN_VOCAB = 320
+TRAIN_SEQ = 64
+
 
 def max_rel_err(a, b) -> float:
     """max |a - b| / max |b| (a scale-aware relative error that tolerates entries near zero)."""

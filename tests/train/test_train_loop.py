@@ -18,7 +18,7 @@ from moe_jax.train.metrics import read_metrics
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.step import TrainState, make_train_step
 
-from conftest import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 
 def tiny_model(**moe) -> ModelConfig:

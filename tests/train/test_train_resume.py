@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
 

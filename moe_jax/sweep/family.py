@@ -1,0 +1,132 @@
+"""A family: a base gin configuration plus named members (model + bindings), each run with several seeds.
+
+An experiment file (`experiments/<name>.py`) defines `FAMILY = Family(...)`:
+
+    FAMILY = Family(
+        name="table1",
+        base=("runs/proxy_cpu.gin",),
+        members=(Member("dense", "dense_tiny"), Member("deepseekmoe", "deepseekmoe_tiny"), ...),
+        seeds=(0,),
+        paper={"dense": {"pile_loss": 2.060}, ...},          # printed beside our numbers
+        scales={"paper": {"model_suffix": ("_tiny", "_2b"), "base": ("runs/pretrain_2b.gin",)}},
+    )
+
+`Family.runs(seeds, scale)` expands it into `Run`s (member x seed), each with its own workdir name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One configuration of a family.
+
+    Attributes:
+      name: short label used in tables, plots and workdir names.
+      model: gin model name (`gin/models/**/<model>.gin`).
+      bindings: extra gin bindings ("KEY=VALUE") for this member only.
+      label: longer description for reports (default: name).
+    """
+
+    name: str
+    model: str
+    bindings: tuple[str, ...] = ()
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How a family maps to another scale with one switch (e.g. the paper's 2B).
+
+    Attributes:
+      model_suffix: (old, new) replaced at the end of every member's model name.
+      base: gin files replacing the family's base files.
+      bindings: extra bindings for every member at this scale.
+    """
+
+    model_suffix: tuple[str, str] = ("", "")
+    base: tuple[str, ...] | None = None
+    bindings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One member trained with one seed."""
+
+    member: Member
+    seed: int
+    model: str
+    gin_files: tuple[str, ...]
+    bindings: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.member.name}_s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A base configuration, its members, default seeds and the paper's numbers for comparison.
+
+    Attributes:
+      name: the family's name (its default workdir is workdirs/<name>).
+      base: gin files every member uses after its model file (e.g. the run file).
+      members: the configurations compared.
+      seeds: default seeds (override with --seeds).
+      bindings: bindings every member gets.
+      paper: {member name: {metric: value}} printed beside ours.
+      metrics: metrics shown in the table and bar charts (keys of each run's results).
+      description: what the family reproduces (paper section).
+      scales: named alternative scales, selected with --scale.
+    """
+
+    name: str
+    members: tuple[Member, ...]
+    base: tuple[str, ...] = ("runs/proxy_cpu.gin",)
+    seeds: tuple[int, ...] = (0,)
+    bindings: tuple[str, ...] = ()
+    paper: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    metrics: tuple[str, ...] = ("heldout_loss", "train_loss")
+    description: str = ""
+    scales: Mapping[str, Scale] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family {self.name}: duplicate member names {names}")
+
+    def runs(self, seeds: Sequence[int] | None = None, scale: str | None = None) -> list[Run]:
+        """Every (member, seed) of the family at `scale` (None = the default proxy scale)."""
+        if scale is not None and scale not in self.scales:
+            raise ValueError(f"family {self.name} has no scale {scale!r}; it has {sorted(self.scales)}")
+        sc = self.scales.get(scale, Scale()) if scale else Scale()
+        base = sc.base if sc.base is not None else self.base
+        out = []
+        for member in self.members:
+            model = member.model
+            old, new = sc.model_suffix
+            if old and model.endswith(old):
+                model = model[: -len(old)] + new
+            for seed in (self.seeds if seeds is None else seeds):
+                out.append(Run(member=member, seed=int(seed), model=model, gin_files=tuple(base),
+                               bindings=(*self.bindings, *sc.bindings, *member.bindings,
+                                         f"TrainConfig.seed={int(seed)}")))
+        return out
+
+
+def load_family(path: str | Path) -> Family:
+    """Import an experiment file and return its `FAMILY`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experiment file {path} not found (families live in experiments/*.py)")
+    spec = importlib.util.spec_from_file_location(f"moe_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    family = getattr(module, "FAMILY", None)
+    if not isinstance(family, Family):
+        raise ValueError(f"{path} defines no `FAMILY = Family(...)`")
+    return family

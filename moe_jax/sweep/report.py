@@ -1,0 +1,169 @@
+"""Tables and plots of a family from what its members stored (no training, no evaluation).
+
+Reads each member workdir's `member.json`, `result.json`, optional `eval.json` and `metrics.jsonl`;
+writes `<root>/report/`: `results.csv` (one row per run), `summary.md` (mean and spread over seeds
+per member, with the paper's numbers beside ours), `loss_curves.png` (training loss of every member
+overlaid, mean over seeds) and `bar_<metric>.png`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moe_jax.sweep.family import Family
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}{k}/" if not isinstance(v, (int, float)) else f"{prefix}{k}", v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix.rstrip("/")] = float(value)
+
+
+def param_counts(workdir: Path) -> dict[str, float]:
+    """Total and activated parameters of a member (computed once from its config.gin, then cached)."""
+    cache = workdir / "counts.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from moe_jax.configs.params import count_params
+    from moe_jax.train.restore import parse_workdir_config
+    model_cfg, train_cfg = parse_workdir_config(workdir)
+    c = count_params(model_cfg, train_cfg.seq_len)
+    counts = {"params_total": float(c.total), "params_activated": float(c.activated)}
+    cache.write_text(json.dumps(counts))
+    return counts
+
+
+def collect(root: Path) -> list[dict]:
+    """One row per finished run under `root`."""
+    rows = []
+    for wd in sorted(p for p in root.iterdir() if (p / "member.json").exists()):
+        if not (wd / "result.json").exists():
+            continue
+        member = json.loads((wd / "member.json").read_text())
+        row = {"run": wd.name, "member": member["member"], "label": member.get("label", member["member"]),
+               "seed": member["seed"], "model": member["model"]}
+        result = json.loads((wd / "result.json").read_text())
+        _flatten("", {k: v for k, v in result.items() if isinstance(v, (int, float))}, row)
+        if (wd / "eval.json").exists():
+            _flatten("eval/", json.loads((wd / "eval.json").read_text()), row)
+        if (wd / "config.gin").exists():
+            row.update(param_counts(wd))
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict], family: Family) -> list[dict]:
+    """Per member (in family order): mean and sample std of every numeric column over seeds."""
+    order = [m.name for m in family.members]
+    out = []
+    for name in order + sorted({r["member"] for r in rows} - set(order)):
+        group = [r for r in rows if r["member"] == name]
+        if not group:
+            continue
+        summary = {"member": name, "label": group[0]["label"], "model": group[0]["model"], "seeds": len(group)}
+        for key in group[0]:
+            values = [r[key] for r in group if isinstance(r.get(key), float)]
+            if values and key not in ("seed", "step"):
+                summary[key] = float(np.mean(values))
+                summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def _fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    text = f"{mean:.4f}" if abs(mean) < 100 else f"{mean:,.0f}"
+    return text + (f" ± {std:.4f}" if std else "")
+
+
+def markdown_table(summary: list[dict], family: Family) -> str:
+    paper_keys = sorted({k for v in family.paper.values() for k in v})
+    head = ["member", "model", "seeds", "params", "activated", *family.metrics, *[f"paper {k}" for k in paper_keys]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["label"], s["model"], str(s["seeds"]),
+                 f"{s.get('params_total', float('nan')) / 1e6:.2f}M", f"{s.get('params_activated', float('nan')) / 1e6:.2f}M"]
+        cells += [_fmt(s.get(m), s.get(f"{m}_std")) for m in family.metrics]
+        cells += [_fmt(family.paper.get(s["member"], {}).get(k)) for k in paper_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _curves(root: Path, rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """member -> (steps, mean training loss over seeds)."""
+    by_member: dict[str, list[dict[int, float]]] = {}
+    for r in rows:
+        from moe_jax.train.metrics import read_metrics
+        series = {rec["step"]: rec["ce"] for rec in read_metrics(root / r["run"]) if "ce" in rec}
+        by_member.setdefault(r["member"], []).append(series)
+    out = {}
+    for member, runs in by_member.items():
+        steps = sorted(set.intersection(*(set(s) for s in runs)))
+        out[member] = (np.array(steps), np.array([np.mean([s[t] for s in runs]) for t in steps]))
+    return out
+
+
+def plot(root: Path, rows: list[dict], summary: list[dict], family: Family, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for member, (steps, loss) in _curves(root, rows).items():
+        ax.plot(steps, loss, label=member)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"{family.name}: training loss (mean over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "loss_curves.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    for metric in family.metrics:
+        present = [s for s in summary if metric in s]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(present)), 4))
+        means = [s[metric] for s in present]
+        ax.bar([s["member"] for s in present], means, yerr=[s.get(f"{metric}_std", 0.0) for s in present],
+               capsize=4, color="tab:blue")
+        lo, hi = min(means), max(means)
+        ax.set_ylim(lo - 0.25 * (hi - lo + 1e-3) - 0.02 * abs(lo), hi + 0.25 * (hi - lo + 1e-3))
+        ax.set_ylabel(metric)
+        ax.set_title(f"{family.name}: {metric}")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        files.append(out / f"bar_{metric.replace('/', '_')}.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def write_report(family: Family, root: Path) -> Path:
+    """Write results.csv, summary.md and the plots under <root>/report; returns the summary path."""
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {root}: run `moe-jax sweep` first")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise(rows, family)
+    table = markdown_table(summary, family)
+    text = f"# {family.name}\n\n{family.description}\n\n{table}\n"
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(root, rows, summary, family, out)
+    return out / "summary.md"

@@ -1,0 +1,131 @@
+"""Run a family's members, each in its own workdir and process, skipping finished ones.
+
+Member `<member>_s<seed>` trains in `<root>/<member>_s<seed>` with `moe-jax train` (so an
+interrupted member resumes from its checkpoint), then its results are read from `result.json`
+(plus `eval.json` when the family asks for benchmark tasks). With `parallel > 1` members run
+concurrently on disjoint device subsets: GPUs through CUDA_VISIBLE_DEVICES, CPU cores through
+processor affinity.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from moe_jax.sweep.family import Family, Run
+
+
+def is_finished(workdir: Path) -> bool:
+    """True if the member's training ran to its last step (result.json says so)."""
+    path = workdir / "result.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("stopped") == "done"
+
+
+def train_command(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "moe_jax.cli", "train", f"--model={run.model}"]
+    cmd += [f"--gin_file={f}" for f in run.gin_files]
+    cmd += [f"--gin.{b}" for b in (*run.bindings, *extra_bindings)]
+    return cmd + [f"--workdir={workdir}", "--no_progress"]
+
+
+def device_slots(parallel: int) -> list[dict[str, str] | list[int]]:
+    """`parallel` disjoint device subsets: env vars for GPUs, or lists of CPU cores."""
+    gpus = _gpu_count()
+    if gpus:
+        per = max(1, gpus // parallel)
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(i * per, (i + 1) * per))}
+                for i in range(parallel)]
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // parallel)
+    return [cores[i * per:(i + 1) * per] or cores for i in range(parallel)]
+
+
+def _gpu_count() -> int:
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def _launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    preexec = None
+    if isinstance(slot, dict):
+        env.update(slot)
+    else:
+        cores = list(slot)
+        preexec = lambda: os.sched_setaffinity(0, cores)
+    log = log_path.open("a")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+
+
+def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None, scale: str | None = None,
+               parallel: int = 1, extra_bindings: Sequence[str] = (), eval_tasks: str | None = None) -> list[Run]:
+    """Train (or skip) every run of the family; returns the runs. Raises if a member fails."""
+    root.mkdir(parents=True, exist_ok=True)
+    runs = family.runs(seeds, scale)
+    todo = []
+    for run in runs:
+        wd = root / run.name
+        if is_finished(wd):
+            print(f"[sweep] {run.name}: finished, skipped", flush=True)
+        else:
+            todo.append(run)
+            state = "resuming" if (wd / "checkpoints").exists() else "starting"
+            print(f"[sweep] {run.name}: {state} ({run.model})", flush=True)
+    slots = device_slots(max(1, parallel))
+    free = list(range(len(slots)))
+    active: dict[int, tuple[Run, subprocess.Popen, float]] = {}
+    failures = []
+    try:
+        while todo or active:
+            while todo and free:
+                run, slot = todo.pop(0), free.pop(0)
+                wd = root / run.name
+                wd.mkdir(parents=True, exist_ok=True)
+                (wd / "member.json").write_text(json.dumps(
+                    {"member": run.member.name, "label": run.member.label or run.member.name, "seed": run.seed,
+                     "model": run.model, "gin_files": run.gin_files, "bindings": run.bindings}, indent=2))
+                cmd = train_command(run, wd, extra_bindings)
+                if eval_tasks:
+                    cmd = ["bash", "-c", " ".join(map(_quote, cmd)) + " && " + " ".join(map(_quote, [
+                        sys.executable, "-m", "moe_jax.cli", "eval", f"--workdir={wd}", f"--tasks={eval_tasks}",
+                        f"--out={wd / 'eval.json'}"]))]
+                active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
+            time.sleep(1.0)
+            for slot, (run, proc, t0) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                del active[slot]
+                free.append(slot)
+                if proc.returncode == 0:
+                    print(f"[sweep] {run.name}: done in {time.time() - t0:.0f}s", flush=True)
+                else:
+                    failures.append(run.name)
+                    print(f"[sweep] {run.name}: FAILED (exit {proc.returncode}); see {root / run.name / 'sweep.log'}",
+                          flush=True)
+    except KeyboardInterrupt:
+        print("[sweep] interrupted: stopping members (each saves a checkpoint; rerun to resume)", flush=True)
+        for _, proc, _ in active.values():
+            proc.send_signal(2)
+        for _, proc, _ in active.values():
+            proc.wait()
+        raise
+    if failures:
+        raise RuntimeError(f"sweep members failed: {failures}")
+    return runs
+
+
+def _quote(s: str) -> str:
+    import shlex
+    return shlex.quote(str(s))

@@ -1,0 +1,93 @@
+"""The sweep runner: members in their own workdirs, finished members skipped after an interruption,
+reports regenerated from stored results alone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from moe_jax.sweep.family import Family, Member, Scale, load_family
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_family(path: Path, cache: Path) -> Path:
+    shrink = [f"VOCAB_SIZE={TRAIN_VOCAB}", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16", "FFN_DIM=64",
+              f"SEQ_LEN={TRAIN_SEQ}", "BATCH_SIZE=8", "TRAIN_STEPS=4", "WARMUP_STEPS=1",
+              f"TrainConfig.data_cache='{cache}'", "TrainConfig.eval_batches=1", "TrainConfig.log_every=1",
+              "TrainConfig.peak_flops_per_device=1e10"]
+    path.write_text(f'''from moe_jax.sweep.family import Family, Member
+FAMILY = Family(
+    name="tiny_family",
+    members=(Member("dense", "dense_tiny"), Member("moe", "switch_tiny", bindings=("EXPERT_DIM=16",))),
+    bindings={tuple(shrink)!r},
+    paper={{"dense": {{"pile_loss": 2.06}}, "moe": {{"pile_loss": 1.88}}}},
+)
+''')
+    return path
+
+
+def sweep(args, **kw):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "moe_jax.cli", "sweep", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_family_expands_members_seeds_and_scales():
+    fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny", ("TOP_K=3",))),
+                 seeds=(0, 1), scales={"paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))})
+    runs = fam.runs()
+    assert [r.name for r in runs] == ["a_s0", "a_s1", "b_s0", "b_s1"]
+    assert runs[3].bindings == ("TOP_K=3", "TrainConfig.seed=1")
+    paper = fam.runs(seeds=[5], scale="paper")
+    assert [(r.model, r.gin_files) for r in paper] == [("gshard_2b", ("runs/pretrain_2b.gin",)),
+                                                        ("deepseekmoe_2b", ("runs/pretrain_2b.gin",))]
+    with pytest.raises(ValueError, match="no scale 'huge'"):
+        fam.runs(scale="huge")
+
+
+def test_every_experiment_file_loads_and_names_existing_models():
+    from moe_jax.configs.gin_utils import model_gin_path
+    for path in sorted((REPO / "experiments").glob("*.py")):
+        fam = load_family(path)
+        for scale in (None, *fam.scales):
+            for run in fam.runs(scale=scale):
+                assert model_gin_path(run.model).exists(), (path.name, scale, run.model)
+
+
+def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cache, tmp_path):
+    fam = write_family(tmp_path / "tiny_family.py", train_cache)
+    root = tmp_path / "runs"
+    proc = sweep([fam, f"--workdir={root}"])
+    deadline = time.time() + 300
+    while not (root / "dense_s0" / "result.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)   # while the second member trains (or starts)
+    proc.wait(timeout=120)
+    first = (root / "dense_s0" / "result.json").stat().st_mtime_ns
+    assert json.loads((root / "dense_s0" / "result.json").read_text())["stopped"] == "done"
+    again = sweep([fam, f"--workdir={root}"])
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    assert "dense_s0: finished, skipped" in out
+    assert (root / "dense_s0" / "result.json").stat().st_mtime_ns == first     # not retrained
+    assert json.loads((root / "moe_s0" / "result.json").read_text())["stopped"] == "done"
+    report = root / "report"
+    for name in ("results.csv", "summary.md", "loss_curves.png", "bar_heldout_loss.png"):
+        assert (report / name).exists(), name
+    summary = (report / "summary.md").read_text()
+    assert "| dense |" in summary and "2.0600" in summary   # the paper's number beside ours
+    # The report is regenerated from stored results alone.
+    for f in report.iterdir():
+        f.unlink()
+    regen = sweep([fam, f"--workdir={root}", "--report"])
+    out, _ = regen.communicate(timeout=300)
+    assert regen.returncode == 0, out[-3000:]
+    assert (report / "summary.md").read_text() == summary
+    assert "finished, skipped" not in out and "starting" not in out
