@@ -38,7 +38,8 @@ class TrainConfig:
       heldout_split: the cache split used for periodic held-out evaluation.
       log_every: steps between metric records (TensorBoard, metrics.jsonl, console).
       eval_every: steps between held-out evaluations; 0 = only at the end.
-      eval_batches: held-out batches per evaluation; 0 = the whole held-out split.
+      eval_batches: held-out batches per periodic evaluation (a fixed random sample of rows over every
+        source); 0 = the whole split. The final evaluation always reads the whole held-out split.
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: how many recent checkpoints to keep.
       async_checkpointing: write checkpoints in the background (orbax).

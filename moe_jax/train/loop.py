@@ -141,9 +141,11 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                         f"({cache}): set --gin.VOCAB_SIZE={cache_vocab} or build a cache with "
                         f"`moe-jax data build --vocab_size {model_cfg.vocab_size}`")
 
-    def heldout_loader():
+    def heldout_loader(sample: bool):
+        """The held-out split: a fixed random sample of rows across every source for periodic
+        evaluation (`sample`), the whole split in order for the final one."""
         return TokenLoader(cache, cfg.heldout_split, cfg.batch_size, cfg.seq_len, seed=0, repeat=False,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           shuffle=sample, process_index=jax.process_index(), process_count=jax.process_count())
 
     # 3. State: shardings, then restore or initialise.
     tx = make_optimizer(cfg)
@@ -232,7 +234,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                     print(f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
                           f"MFU {mfu:.1%}  ETA {eta:.0f}s", flush=True)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(), mesh, cfg.eval_batches)
+                ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(True), mesh,
+                                               cfg.eval_batches)
                 writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
                 if is_main:
                     bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
@@ -246,7 +249,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     ckpt.close()
     if stopped == "done":
         with jax.set_mesh(mesh):
-            ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(), mesh, cfg.eval_batches)
+            ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(False), mesh, 0)
         writer.write(int(state.step), {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
     writer.close()
     result = TrainResult(workdir=str(workdir), step=int(state.step), train_loss=train_loss, heldout_loss=ho_loss,
