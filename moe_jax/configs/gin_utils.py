@@ -20,6 +20,7 @@ built or compiled.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.util  # noqa: F401  (gin's missing-file path needs importlib.util loaded)
@@ -37,7 +38,6 @@ GIN_DIR = Path(moe_jax.__file__).resolve().parents[1] / "gin"
 MODELS_DIR = GIN_DIR / "models"
 RUNS_DIR = GIN_DIR / "runs"
 
-_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _GIN_LITERALS = {"True", "False", "None"}
 
 
@@ -95,11 +95,24 @@ def run_gin_path(name: str) -> Path:
     return path
 
 
+def _is_gin_value(value: str) -> bool:
+    """True if gin can parse `value` as is: a Python literal, a reference (@name, %MACRO), or a
+    literal container/call written by the user."""
+    if value in _GIN_LITERALS or value[:1] in ("@", "%", "(", "[", "{", "'", '"'):
+        return True
+    try:
+        ast.literal_eval(value)
+        return True
+    except (ValueError, SyntaxError):
+        return False
+
+
 def _normalise_binding(binding: str) -> str:
-    """Quote a bare-word value (KEY=word -> KEY='word'); everything else is passed through."""
+    """Quote a value gin would not parse (KEY=word -> KEY='word', KEY=/a/path -> KEY='/a/path'),
+    because the shell strips the quotes gin wants; everything else is passed through."""
     key, sep, value = binding.partition("=")
     value = value.strip()
-    if sep and _BARE_WORD.match(value) and value not in _GIN_LITERALS:
+    if sep and value and not _is_gin_value(value):
         value = repr(value)
     return f"{key.strip()}{sep}{value}" if sep else binding
 

@@ -31,7 +31,7 @@ from moe_jax.data import paths as data_paths
 from moe_jax.data.errors import DataError
 from moe_jax.data.loader import TokenLoader
 from moe_jax.model.transformer import Transformer
-from moe_jax.parallel import MeshConfig, build_mesh, describe, shard_batch, validate
+from moe_jax.parallel import MeshConfig, ShardingError, build_mesh, describe, shard_batch, validate
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
 from moe_jax.train.checkpoint import Checkpointer, abstract_like
 from moe_jax.train.config import TrainConfig
@@ -123,7 +123,10 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
         (workdir / "config.gin").write_text(gin_config)
 
     # 1. Mesh and sizes (before any compile).
-    mesh = build_mesh(mesh_cfg or MeshConfig())
+    try:
+        mesh = build_mesh(mesh_cfg or MeshConfig())
+    except ValueError as err:
+        raise ShardingError(f"{err}: change --mesh (or MeshConfig) to use exactly the available devices") from err
     make_model = lambda: Transformer(model_cfg, nnx.Rngs(cfg.seed))
     abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)

@@ -199,3 +199,12 @@ def test_runs_build_the_train_config(run):
     assert (train.seq_len, train.batch_size, train.steps) == tuple(
         gin_utils.query_macro(m) for m in ("SEQ_LEN", "BATCH_SIZE", "TRAIN_STEPS"))
     assert train.schedule == ("constant" if run == "pretrain_145b" else "step_decay")
+
+
+def test_command_line_values_are_quoted_only_when_gin_needs_it():
+    from moe_jax.configs.gin_utils import _normalise_binding
+    assert _normalise_binding("MoEConfig.router=hash") == "MoEConfig.router='hash'"
+    assert _normalise_binding("TrainConfig.data_cache=/a/b c") == "TrainConfig.data_cache='/a/b c'"
+    for unchanged in ("X.n=3", "X.f=1e-3", "X.t=(0.8, 0.9)", "X.b=True", "X.r=@MoEConfig()", "X.m=%MACRO",
+                      "X.s='quoted'"):
+        assert _normalise_binding(unchanged) == unchanged
