@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("moe_jax.data.cli:main", "build the offline corpus, vocabulary and token cache"),
     "train": ("moe_jax.train.cli:main", "train a gin-configured model (checkpoints, metrics, resume)"),
     "params": ("moe_jax.configs.params_cli:main", "parameter counts and training FLOPs of gin models vs the paper"),
+    "export": ("moe_jax.export.cli:export_main", "export a workdir's checkpoint to DeepSeek's Hugging Face layout (safetensors)"),
+    "import": ("moe_jax.export.cli:import_main", "import a Hugging Face DeepSeekMoE directory into a new workdir"),
 }
 
 

@@ -1,0 +1,486 @@
+"""Export a `moe-jax train` workdir to DeepSeek's Hugging Face layout, and import one back.
+
+    export_hf("workdirs/ds_tiny", "hf/ds_tiny", dtype="bfloat16", shard_size=2 * 10**9)
+    import_hf("hf/ds_tiny", "workdirs/ds_tiny_again")      # -> config.gin + an orbax checkpoint
+
+Export streams: the parameters are read from the orbax checkpoint block by block through tensorstore
+(`orbax_reader`), never restored as a whole, and each HF tensor is written to its safetensors shard as
+soon as it is cut (`safetensors_io.StreamingWriter`). Host memory holds one checkpoint block (the zarr
+chunks one read covers: the per-device shard of a sharded checkpoint along the layer/expert axes) and
+one tensor, whatever the model size. Tensors are ordered by the block they come from, so each block is
+decoded once; `model.safetensors.index.json` maps every name to its file.
+
+Import validates every expected tensor (names and shapes from `layout.plan` and config.json) before
+reading any data, then builds the parameters in host memory, writes `config.gin` (the model rebuilt
+from config.json + a run file) and an orbax checkpoint with a fresh optimizer state that
+`moe-jax train` resumes from and `load_trained` restores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.export import layout
+from moe_jax.export.hf_config import gin_from_hf_config, to_hf_config
+from moe_jax.export.layout import LayoutError, TensorEntry
+from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
+from moe_jax.export.safetensors_io import DTYPES, StreamingWriter, dtype_code, load_tensor, read_header
+
+DEFAULT_SHARD_SIZE = 2 * 10**9
+INDEX_FILE = "model.safetensors.index.json"
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": DTYPES["BF16"]}
+TRAIN_MODULES = ("moe_jax.train.config", "moe_jax.parallel.mesh")
+# Buffers some HF checkpoints carry that are recomputed, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ExportError(RuntimeError):
+    """An export or import that cannot proceed; the message says what and how to fix it."""
+
+
+class HFImportError(ExportError):
+    """HF tensors missing, misshapen or of a bad dtype; the message names each with the expected shape."""
+
+
+def _warn(msgs: list[str], msg: str) -> None:
+    msgs.append(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True,
+                disable=not (progress and sys.stderr.isatty()))
+
+
+def abstract_param_shapes(model_cfg: ModelConfig, seed: int = 0) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of the model's parameters, from an abstract (never materialised) model."""
+    from flax import nnx
+
+    from moe_jax.model.transformer import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed)))
+    return layout.flat_param_shapes(nnx.state(abstract, nnx.Param))
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `export_hf` wrote.
+
+    Attributes:
+      out: the output directory.
+      step: the checkpoint step exported.
+      dtype: dtype of the tensors ("float32" or "bfloat16").
+      files: shard file names, in order.
+      num_tensors, total_bytes: over all shards.
+      max_block_bytes: the largest checkpoint block held at once (the read unit).
+      max_tensor_bytes: the largest single HF tensor.
+      tokenizer: the tokenizer model copied, or None.
+      warnings: what the user should know (settings HF cannot express, a missing tokenizer).
+    """
+
+    out: Path
+    step: int
+    dtype: str
+    files: list[str]
+    num_tensors: int
+    total_bytes: int
+    max_block_bytes: int
+    max_tensor_bytes: int
+    tokenizer: Path | None
+    warnings: list[str]
+
+
+def _block(entry: TensorEntry, chunk: tuple[int, ...], shape: tuple[int, ...]):
+    """(block id, box into our array, index of the entry inside the box) for the chunk-aligned block of
+    `entry` along its loop axes (layer, expert); other axes are read whole."""
+    block_id, box, local = [], [], list(entry.index)
+    for axis in range(len(shape)):
+        if axis in entry.spec.loop_axes:
+            b = entry.index[axis] // chunk[axis]
+            lo = b * chunk[axis]
+            block_id.append(b)
+            box.append(slice(lo, min(lo + chunk[axis], shape[axis])))
+            local[axis] = entry.index[axis] - lo
+        else:
+            box.append(slice(None))
+    return tuple(block_id), tuple(box), tuple(local)
+
+
+def read_order(entries: Sequence[TensorEntry], chunks: dict[str, tuple[int, ...]],
+               shapes: dict[str, tuple[int, ...]]) -> list[TensorEntry]:
+    """`entries` reordered so that all tensors of one checkpoint block are consecutive (array by array,
+    blocks in order, HF order inside a block)."""
+    array_order = {path: i for i, path in enumerate(dict.fromkeys(e.ours for e in entries))}
+    keyed = [((array_order[e.ours], _block(e, chunks[e.ours], shapes[e.ours])[0], i), e)
+             for i, e in enumerate(entries)]
+    return [e for _, e in sorted(keyed, key=lambda kv: kv[0])]
+
+
+def plan_shards(entries: Sequence[TensorEntry], itemsize: int, shard_size: int) -> list[list[TensorEntry]]:
+    """Greedy split of `entries` (in order) into shards of at most `shard_size` bytes (a tensor larger
+    than that gets a shard of its own)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in entries:
+        n = math.prod(e.hf_shape) * itemsize
+        if shards[-1] and size + n > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def export_warnings(model_cfg: ModelConfig) -> list[str]:
+    """Settings of `model_cfg` that DeepseekForCausalLM does not reproduce (export proceeds)."""
+    out = []
+    m = model_cfg.moe
+    if m is None:
+        return out
+    if m.dispatch == "capacity":
+        out.append("the model uses dispatch='capacity' (token dropping); DeepseekForCausalLM is dropless, so its "
+                   "logits differ wherever our model drops tokens")
+    if m.second_expert_policy == "random":
+        out.append("second_expert_policy='random' (GShard) is a training-time policy; HF inference keeps all top-k "
+                   "choices, as our model does without an rng")
+    if m.device_balance_alpha or m.router_z_loss_alpha:
+        out.append("the device-level balance loss and router z-loss have no HF config key; their factors are kept "
+                   "under config.json's 'moe_jax' block")
+    if not m.num_shared_experts:
+        out.append("no shared experts (GShard/Switch layout): config.json has n_shared_experts: null")
+    return out
+
+
+def find_tokenizer(train_cfg, vocab_size: int) -> tuple[Path | None, dict, str | None]:
+    """(SentencePiece model of the workdir's token cache or None, its special ids, a warning or None)."""
+    from moe_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID
+    from moe_jax.train.loop import default_cache
+
+    ids = {"pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID}
+    cache = default_cache(train_cfg, vocab_size)
+    meta_path = Path(cache) / "meta.json"
+    if not meta_path.exists():
+        return None, ids, f"no token cache at {cache} (meta.json missing): the tokenizer is not exported"
+    vocab = json.loads(meta_path.read_text()).get("vocab", {})
+    ids.update({k: vocab[k] for k in ids if k in vocab})
+    path = Path(vocab.get("path", ""))
+    if not path.is_file():
+        return None, ids, f"the vocabulary {path} named by {meta_path} is missing: the tokenizer is not exported"
+    return path, ids, None
+
+
+def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int) -> None:
+    """tokenizer.model (the SentencePiece model as is) + tokenizer_config.json + special_tokens_map.json.
+
+    Our models were trained with seqio's decoder inputs, which start every sequence with id 0 (<pad>)
+    and have no BOS piece: `<pad>` is therefore declared as bos_token and prepended (add_bos_token).
+    """
+    import sentencepiece as spm
+
+    shutil.copyfile(spm_path, out / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    pad, eos, unk = (sp.id_to_piece(ids[k]) for k in ("pad_id", "eos_id", "unk_id"))
+    special = {"bos_token": pad, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+    config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": max_length, "add_bos_token": True,
+              "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+              "sp_model_kwargs": {}, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if any(out.glob("*.safetensors")) or (out / "config.json").exists():
+        if not overwrite:
+            raise ExportError(f"{out} already holds an export (config.json / *.safetensors); pass --overwrite or "
+                              f"choose another --out")
+        for p in list(out.glob("model*.safetensors")) + list(out.glob("*.partial")) + [out / INDEX_FILE]:
+            p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
+              shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool = True,
+              bindings: Sequence[str] = ()) -> ExportResult:
+    """Write `workdir`'s checkpoint `step` (default: latest) to `out` in DeepSeek's HF layout.
+
+    Args:
+      workdir: a `moe-jax train` workdir (config.gin + checkpoints/).
+      out: output directory: safetensors shards, model.safetensors.index.json, config.json, tokenizer.
+      step: checkpoint step; None = latest.
+      dtype: "float32" or "bfloat16"; None = the model's param_dtype (lossless).
+      shard_size: maximum bytes of tensor data per shard.
+      overwrite: replace an earlier export in `out`.
+      bindings: gin bindings applied on top of config.gin (rarely needed).
+    """
+    from moe_jax.train.restore import parse_workdir_config
+
+    workdir, out = Path(workdir), Path(out)
+    model_cfg, train_cfg = parse_workdir_config(workdir, bindings)
+    layout.check_exportable(model_cfg)
+    dtype = dtype or model_cfg.param_dtype
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    np_dtype = EXPORT_DTYPES[dtype]
+    notes = []
+    for msg in export_warnings(model_cfg):
+        _warn(notes, msg)
+
+    directory, step = state_dir(workdir, step)
+    reader = OrbaxParamReader(directory)
+    expected = abstract_param_shapes(model_cfg)
+    wrong = [f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}" for p, s in expected.items()
+             if reader.shape(p) != s]
+    if wrong:
+        raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
+    entries = layout.plan(model_cfg, expected)
+    chunks = {p: reader.chunk_shape(p) for p in expected}
+    ordered = read_order(entries, chunks, expected)
+    shards = plan_shards(ordered, np_dtype.itemsize, shard_size)
+    names = shard_file_names(len(shards))
+
+    _prepare_out(out, overwrite)
+    code = dtype_code(np_dtype)
+    total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
+    weight_map: dict[str, str] = {}
+    max_block = max_tensor = 0
+    current_key, block = None, None
+    with _bar(total, f"export step {step}", progress) as bar:
+        for name, shard in zip(names, shards):
+            writer = StreamingWriter(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
+                                     metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
+            try:
+                for e in shard:
+                    shape = expected[e.ours]
+                    block_id, box, local = _block(e, chunks[e.ours], shape)
+                    if (e.ours, block_id) != current_key:
+                        block = None  # free the previous block before reading the next
+                        block = reader.read(e.ours, box)
+                        current_key = (e.ours, block_id)
+                        max_block = max(max_block, block.nbytes)
+                    tensor = e.spec.to_hf(block[local].astype(np_dtype, copy=False))
+                    max_tensor = max(max_tensor, tensor.nbytes)
+                    writer.write(e.hf_name, tensor)
+                    weight_map[e.hf_name] = name
+                    bar.update(tensor.nbytes)
+                    del tensor
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    block = None
+
+    spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
+    if tok_warning:
+        _warn(notes, tok_warning)
+    else:
+        write_tokenizer(out, spm_path, ids, train_cfg.seq_len)
+    config = to_hf_config(model_cfg, torch_dtype=dtype, max_position_embeddings=train_cfg.seq_len,
+                          bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"],
+                          extra={"step": step, "source_workdir": str(workdir.resolve())})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {"total_size": total, "format": "pt"},
+             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return ExportResult(out=out, step=step, dtype=dtype, files=names, num_tensors=len(entries), total_bytes=total,
+                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+
+def read_hf_dir(hf_dir: str | Path) -> tuple[dict, dict, list[str]]:
+    """(config.json, {tensor name: TensorInfo}, problems) of an HF directory.
+
+    Uses model.safetensors.index.json when present (a name it lists that its file lacks is reported
+    as a problem), else every *.safetensors file.
+    """
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.exists():
+        raise ExportError(f"{cfg_path} not found: is {hf_dir} a Hugging Face model directory?")
+    config = json.loads(cfg_path.read_text())
+    problems: list[str] = []
+    infos = {}
+    index_path = hf_dir / INDEX_FILE
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            if not (hf_dir / file).exists():
+                problems.append(f"{file}: missing (the index lists {len(names)} tensors in it, e.g. {names[0]})")
+                continue
+            found, _ = read_header(hf_dir / file)
+            for name in names:
+                if name in found:
+                    infos[name] = found[name]
+    else:
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"no *.safetensors files (and no {INDEX_FILE}) in {hf_dir}")
+        for file in files:
+            infos.update(read_header(file)[0])
+    return config, infos, problems
+
+
+def validate_tensors(entries: Sequence[TensorEntry], infos: dict, problems: list[str] | None = None) -> list[str]:
+    """Raise HFImportError naming every expected tensor that is missing, misshapen or not floating point
+    (with the expected shape); return the names of unexpected extra tensors."""
+    problems = list(problems or [])
+    for e in entries:
+        info = infos.get(e.hf_name)
+        if info is None:
+            problems.append(f"{e.hf_name}: missing (expected shape {list(e.hf_shape)})")
+        elif info.shape != e.hf_shape:
+            problems.append(f"{e.hf_name}: shape {list(info.shape)} in {info.path.name}, expected shape "
+                            f"{list(e.hf_shape)}")
+        elif not np.issubdtype(info.dtype, np.floating) and info.dtype != DTYPES["BF16"]:
+            problems.append(f"{e.hf_name}: dtype {info.dtype} in {info.path.name}, expected a float type "
+                            f"(expected shape {list(e.hf_shape)})")
+    if problems:
+        shown = problems[:25]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise HFImportError(f"{len(problems)} tensor problem(s); nothing was written:\n  " + "\n  ".join(shown) + more)
+    expected = {e.hf_name for e in entries}
+    return sorted(n for n in infos if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+
+
+@dataclasses.dataclass
+class ImportResult:
+    """What `import_hf` wrote.
+
+    Attributes:
+      workdir: the new workdir (config.gin, checkpoints/<step>, imported_from.json).
+      step: the checkpoint's step.
+      model_cfg: the model.
+      num_tensors: HF tensors read.
+      warnings: what the user should know (unused tensors, tokenizer or data-cache mismatch).
+    """
+
+    workdir: Path
+    step: int
+    model_cfg: ModelConfig
+    num_tensors: int
+    warnings: list[str]
+
+
+def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]) -> dict:
+    """The data-loader position a fresh `moe-jax train` run would start from (and tokenizer checks)."""
+    from moe_jax.data.loader import TokenLoader
+    from moe_jax.data.vocab import file_sha256
+    from moe_jax.train.loop import default_cache
+
+    cache = default_cache(train_cfg, vocab_size)
+    try:
+        loader = TokenLoader(cache, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
+    except Exception as err:  # the loader raises DataError/SeqLenError/OSError for a missing or odd cache
+        _warn(notes, f"cannot open the token cache {cache} ({type(err).__name__}: {err}); the checkpoint's data "
+                     f"position is empty, so `moe-jax train` cannot resume it until the cache exists and a loader "
+                     f"position is written (evaluation and load_trained work)")
+        return {}
+    vocab = loader.meta.get("vocab", {})
+    if int(vocab.get("size", vocab_size)) != vocab_size:
+        _warn(notes, f"the token cache {cache} has vocabulary size {vocab.get('size')}, the model {vocab_size}")
+    tok = hf_dir / "tokenizer.model"
+    if tok.exists() and vocab.get("sha256") and file_sha256(tok) != vocab["sha256"]:
+        _warn(notes, f"{tok} differs from the vocabulary of the token cache {cache} ({vocab.get('path')}): training "
+                     f"or evaluating on that cache uses another tokenizer than the one the model was trained with")
+    return loader.get_state()
+
+
+def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[str] = ("runs/proxy_cpu.gin",),
+              bindings: Sequence[str] = (), step: int | None = None, progress: bool = True) -> ImportResult:
+    """Read an HF DeepSeekMoE directory into a new `moe-jax train` workdir.
+
+    Args:
+      hf_dir: config.json + safetensors (+ index) in DeepSeek's layout.
+      workdir: the new workdir; must not hold checkpoints yet.
+      gin_files: run file(s) giving the training setup (TrainConfig) of the workdir.
+      bindings: gin bindings applied last (e.g. "TRAIN_STEPS=1000").
+      step: checkpoint step; None = the step recorded by our export (config.json moe_jax.step), else 0.
+    """
+    import gin
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_jax.configs.gin_utils import parse_gin
+    from moe_jax.export.orbax_reader import checkpoint_steps
+    from moe_jax.model.transformer import Transformer
+    from moe_jax.train.checkpoint import Checkpointer
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.train.optimizer import make_optimizer
+    from moe_jax.train.step import TrainState
+
+    hf_dir, workdir = Path(hf_dir), Path(workdir)
+    notes: list[str] = []
+    config, infos, problems = read_hf_dir(hf_dir)
+    arch, hf_bindings = gin_from_hf_config(config)
+    parse_gin([arch, *gin_files], [*hf_bindings, *bindings], modules=TRAIN_MODULES)
+    model_cfg, train_cfg = ModelConfig(), TrainConfig()
+    gin_text = gin.config_str()
+    layout.check_exportable(model_cfg)
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed)))
+    abstract_params = nnx.state(abstract, nnx.Param)
+    shapes = layout.flat_param_shapes(abstract_params)
+    entries = layout.plan(model_cfg, shapes)
+    extra = validate_tensors(entries, infos, problems)
+    if extra:
+        _warn(notes, f"{len(extra)} tensor(s) of {hf_dir} are not part of the model and were ignored, e.g. {extra[:3]}")
+    if checkpoint_steps(workdir):
+        raise ExportError(f"{workdir} already has checkpoints {checkpoint_steps(workdir)}; import into a new workdir")
+    if step is None:
+        step = int((config.get("moe_jax") or {}).get("step", 0))
+
+    # Parameters in host memory, filled tensor by tensor.
+    pdtype = np.dtype(jnp.dtype(model_cfg.param_dtype))
+    arrays = {path: np.zeros(shape, pdtype) for path, shape in shapes.items()}
+    filled = dict.fromkeys(shapes, 0)
+    with _bar(sum(infos[e.hf_name].nbytes for e in entries), "import", progress) as bar:
+        for e in entries:
+            info = infos[e.hf_name]
+            piece = e.spec.from_hf(load_tensor(info), shapes[e.ours])
+            arrays[e.ours][e.index] = piece
+            filled[e.ours] += piece.size
+            bar.update(info.nbytes)
+    unfilled = [p for p, n in filled.items() if n != math.prod(shapes[p])]
+    if unfilled:  # a layout-table bug, not a user error
+        raise LayoutError(f"the layout did not fill our arrays {unfilled}")
+
+    def value(path, leaf):
+        return jnp.asarray(arrays.pop(layout.path_str(path)))
+
+    params = jax.tree_util.tree_map_with_path(value, abstract_params)
+    tx = make_optimizer(train_cfg)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.gin").write_text(gin_text)
+    data_state = _fresh_data_state(train_cfg, model_cfg.vocab_size, hf_dir, notes)
+    ckpt = Checkpointer(workdir, keep=train_cfg.keep_checkpoints, async_save=False)
+    ckpt.save(step, state, data_state)
+    ckpt.close()
+    (workdir / "imported_from.json").write_text(json.dumps(
+        {"hf_dir": str(hf_dir.resolve()), "step": step, "gin_files": list(gin_files), "bindings": list(bindings),
+         "warnings": notes}, indent=2) + "\n")
+    return ImportResult(workdir=workdir, step=step, model_cfg=model_cfg, num_tensors=len(entries), warnings=notes)

@@ -1,0 +1,172 @@
+"""`config.json` of DeepSeek's HF layout (`model_type: "deepseek"`) <-> our gin bindings.
+
+Keys and defaults follow DeepSeekMoE 16B's `config.json` and `DeepseekConfig` (paper.md §3.2). What the
+HF config cannot say but a round trip needs (our head_dim, parameter dtype, training-only MoE settings,
+the checkpoint step) goes under the extra key `"moe_jax"`, which HF's `PretrainedConfig` keeps as an
+ordinary attribute and otherwise ignores.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from moe_jax.config import ModelConfig
+from moe_jax.export.layout import LayoutError, check_exportable
+
+MODEL_TYPE = "deepseek"
+ARCHITECTURE = "DeepseekForCausalLM"
+# DeepSeek's remote code (configuration_deepseek.py / modeling_deepseek.py of deepseek-moe-16b-base);
+# it is not shipped here: copy the two files next to config.json to load with trust_remote_code=True.
+AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+            "AutoModel": "modeling_deepseek.DeepseekModel",
+            "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"}
+
+# DeepseekConfig's defaults for keys a config.json may omit.
+HF_DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": None, "n_shared_experts": None, "n_routed_experts": None, "num_experts_per_tok": None,
+    "moe_intermediate_size": 1407, "first_k_dense_replace": 0, "moe_layer_freq": 1, "norm_topk_prob": False,
+    "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+    "attention_bias": False, "tie_word_embeddings": False,
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def to_hf_config(cfg: ModelConfig, *, torch_dtype: str, max_position_embeddings: int, bos_token_id: int | None,
+                 eos_token_id: int | None, pad_token_id: int | None, extra: Mapping[str, Any] | None = None) -> dict:
+    """config.json for `cfg` (which must pass `check_exportable`).
+
+    A dense model becomes all-dense layers (`n_routed_experts: null`); a MoE without shared experts
+    (GShard, Switch) has `n_shared_experts: null` (DeepSeek's code builds shared experts iff it is set).
+    """
+    check_exportable(cfg)
+    m = cfg.moe
+    moe_keys: dict[str, Any]
+    if m is None:
+        moe_keys = dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
+                        moe_intermediate_size=None, first_k_dense_replace=cfg.num_layers, norm_topk_prob=False,
+                        aux_loss_alpha=0.0, seq_aux=True)
+    else:
+        moe_keys = dict(n_routed_experts=m.num_experts, n_shared_experts=m.num_shared_experts or None,
+                        num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim,
+                        first_k_dense_replace=cfg.first_k_dense, norm_topk_prob=m.renormalize_topk,
+                        aux_loss_alpha=m.expert_balance_alpha, seq_aux=m.balance_loss_scope == "sequence")
+    ours = dict(head_dim=cfg.head_dim, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+    if m is not None:
+        ours.update(second_expert_policy=m.second_expert_policy, device_balance_alpha=m.device_balance_alpha,
+                    num_device_groups=m.num_device_groups, router_z_loss_alpha=m.router_z_loss_alpha,
+                    dispatch=m.dispatch, capacity_factor=m.capacity_factor)
+    ours.update(extra or {})
+    return {
+        "architectures": [ARCHITECTURE],
+        "auto_map": AUTO_MAP,
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+        **moe_keys,
+        "moe_layer_freq": cfg.moe_layer_freq,
+        "scoring_func": "softmax",
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": torch_dtype,
+        "moe_jax": ours,
+    }
+
+
+def _get(config: Mapping[str, Any], key: str):
+    return config[key] if key in config else HF_DEFAULTS.get(key)
+
+
+def check_hf_config(config: Mapping[str, Any]) -> None:
+    """Raise LayoutError naming every key of `config` our model cannot express."""
+    problems = []
+    if config.get("model_type") != MODEL_TYPE:
+        problems.append(f"model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} (DeepSeekMoE, "
+                        f"DeepseekForCausalLM)")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if not problems:
+        heads = config["num_attention_heads"]
+        kv = _get(config, "num_key_value_heads") or heads
+        if kv != heads:
+            problems.append(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is "
+                            f"not supported (our attention is multi-head)")
+        if config["hidden_size"] % heads:
+            problems.append(f"hidden_size={config['hidden_size']} is not divisible by num_attention_heads={heads}")
+        for key, want in (("scoring_func", "softmax"), ("hidden_act", "silu"), ("rope_scaling", None),
+                          ("attention_bias", False), ("tie_word_embeddings", False)):
+            if _get(config, key) != want:
+                problems.append(f"{key}={_get(config, key)!r} is not supported (only {want!r})")
+        if _get(config, "n_routed_experts") is not None and _get(config, "num_experts_per_tok") is None:
+            problems.append("n_routed_experts is set but num_experts_per_tok is not")
+    if problems:
+        raise LayoutError("config.json cannot be imported: " + "; ".join(problems))
+
+
+def head_dim_of(config: Mapping[str, Any]) -> int:
+    return int(config["hidden_size"]) // int(config["num_attention_heads"])
+
+
+def gin_from_hf_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(architecture gin file, bindings) that make `ModelConfig()` the model of `config`.
+
+    The bindings set the macros of gin/architectures/{decoder,moe}.gin and, where a config key has
+    no macro, the configurable's parameter; our extra `moe_jax` settings (if present) are restored.
+    """
+    check_hf_config(config)
+    ours = dict(config.get("moe_jax") or {})
+    layers = int(config["num_hidden_layers"])
+    routed = _get(config, "n_routed_experts")
+    first_k = int(_get(config, "first_k_dense_replace") or 0)
+    is_moe = routed is not None and int(routed) > 0 and first_k < layers
+    bindings = [
+        f"VOCAB_SIZE={int(config['vocab_size'])}",
+        f"D_MODEL={int(config['hidden_size'])}",
+        f"NUM_LAYERS={layers}",
+        f"NUM_HEADS={int(config['num_attention_heads'])}",
+        f"HEAD_DIM={head_dim_of(config)}",
+        f"FFN_DIM={int(config['intermediate_size'])}",
+        f"INIT_STD={float(ours.get('init_std', _get(config, 'initializer_range')))!r}",
+        f"ROPE_THETA={float(_get(config, 'rope_theta'))!r}",
+        f"NORM_EPS={float(_get(config, 'rms_norm_eps'))!r}",
+        f"ModelConfig.param_dtype='{ours.get('param_dtype', 'float32')}'",
+    ]
+    if not is_moe:
+        return "architectures/dense.gin", bindings
+    bindings += [
+        f"FIRST_K_DENSE={first_k}",
+        f"ModelConfig.moe_layer_freq={int(_get(config, 'moe_layer_freq'))}",
+        f"NUM_EXPERTS={int(routed)}",
+        f"NUM_SHARED={int(_get(config, 'n_shared_experts') or 0)}",
+        f"EXPERT_DIM={int(_get(config, 'moe_intermediate_size'))}",
+        f"TOP_K={int(_get(config, 'num_experts_per_tok'))}",
+        f"MoEConfig.renormalize_topk={bool(_get(config, 'norm_topk_prob'))}",
+        f"MoEConfig.expert_balance_alpha={float(_get(config, 'aux_loss_alpha'))!r}",
+        f"MoEConfig.balance_loss_scope='{'sequence' if _get(config, 'seq_aux') else 'global'}'",
+    ]
+    if "second_expert_policy" in ours:
+        bindings.append(f"SECOND_EXPERT_POLICY='{ours['second_expert_policy']}'")
+    for key in ("device_balance_alpha", "router_z_loss_alpha", "capacity_factor"):
+        if key in ours:
+            bindings.append(f"MoEConfig.{key}={float(ours[key])!r}")
+    if "num_device_groups" in ours:
+        bindings.append(f"MoEConfig.num_device_groups={int(ours['num_device_groups'])}")
+    if "dispatch" in ours:
+        bindings.append(f"MoEConfig.dispatch='{ours['dispatch']}'")
+    return "architectures/moe.gin", bindings

@@ -1,0 +1,297 @@
+"""THE table between our parameter tree and DeepSeek's Hugging Face layout (`DeepseekForCausalLM`).
+
+Export (`moe_jax.export.hf.export_hf`) and import (`import_hf`) both read this table; nothing else
+knows a Hugging Face name. Each `Rule` says which of our arrays one HF tensor is cut from and how:
+
+    Rule("ffn.wi", "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "[l] [e] d [0] f -> f d")
+
+The spec string is a tiny einops-like language over the axes of *our* array (left) and the HF tensor
+(right):
+  - `[l]`, `[e]`: an axis indexed by a loop variable (`l`: the layer's position in its `LayerStack`,
+    `e`: the routed expert). In the HF name, `{l}` is the *global* layer index and `{e}` the expert.
+  - `[0]`, `[1]`: an axis indexed by a literal (our fused SwiGLU input kernel `wi [.., 2, f]` holds
+    the gate projection at 0 and the up projection at 1).
+  - a name (`d`, `h`, `k`, `f`, ...): an axis kept; the right side lists the kept axes in HF order,
+    parentheses flatten several into one (`(h k)`: heads x head_dim, head-major).
+HF `nn.Linear` weights are [out, in]; ours are [in, out], hence the transposes. RoPE needs no
+permutation of q/k: both sides use the rotate-half convention with inv_freq = theta^(-2i/Dh).
+
+Our arrays live at `embed`, `final_norm.scale`, `lm_head` and, per run of same-kind layers
+(`ModelConfig.layer_segments()`), under `stacks.{s}.blocks.` with a leading layer axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+
+
+class LayoutError(ValueError):
+    """A model the HF layout cannot express, or arrays that do not match the layout."""
+
+
+_TOKEN = re.compile(r"\[([A-Za-z_]\w*|\d+)\]|\(([^()]*)\)|([A-Za-z_]\w*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """How an HF tensor is cut from one of our arrays, e.g. "[l] [e] d [0] f -> f d".
+
+    Attributes:
+      text: the spec as written.
+      picks: per axis of our array, the loop variable name ("l", "e") or literal int indexing it, or
+        None where the axis is kept.
+      names: names of the kept axes, in our axis order.
+      groups: the HF tensor's axes, each a tuple of kept-axis names flattened into it (row-major).
+    """
+
+    text: str
+    picks: tuple[str | int | None, ...]
+    names: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "TensorSpec":
+        left, arrow, right = text.partition("->")
+        if not arrow:
+            raise ValueError(f"tensor spec {text!r} has no '->'")
+        picks, names = [], []
+        for m in _TOKEN.finditer(left):
+            index, group, name = m.groups()
+            if group is not None:
+                raise ValueError(f"tensor spec {text!r}: groups are only allowed on the right")
+            if index is not None:
+                picks.append(int(index) if index.isdigit() else index)
+            else:
+                picks.append(None)
+                names.append(name)
+        groups = []
+        for m in _TOKEN.finditer(right):
+            index, group, name = m.groups()
+            if index is not None:
+                raise ValueError(f"tensor spec {text!r}: indices are only allowed on the left")
+            groups.append(tuple(group.split()) if group is not None else (name,))
+        flat = [n for g in groups for n in g]
+        if sorted(flat) != sorted(names) or len(set(names)) != len(names):
+            raise ValueError(f"tensor spec {text!r}: the right side must use each kept axis exactly once")
+        return cls(text=text, picks=tuple(picks), names=tuple(names), groups=tuple(groups))
+
+    @property
+    def loop_axes(self) -> tuple[int, ...]:
+        """Axes of our array indexed by a loop variable (where export reads block by block)."""
+        return tuple(i for i, p in enumerate(self.picks) if isinstance(p, str))
+
+    def index(self, **loop_vars: int) -> tuple[int | slice, ...]:
+        """Index into our array: loop variables and literals as ints, kept axes as `slice(None)`."""
+        return tuple(slice(None) if p is None else (p if isinstance(p, int) else loop_vars[p]) for p in self.picks)
+
+    def axis_sizes(self, our_shape: tuple[int, ...]) -> dict[str, int]:
+        """{kept axis name: size} for our array's shape."""
+        if len(our_shape) != len(self.picks):
+            raise LayoutError(f"array of shape {tuple(our_shape)} does not have the {len(self.picks)} axes of "
+                              f"spec {self.text!r}")
+        return dict(zip(self.names, (n for p, n in zip(self.picks, our_shape) if p is None)))
+
+    def hf_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The HF tensor's shape, from our array's shape."""
+        sizes = self.axis_sizes(our_shape)
+        return tuple(math.prod(sizes[n] for n in g) for g in self.groups)
+
+    def to_hf(self, piece: np.ndarray) -> np.ndarray:
+        """our_array[self.index(...)] (kept axes, our order) -> the HF tensor (C-contiguous)."""
+        sizes = dict(zip(self.names, piece.shape))
+        flat = [n for g in self.groups for n in g]
+        moved = np.ascontiguousarray(np.transpose(piece, [self.names.index(n) for n in flat]))
+        return moved.reshape([math.prod(sizes[n] for n in g) for g in self.groups])
+
+    def from_hf(self, tensor: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+        """The inverse of `to_hf`: the HF tensor -> the piece to assign at our_array[self.index(...)]."""
+        sizes = self.axis_sizes(our_shape)
+        flat = [n for g in self.groups for n in g]
+        unflat = tensor.reshape([sizes[n] for n in flat])
+        return np.transpose(unflat, [flat.index(n) for n in self.names])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One row of the table: HF tensor `hf` (a name template) is `spec` applied to our array `ours`.
+
+    `ours` is a dotted path: top-level (`embed`) for global rules, relative to a layer stack's
+    `blocks` (`attn.wq`) for per-layer rules.
+    """
+
+    ours: str
+    hf: str
+    spec: TensorSpec
+
+    @classmethod
+    def of(cls, ours: str, hf: str, spec: str) -> "Rule":
+        return cls(ours=ours, hf=hf, spec=TensorSpec.parse(spec))
+
+
+R = Rule.of
+
+# Model-level tensors.
+GLOBAL_RULES = (
+    R("embed", "model.embed_tokens.weight", "v d -> v d"),
+    R("final_norm.scale", "model.norm.weight", "d -> d"),
+    R("lm_head", "lm_head.weight", "d v -> v d"),
+)
+# Every decoder layer: norms and attention. Our q/k/v are [d, H, Dh], o is [H, Dh, d].
+LAYER_RULES = (
+    R("attn_norm.scale", "model.layers.{l}.input_layernorm.weight", "[l] d -> d"),
+    R("attn.wq", "model.layers.{l}.self_attn.q_proj.weight", "[l] d h k -> (h k) d"),
+    R("attn.wk", "model.layers.{l}.self_attn.k_proj.weight", "[l] d h k -> (h k) d"),
+    R("attn.wv", "model.layers.{l}.self_attn.v_proj.weight", "[l] d h k -> (h k) d"),
+    R("attn.wo", "model.layers.{l}.self_attn.o_proj.weight", "[l] h k d -> d (h k)"),
+    R("ffn_norm.scale", "model.layers.{l}.post_attention_layernorm.weight", "[l] d -> d"),
+)
+# Dense FFN layers (l < first_k_dense_replace, or off the moe_layer_freq grid): DeepseekMLP of
+# width intermediate_size. Ours: wi [d, 2, F] (0 = gate, 1 = up), wo [F, d].
+DENSE_FFN_RULES = (
+    R("ffn.wi", "model.layers.{l}.mlp.gate_proj.weight", "[l] d [0] f -> f d"),
+    R("ffn.wi", "model.layers.{l}.mlp.up_proj.weight", "[l] d [1] f -> f d"),
+    R("ffn.wo", "model.layers.{l}.mlp.down_proj.weight", "[l] f d -> d f"),
+)
+# MoE layers: MoEGate weight [E, d] (ours [d, E]) ...
+ROUTER_RULES = (
+    R("ffn.router.kernel", "model.layers.{l}.mlp.gate.weight", "[l] d e -> e d"),
+)
+# ... routed experts, stacked [E, d, 2, f] / [E, f, d] here, one DeepseekMLP per expert there ...
+ROUTED_EXPERT_RULES = (
+    R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "[l] [e] d [0] f -> f d"),
+    R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.up_proj.weight", "[l] [e] d [1] f -> f d"),
+    R("ffn.wo", "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "[l] [e] f d -> d f"),
+)
+# ... and the shared experts: one MLP of width n_shared_experts * moe_intermediate_size on both sides.
+SHARED_EXPERT_RULES = (
+    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_experts.gate_proj.weight", "[l] d [0] f -> f d"),
+    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_experts.up_proj.weight", "[l] d [1] f -> f d"),
+    R("ffn.shared.wo", "model.layers.{l}.mlp.shared_experts.down_proj.weight", "[l] f d -> d f"),
+)
+
+ALL_RULES = GLOBAL_RULES + LAYER_RULES + DENSE_FFN_RULES + ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES
+
+
+def layout_table() -> list[tuple[str, str, str]]:
+    """(our path, HF name, spec) for every rule: the table as printed in docs/export.md."""
+    out = []
+    for rule in ALL_RULES:
+        ours = rule.ours if rule in GLOBAL_RULES else f"stacks.{{s}}.blocks.{rule.ours}"
+        out.append((ours, rule.hf, rule.spec.text))
+    return out
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise LayoutError (saying why) for models DeepseekForCausalLM cannot express."""
+    if cfg.num_heads * cfg.head_dim != cfg.d_model:
+        raise LayoutError(
+            f"num_heads * head_dim = {cfg.num_heads} * {cfg.head_dim} = {cfg.num_heads * cfg.head_dim} differs from "
+            f"d_model = {cfg.d_model}; DeepSeek's HF code derives head_dim = hidden_size / num_attention_heads, so "
+            f"this model has no DeepseekForCausalLM equivalent")
+    m = cfg.moe
+    if m is None:
+        return
+    if m.router == "hash":
+        raise LayoutError("hash-routed MoE layers (router='hash') have no DeepseekForCausalLM equivalent: its "
+                          "MoEGate is a learned softmax over the routed experts. Export refuses Hash models.")
+    if m.num_experts == 0:
+        raise LayoutError(f"MoE layers without routed experts (Dense x{m.num_shared_experts}: only "
+                          f"{m.num_shared_experts} shared experts) have no DeepseekForCausalLM equivalent (its MoE "
+                          f"layer always has a gate over n_routed_experts). Export refuses Dense-xN models.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One HF tensor of a concrete model.
+
+    Attributes:
+      hf_name: e.g. "model.layers.3.mlp.experts.17.up_proj.weight".
+      hf_shape: its shape.
+      ours: dotted path of our array, e.g. "stacks.1.blocks.ffn.wi".
+      index: index into our array (ints, and slice(None) for kept axes).
+      spec: the rule's TensorSpec.
+    """
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    ours: str
+    index: tuple[int | slice, ...]
+    spec: TensorSpec
+
+
+def layer_rules(cfg: ModelConfig, layer: int) -> tuple[Rule, ...]:
+    """The rules of global layer `layer`."""
+    if not cfg.is_moe_layer(layer):
+        return LAYER_RULES + DENSE_FFN_RULES
+    rules = LAYER_RULES + ROUTER_RULES + ROUTED_EXPERT_RULES
+    if cfg.moe.num_shared_experts:
+        rules += SHARED_EXPERT_RULES
+    return rules
+
+
+def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]]) -> list[TensorEntry]:
+    """Every HF tensor of the model, in HF order (embed, layers 0..L-1, norm, lm_head).
+
+    Args:
+      cfg: the model (already `check_exportable`).
+      our_shapes: {dotted path: shape} of every parameter array (the abstract model's or a
+        checkpoint's). Every array must be used by some rule and every rule's array must exist.
+    """
+    check_exportable(cfg)
+    entries: list[TensorEntry] = []
+    used: set[str] = set()
+
+    def add(rule: Rule, ours: str, name_vars: dict, index_vars: dict) -> None:
+        if ours not in our_shapes:
+            raise LayoutError(f"the layout needs our array {ours!r} (for {rule.hf.format(**name_vars)}), which the "
+                              f"model does not have")
+        shape = tuple(our_shapes[ours])
+        entries.append(TensorEntry(hf_name=rule.hf.format(**name_vars), hf_shape=rule.spec.hf_shape(shape), ours=ours,
+                                   index=rule.spec.index(**index_vars), spec=rule.spec))
+        used.add(ours)
+
+    embed, norm, head = GLOBAL_RULES
+    add(embed, embed.ours, {}, {})
+    for s, (_, first, count) in enumerate(cfg.layer_segments()):
+        for local in range(count):
+            layer = first + local
+            for rule in layer_rules(cfg, layer):
+                ours = f"stacks.{s}.blocks.{rule.ours}"
+                if "e" in rule.spec.picks:
+                    for e in range(cfg.moe.num_experts):
+                        add(rule, ours, {"l": layer, "e": e}, {"l": local, "e": e})
+                else:
+                    add(rule, ours, {"l": layer}, {"l": local})
+    add(norm, norm.ours, {}, {})
+    add(head, head.ours, {}, {})
+    unused = sorted(set(our_shapes) - used)
+    if unused:
+        raise LayoutError(f"the HF layout has no place for our array(s) {unused}")
+    return entries
+
+
+def flat_param_shapes(params) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of an nnx.State of params (concrete or abstract)."""
+    return {path: tuple(leaf.shape) for path, leaf in flat_params(params).items()}
+
+
+def path_str(keypath) -> str:
+    """A jax key path of an nnx.State leaf -> our dotted path ("stacks.1.blocks.ffn.wi"; the Variable's
+    trailing "value" dropped)."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
+    if keys and keys[-1] == "value":
+        keys = keys[:-1]
+    return ".".join(keys)
+
+
+def flat_params(params) -> dict[str, object]:
+    """{dotted path: leaf} of an nnx.State of params."""
+    import jax
+
+    return {path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
