@@ -3,12 +3,13 @@
     export_hf("workdirs/ds_tiny", "hf/ds_tiny", dtype="bfloat16", shard_size=2 * 10**9)
     import_hf("hf/ds_tiny", "workdirs/ds_tiny_again")      # -> config.gin + an orbax checkpoint
 
-Export streams: the parameters are read from the orbax checkpoint block by block through tensorstore
-(`orbax_reader`), never restored as a whole, and each HF tensor is written to its safetensors shard as
-soon as it is cut (`safetensors_io.StreamingWriter`). Host memory holds one checkpoint block (the zarr
-chunks one read covers: the per-device shard of a sharded checkpoint along the layer/expert axes) and
-one tensor, whatever the model size. Tensors are ordered by the block they come from, so each block is
-decoded once; `model.safetensors.index.json` maps every name to its file.
+Export streams: the parameters are read from the orbax checkpoint one stored chunk at a time through
+tensorstore (`orbax_reader`), never restored as a whole. Shard files are laid out first (names, shapes
+and offsets from the layout table, in HF order: embed, layers 0..L-1, norm, lm_head; at most
+`shard_size` bytes each), then each chunk is decoded once and every part of every HF tensor it holds is
+written into place through a memory map (`safetensors_io.ShardFile`). Host memory holds one checkpoint
+chunk (the per-device shard of a sharded checkpoint, the whole array of a single-device one) and at
+most one tensor's pages, whatever the model and shard sizes.
 
 Import validates every expected tensor (names and shapes from `layout.plan` and config.json) before
 reading any data, then builds the parameters in host memory, writes `config.gin` (the model rebuilt
@@ -18,6 +19,7 @@ from config.json + a run file) and an orbax checkpoint with a fresh optimizer st
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -33,7 +35,7 @@ from moe_jax.export import layout
 from moe_jax.export.hf_config import gin_from_hf_config, to_hf_config
 from moe_jax.export.layout import LayoutError, TensorEntry
 from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
-from moe_jax.export.safetensors_io import DTYPES, StreamingWriter, dtype_code, load_tensor, read_header
+from moe_jax.export.safetensors_io import DTYPES, ShardFile, dtype_code, load_tensor, read_header
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,7 +88,7 @@ class ExportResult:
       dtype: dtype of the tensors ("float32" or "bfloat16").
       files: shard file names, in order.
       num_tensors, total_bytes: over all shards.
-      max_block_bytes: the largest checkpoint block held at once (the read unit).
+      max_block_bytes: the largest checkpoint chunk held at once (the read unit).
       max_tensor_bytes: the largest single HF tensor.
       tokenizer: the tokenizer model copied, or None.
       warnings: what the user should know (settings HF cannot express, a missing tokenizer).
@@ -104,30 +106,29 @@ class ExportResult:
     warnings: list[str]
 
 
-def _block(entry: TensorEntry, chunk: tuple[int, ...], shape: tuple[int, ...]):
-    """(block id, box into our array, index of the entry inside the box) for the chunk-aligned block of
-    `entry` along its loop axes (layer, expert); other axes are read whole."""
-    block_id, box, local = [], [], list(entry.index)
-    for axis in range(len(shape)):
-        if axis in entry.spec.loop_axes:
-            b = entry.index[axis] // chunk[axis]
-            lo = b * chunk[axis]
-            block_id.append(b)
-            box.append(slice(lo, min(lo + chunk[axis], shape[axis])))
-            local[axis] = entry.index[axis] - lo
+def chunk_boxes(shape: tuple[int, ...], chunk: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """The boxes of a regular chunk grid over an array of `shape`, in C order."""
+    ranges = [[slice(lo, min(lo + c, n)) for lo in range(0, n, c)] for n, c in zip(shape, chunk)]
+    return [tuple(box) for box in itertools.product(*ranges)] if shape else [()]
+
+
+def chunk_region(entry: TensorEntry, box: tuple[slice, ...]) -> tuple[tuple, tuple[slice, ...]] | None:
+    """Where the checkpoint block `box` of our array meets HF tensor `entry`.
+
+    Returns (index into the block giving the piece over the kept axes in our order, region of the HF
+    tensor's unflattened view (`TensorSpec.hf_view_shape`) that the piece fills), or None when the block
+    does not hold any of the tensor.
+    """
+    src = []
+    for i, b in zip(entry.index, box):
+        if isinstance(i, int):
+            if not b.start <= i < b.stop:
+                return None
+            src.append(i - b.start)
         else:
-            box.append(slice(None))
-    return tuple(block_id), tuple(box), tuple(local)
-
-
-def read_order(entries: Sequence[TensorEntry], chunks: dict[str, tuple[int, ...]],
-               shapes: dict[str, tuple[int, ...]]) -> list[TensorEntry]:
-    """`entries` reordered so that all tensors of one checkpoint block are consecutive (array by array,
-    blocks in order, HF order inside a block)."""
-    array_order = {path: i for i, path in enumerate(dict.fromkeys(e.ours for e in entries))}
-    keyed = [((array_order[e.ours], _block(e, chunks[e.ours], shapes[e.ours])[0], i), e)
-             for i, e in enumerate(entries)]
-    return [e for _, e in sorted(keyed, key=lambda kv: kv[0])]
+            src.append(slice(None))
+    kept = dict(zip(entry.spec.names, (box[a] for a in entry.spec.kept_axes)))
+    return tuple(src), tuple(kept[n] for n in entry.spec.flat_names)
 
 
 def plan_shards(entries: Sequence[TensorEntry], itemsize: int, shard_size: int) -> list[list[TensorEntry]]:
@@ -251,41 +252,48 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
     if wrong:
         raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
     entries = layout.plan(model_cfg, expected)
-    chunks = {p: reader.chunk_shape(p) for p in expected}
-    ordered = read_order(entries, chunks, expected)
-    shards = plan_shards(ordered, np_dtype.itemsize, shard_size)
+    shards = plan_shards(entries, np_dtype.itemsize, shard_size)
     names = shard_file_names(len(shards))
 
     _prepare_out(out, overwrite)
     code = dtype_code(np_dtype)
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    weight_map: dict[str, str] = {}
-    max_block = max_tensor = 0
-    current_key, block = None, None
-    with _bar(total, f"export step {step}", progress) as bar:
-        for name, shard in zip(names, shards):
-            writer = StreamingWriter(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
-                                     metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
-            try:
-                for e in shard:
-                    shape = expected[e.ours]
-                    block_id, box, local = _block(e, chunks[e.ours], shape)
-                    if (e.ours, block_id) != current_key:
-                        block = None  # free the previous block before reading the next
-                        block = reader.read(e.ours, box)
-                        current_key = (e.ours, block_id)
-                        max_block = max(max_block, block.nbytes)
-                    tensor = e.spec.to_hf(block[local].astype(np_dtype, copy=False))
-                    max_tensor = max(max_tensor, tensor.nbytes)
-                    writer.write(e.hf_name, tensor)
-                    weight_map[e.hf_name] = name
-                    bar.update(tensor.nbytes)
-                    del tensor
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-    block = None
+    files = {name: ShardFile(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
+                             metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
+             for name, shard in zip(names, shards)}
+    file_of = {e.hf_name: files[name] for name, shard in zip(names, shards) for e in shard}
+    by_array: dict[str, list[TensorEntry]] = {}
+    for e in entries:
+        by_array.setdefault(e.ours, []).append(e)
+    written = dict.fromkeys(file_of, 0)
+    max_block = 0
+    try:
+        with _bar(total, f"export step {step}", progress) as bar:
+            for path, array_entries in by_array.items():
+                shape = expected[path]
+                for box in chunk_boxes(shape, reader.chunk_shape(path)):
+                    hits = [(e, r) for e in array_entries if (r := chunk_region(e, box)) is not None]
+                    if not hits:
+                        continue
+                    block = reader.read(path, box)  # one checkpoint chunk: the only large allocation
+                    max_block = max(max_block, block.nbytes)
+                    for e, (src, dst) in hits:
+                        piece = e.spec.to_hf_view(block[src]).astype(np_dtype)
+                        file_of[e.hf_name].write(e.hf_name, dst, piece, e.spec.hf_view_shape(shape))
+                        written[e.hf_name] += piece.size
+                        bar.update(piece.nbytes)
+                        del piece
+                    del block
+        holes = [e.hf_name for e in entries if written[e.hf_name] != math.prod(e.hf_shape)]
+        if holes:  # a layout or chunk-grid bug, never silently zeros
+            raise ExportError(f"export wrote {len(holes)} tensor(s) incompletely, e.g. {holes[:3]}")
+        for f in files.values():
+            f.close()
+    except BaseException:
+        for f in files.values():
+            f.abort()
+        raise
+    weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
 
     spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
     if tok_warning:
@@ -299,6 +307,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
     index = {"metadata": {"total_size": total, "format": "pt"},
              "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     return ExportResult(out=out, step=step, dtype=dtype, files=names, num_tensors=len(entries), total_bytes=total,
                         max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
 

@@ -82,9 +82,9 @@ class TensorSpec:
         return cls(text=text, picks=tuple(picks), names=tuple(names), groups=tuple(groups))
 
     @property
-    def loop_axes(self) -> tuple[int, ...]:
-        """Axes of our array indexed by a loop variable (where export reads block by block)."""
-        return tuple(i for i, p in enumerate(self.picks) if isinstance(p, str))
+    def kept_axes(self) -> tuple[int, ...]:
+        """Axes of our array the HF tensor keeps (the others are indexed)."""
+        return tuple(i for i, p in enumerate(self.picks) if p is None)
 
     def index(self, **loop_vars: int) -> tuple[int | slice, ...]:
         """Index into our array: loop variables and literals as ints, kept axes as `slice(None)`."""
@@ -97,23 +97,36 @@ class TensorSpec:
                               f"spec {self.text!r}")
         return dict(zip(self.names, (n for p, n in zip(self.picks, our_shape) if p is None)))
 
+    @property
+    def flat_names(self) -> tuple[str, ...]:
+        """Kept axis names in HF order, before flattening the groups."""
+        return tuple(n for g in self.groups for n in g)
+
     def hf_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The HF tensor's shape, from our array's shape."""
         sizes = self.axis_sizes(our_shape)
         return tuple(math.prod(sizes[n] for n in g) for g in self.groups)
 
+    def hf_view_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The HF tensor's shape with its groups unflattened (q_proj [H*Dh, d] -> [H, Dh, d])."""
+        sizes = self.axis_sizes(our_shape)
+        return tuple(sizes[n] for n in self.flat_names)
+
+    def to_hf_view(self, piece: np.ndarray) -> np.ndarray:
+        """A piece over the kept axes (our order) -> the same values in HF axis order, groups unflattened
+        (a transpose; works on any sub-block of the kept axes)."""
+        return np.transpose(piece, [self.names.index(n) for n in self.flat_names])
+
     def to_hf(self, piece: np.ndarray) -> np.ndarray:
         """our_array[self.index(...)] (kept axes, our order) -> the HF tensor (C-contiguous)."""
         sizes = dict(zip(self.names, piece.shape))
-        flat = [n for g in self.groups for n in g]
-        moved = np.ascontiguousarray(np.transpose(piece, [self.names.index(n) for n in flat]))
+        moved = np.ascontiguousarray(self.to_hf_view(piece))
         return moved.reshape([math.prod(sizes[n] for n in g) for g in self.groups])
 
     def from_hf(self, tensor: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
         """The inverse of `to_hf`: the HF tensor -> the piece to assign at our_array[self.index(...)]."""
-        sizes = self.axis_sizes(our_shape)
-        flat = [n for g in self.groups for n in g]
-        unflat = tensor.reshape([sizes[n] for n in flat])
+        flat = self.flat_names
+        unflat = tensor.reshape(self.hf_view_shape(our_shape))
         return np.transpose(unflat, [flat.index(n) for n in self.names])
 
 

@@ -5,8 +5,8 @@ of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"
 the raw little-endian tensor bytes, contiguous, offsets relative to the end of the header.
 
 Because every name, shape and dtype of a shard is known before any tensor is read, the header is written
-first and each tensor goes to disk as soon as it exists: a shard is never held in memory. Reading maps
-the file and copies out one tensor at a time. bfloat16 uses `ml_dtypes` (numpy has no bfloat16; the
+first and tensors are then filled region by region through a memory map (`ShardFile`): a shard is never
+held in memory. Reading maps the file and copies out one tensor at a time. bfloat16 uses `ml_dtypes` (numpy has no bfloat16; the
 `safetensors` package's numpy backend cannot return it either).
 """
 from __future__ import annotations
@@ -69,63 +69,66 @@ class TensorInfo:
     nbytes: int
 
 
-class StreamingWriter:
-    """Write one safetensors file whose tensors are announced up front and then written in order.
+class ShardFile:
+    """A safetensors file whose header is written first and whose tensors are then filled region by
+    region, in any order (the export reads the checkpoint chunk by chunk, and one chunk may hold parts
+    of many tensors in many files).
 
-        w = StreamingWriter(path, [("a", "F32", (2, 3)), ...], metadata={"format": "pt"})
-        w.write("a", array)          # in the announced order, exact dtype and shape
-        w.close()                    # renames <path>.partial -> <path>
+        shard = ShardFile(path, [("a", "F32", (4, 6)), ...], metadata={"format": "pt"})
+        shard.write("a", (slice(0, 2), slice(None)), block)   # block [2, 6] into rows 0..1 of "a"
+        shard.close()                                         # renames <path>.partial -> <path>
 
-    Memory: one tensor (the caller's); nothing is buffered.
+    The file is created at its final size (sparse); each write maps only the target tensor and unmaps
+    it, so memory holds at most the caller's block and one tensor's pages. The caller checks that
+    every element was written (`close` cannot tell a hole from zeros).
     """
 
     def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, str, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
-        self._specs = [(name, code, tuple(int(n) for n in shape)) for name, code, shape in specs]
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         offset = 0
-        for name, code, shape in self._specs:
+        for name, code, shape in specs:
+            shape = tuple(int(n) for n in shape)
             if code not in DTYPES:
                 raise SafetensorsError(f"{name}: unknown dtype code {code!r}")
             if name in header:
                 raise SafetensorsError(f"tensor name {name!r} appears twice")
             nbytes = math.prod(shape) * DTYPES[code].itemsize
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.tensors[name] = (DTYPES[code], shape, offset)
             offset += nbytes
         self.data_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._data_start = 8 + len(raw)
         self._partial = self.path.with_name(self.path.name + ".partial")
-        self._file = open(self._partial, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._next = 0
+        with open(self._partial, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(self._data_start + offset)
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Append the next announced tensor."""
-        if self._next >= len(self._specs):
-            raise SafetensorsError(f"{self.path.name}: {name!r} written after all announced tensors")
-        want_name, code, shape = self._specs[self._next]
-        if name != want_name or array.shape != shape or np.dtype(array.dtype) != DTYPES[code]:
-            raise SafetensorsError(f"{self.path.name}: expected {want_name} {code} {shape}, got {name} "
-                                   f"{array.dtype} {array.shape}")
-        np.ascontiguousarray(array).tofile(self._file)
-        self._next += 1
+    def write(self, name: str, region: tuple[slice, ...], block: np.ndarray, view_shape: tuple[int, ...] | None = None
+              ) -> None:
+        """tensor[region] = block, where the tensor is seen with shape `view_shape` (a reshape of its
+        shape, e.g. q_proj [H*Dh, d] as [H, Dh, d]; default its own shape)."""
+        dtype, shape, offset = self.tensors[name]
+        view_shape = shape if view_shape is None else tuple(view_shape)
+        if math.prod(view_shape) != math.prod(shape) or np.dtype(block.dtype) != dtype:
+            raise SafetensorsError(f"{self.path.name}: cannot write {block.dtype} into {name} {dtype} {shape} viewed "
+                                   f"as {view_shape}")
+        if block.size == 0:
+            return
+        mm = np.memmap(self._partial, dtype=dtype, mode="r+", offset=self._data_start + offset, shape=view_shape)
+        mm[region] = block
+        del mm  # unmap: the written pages stay in the page cache, not in this process
 
     def close(self) -> None:
-        """Finish the file (every announced tensor must have been written)."""
-        if self._next != len(self._specs):
-            missing = [s[0] for s in self._specs[self._next:]]
-            self.abort()
-            raise SafetensorsError(f"{self.path.name}: closed before writing {missing[:5]}...")
-        self._file.close()
         os.replace(self._partial, self.path)
 
     def abort(self) -> None:
         """Drop the partial file."""
-        if not self._file.closed:
-            self._file.close()
         self._partial.unlink(missing_ok=True)
 
 

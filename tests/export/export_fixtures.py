@@ -16,9 +16,10 @@ GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
 
 def make_workdir(path: Path, bindings, arch: str = "architectures/moe.gin", seed: int = 0,
-                 data_cache: Path | None = None) -> Path:
+                 data_cache: Path | None = None, mesh: str | None = None) -> Path:
     """A workdir as `moe-jax train` leaves it: config.gin + checkpoints/STEP with random parameters
-    (norm scales randomised too, so a misplaced norm shows)."""
+    (norm scales randomised too, so a misplaced norm shows). With `mesh` ("data:2,fsdp:2,expert:2"),
+    the state is sharded by the model's rules before saving, so orbax stores each array in chunks."""
     import gin
     import jax
     import jax.numpy as jnp
@@ -43,6 +44,11 @@ def make_workdir(path: Path, bindings, arch: str = "architectures/moe.gin", seed
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: (x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype)
                       if "scale" in jax.tree_util.keystr(p) else x), params)
+    if mesh:
+        from moe_jax.parallel import MeshConfig, build_mesh, state_shardings
+
+        m = build_mesh(MeshConfig.from_string(mesh))
+        params = jax.jit(lambda p: p, out_shardings=state_shardings(params, m))(params)
     state = TrainState(step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params))
     ckpt = Checkpointer(path, async_save=False)
     ckpt.save(STEP, state, {})

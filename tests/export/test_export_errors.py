@@ -184,20 +184,24 @@ def test_plan_covers_every_parameter_element_once():
     assert abs(sum(math.prod(s) for s in names.values()) / 1e9 - 16.376) < 0.01
 
 
-def test_read_order_groups_checkpoint_blocks():
-    """With chunks of 2 layers x 4 experts, the export reads each block once, in order."""
-    from moe_jax.config import ModelConfig, MoEConfig
-    from moe_jax.export.hf import _block, abstract_param_shapes, read_order
-    from moe_jax.export.layout import plan
+def test_chunk_region_maps_blocks_into_hf_views():
+    """Every chunk grid cuts each HF tensor into pieces that tile its (unflattened) view exactly."""
+    from moe_jax.export.hf import chunk_boxes, chunk_region
+    from moe_jax.export.layout import ROUTED_EXPERT_RULES, LAYER_RULES, TensorEntry
 
-    cfg = ModelConfig(vocab_size=64, d_model=16, num_layers=5, num_heads=2, head_dim=8, ffn_dim=32, first_k_dense=1,
-                      moe=MoEConfig(num_experts=8, num_shared_experts=1, expert_dim=8, top_k=2))
-    shapes = abstract_param_shapes(cfg)
-    chunks = {p: tuple(min(n, c) for n, c in zip(s, (2, 4) + s[2:])) if len(s) >= 4 and "ffn.w" in p
-              else s for p, s in shapes.items()}
-    ordered = read_order(plan(cfg, shapes), chunks, shapes)
-    keys = [(e.ours, _block(e, chunks[e.ours], shapes[e.ours])[0]) for e in ordered]
-    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
-    assert len(runs) == len(set(runs))               # every block is one contiguous run
-    routed = [k for k in runs if k[0] == "stacks.1.blocks.ffn.wi"]
-    assert routed == [("stacks.1.blocks.ffn.wi", (l, e)) for l in range(2) for e in range(2)]
+    rng = np.random.default_rng(0)
+    for rule, shape, chunk in [(ROUTED_EXPERT_RULES[1], (3, 5, 6, 2, 4), (2, 2, 4, 1, 3)),
+                               (LAYER_RULES[1], (3, 6, 2, 4), (1, 5, 1, 4)),
+                               (LAYER_RULES[4], (3, 2, 4, 6), (3, 2, 3, 6))]:
+        x = rng.standard_normal(shape)
+        for l in range(shape[0]):
+            index = rule.spec.index(l=l, e=min(l + 1, shape[1] - 1))
+            entry = TensorEntry(rule.hf, rule.spec.hf_shape(shape), rule.ours, index, rule.spec)
+            out = np.full(rule.spec.hf_view_shape(shape), np.nan)
+            for box in chunk_boxes(shape, chunk):
+                hit = chunk_region(entry, box)
+                if hit is not None:
+                    src, dst = hit
+                    assert np.isnan(out[dst]).all()           # no element written twice
+                    out[dst] = rule.spec.to_hf_view(x[box][src])
+            np.testing.assert_array_equal(out.reshape(entry.hf_shape), rule.spec.to_hf(x[index]))
