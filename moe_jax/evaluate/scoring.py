@@ -140,13 +140,15 @@ def num_batches(windows: Sequence[Window], seq_len: int, batch_tokens: int, row_
 @dataclasses.dataclass
 class RequestScores:
     """Per request [N]: logprob (sum of log p over continuation tokens, nats), tokens (scored), greedy (every
-    continuation token is the argmax), chars and bytes of the continuation string."""
+    continuation token is the argmax), chars and bytes of the continuation string; truncated: requests
+    whose [BOS] + context + continuation did not fit in seq_len (context cut from the left)."""
 
     logprob: np.ndarray
     tokens: np.ndarray
     greedy: np.ndarray
     chars: np.ndarray
     bytes: np.ndarray
+    truncated: int = 0
 
 
 # score_fn(batch) -> (logprob sum [B], scored count [B], all-greedy [B]) as numpy.
@@ -162,11 +164,14 @@ def tokenize_requests(requests: Sequence[Request], tokenizer: Tokenizer) -> tupl
 
 
 def score_requests(requests: Sequence[Request], tokenizer: Tokenizer, score_fn: ScoreFn, seq_len: int,
-                   batch_tokens: int = 8192, row_multiple: int = 1, progress: bool = True,
+                   batch_tokens: int = 8192, row_multiple: int | None = None, progress: bool = True,
                    desc: str = "scoring") -> RequestScores:
-    """Tokenise, window, batch and score `requests` with `score_fn`; sums windows back per request."""
+    """Tokenise, window, batch and score `requests` with `score_fn`; sums windows back per request.
+    Batches have a multiple of `row_multiple` rows (default: `score_fn.row_multiple`, else 1)."""
     from tqdm import tqdm
 
+    if row_multiple is None:
+        row_multiple = getattr(score_fn, "row_multiple", 1)
     ctx, cont = tokenize_requests(requests, tokenizer)
     windows = [w for i, (c, x) in enumerate(zip(ctx, cont)) for w in request_windows(i, c, x, seq_len)]
     n = len(requests)
@@ -181,7 +186,8 @@ def score_requests(requests: Sequence[Request], tokenizer: Tokenizer, score_fn: 
         np.logical_and.at(greedy, batch.owner[real], np.asarray(gr, bool)[real])
     return RequestScores(logprob=logprob, tokens=tokens, greedy=greedy,
                          chars=np.array([len(r.continuation) for r in requests]),
-                         bytes=np.array([len(r.continuation.encode("utf-8")) for r in requests]))
+                         bytes=np.array([len(r.continuation.encode("utf-8")) for r in requests]),
+                         truncated=int(sum(1 + len(c) + len(x) > seq_len + 1 for c, x in zip(ctx, cont))))
 
 
 @dataclasses.dataclass
@@ -209,39 +215,34 @@ def _argmax_per_doc(doc: np.ndarray, choice: np.ndarray, score: np.ndarray, num_
     return np.argmax(table, axis=1)
 
 
-def mc_metrics(task: TaskData, scores: RequestScores) -> MCMetrics:
-    """Accuracies of a multiple-choice task from its request scores (requests as `task.requests`)."""
+def mc_predictions(task: TaskData, scores: RequestScores) -> dict[str, np.ndarray]:
+    """Predicted choice per doc [D] under each rule: "acc" (sum log p), "acc_per_char" (sum log p / chars)
+    and, when unconditional requests exist, "acc_uncond" (log p(cont | ctx) - log p(cont | "Answer:"))."""
     req = task.requests
-    cond = np.array([not r.uncond for r in req])
-    doc = np.array([r.doc for r in req])
-    choice = np.array([r.choice for r in req])
+    cond = np.array([not r.uncond for r in req], bool)
+    doc = np.array([r.doc for r in req], np.int64)
+    choice = np.array([r.choice for r in req], np.int64)
     n_docs = len(task.docs)
-    width = max(d.num_choices for d in task.docs) if n_docs else 1
-    width = max(width, int(choice.max()) + 1 if len(choice) else 1)
-    gold = np.array([d.gold for d in task.docs])
-
-    def acc(score: np.ndarray, mask: np.ndarray) -> float:
-        pred = _argmax_per_doc(doc[mask], choice[mask], score[mask], n_docs, width)
-        return float(np.mean(pred == gold)) if n_docs else float("nan")
-
-    raw = acc(scores.logprob, cond)
-    per_char = acc(scores.logprob / np.maximum(scores.chars, 1), cond)
-    uncond = None
+    width = max([d.num_choices for d in task.docs] + [int(choice.max()) + 1 if len(choice) else 1])
+    pick = lambda score: _argmax_per_doc(doc[cond], choice[cond], score[cond], n_docs, width)
+    out = {"acc": pick(scores.logprob), "acc_per_char": pick(scores.logprob / np.maximum(scores.chars, 1))}
     if task.has_uncond:
         u = np.full((n_docs, width), np.nan)
-        um = ~cond
-        u[doc[um], choice[um]] = scores.logprob[um]
-        pmi = scores.logprob[cond] - u[doc[cond], choice[cond]]
-        if not np.isnan(pmi).any():
-            uncond = acc(_scatter(cond, pmi), cond)
-    chance = float(np.mean([1.0 / d.num_choices for d in task.docs])) if n_docs else float("nan")
-    return MCMetrics(docs=n_docs, acc=raw, acc_per_char=per_char, acc_uncond=uncond, chance=chance)
-
-
-def _scatter(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = np.zeros(mask.shape, np.float64)
-    out[mask] = values
+        u[doc[~cond], choice[~cond]] = scores.logprob[~cond]
+        pmi = scores.logprob - np.where(cond, u[doc, choice], 0.0)
+        if not np.isnan(pmi[cond]).any():
+            out["acc_uncond"] = pick(pmi)
     return out
+
+
+def mc_metrics(task: TaskData, scores: RequestScores) -> MCMetrics:
+    """Accuracies of a multiple-choice task from its request scores (requests as `task.requests`)."""
+    gold = np.array([d.gold for d in task.docs])
+    preds = mc_predictions(task, scores)
+    acc = {k: float(np.mean(v == gold)) if len(gold) else float("nan") for k, v in preds.items()}
+    chance = float(np.mean([1.0 / d.num_choices for d in task.docs])) if task.docs else float("nan")
+    return MCMetrics(docs=len(task.docs), acc=acc["acc"], acc_per_char=acc["acc_per_char"],
+                     acc_uncond=acc.get("acc_uncond"), chance=chance)
 
 
 def with_uncond_requests(task: TaskData) -> TaskData:

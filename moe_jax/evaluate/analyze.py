@@ -1,0 +1,322 @@
+"""`moe-jax analyze`: the expert-specialization analyses of paper §4.5 on a trained checkpoint.
+
+* **Disable the top routed experts** (Fig 4): per token, mask the r routed experts with the highest
+  routing probability and take the top-K' of the rest; r = round(ratio * N') for the paper's ratios
+  0, 1/16, ..., 4/16 (the paper does not say how it rounds: UNVERIFIED).
+* **Fewer activated routed experts** at inference (Fig 5): top-k = K'-4 .. K' (at least 1), no retraining.
+* **Shared expert disabled, one more routed expert activated** (§4.5; compute unchanged). Skipped with a
+  message for models without shared experts (GShard, Switch, Hash).
+* **Expert load** per MoE layer and per corpus source, as a heatmap (fraction of a source's routed
+  assignments each expert receives, relative to uniform).
+
+Each setting reloads the same weights with different routing through gin bindings of `load_trained`
+(`MoEConfig.disable_top_experts`, `MoEConfig.top_k`, `MoEConfig.disable_shared`) and measures held-out
+loss with `heldout.heldout_eval`, the function `moe-jax eval` uses: with nothing disabled the analysis
+reproduces the plain held-out loss exactly. Writes `<workdir>/analysis/specialization.json` and
+`disable_top_experts.png`, `fewer_activated.png`, `expert_load_heatmap.png`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+# Paper §4.5 (paper.md §5.5; values extracted from the PDF's figures).
+PAPER_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
+PAPER_FIG4_DEEPSEEKMOE = (1.808, 7.468, 8.196, 8.706, 9.071)
+PAPER_FIG4_GSHARD_X15 = (1.808, 5.586, 7.518, 7.627, 7.721)
+PAPER_FIG5 = {3: 1.956, 4: 1.868, 5: 1.831, 6: 1.814, 7: 1.808}
+PAPER_FIG5_GSHARD = 1.867
+PAPER_SHARED_DISABLED = (1.808, 2.414)
+
+
+@dataclasses.dataclass
+class AnalysisOptions:
+    """Attributes:
+      ratios: fractions of the routed experts to disable (Fig 4).
+      fewest_activated: smallest top-k of Fig 5 (default K' - 4, at least 1).
+      heldout_batches: held-out batches per source for every loss (0 = all).
+      batch_size: held-out rows per batch.
+      heatmap_batches: batches per source for the expert-load heatmap (0 = all).
+      cache_dir: token cache (default: the one the model was trained on).
+      out_dir: default <workdir>/analysis.
+      shared: run the shared-expert analysis (when the model has shared experts).
+    """
+
+    ratios: Sequence[float] = PAPER_RATIOS
+    fewest_activated: int | None = None
+    heldout_batches: int = 0
+    batch_size: int = 16
+    heatmap_batches: int = 0
+    cache_dir: str = ""
+    out_dir: str = ""
+    shared: bool = True
+    progress: bool = True
+
+
+def experts_for_ratio(ratio: float, num_experts: int) -> int:
+    """r = round(ratio * N'): the number of routed experts a disabled ratio means."""
+    return int(round(ratio * num_experts))
+
+
+def _ratio_label(ratio: float) -> str:
+    f = Fraction(ratio).limit_denominator(64)
+    return "0" if f == 0 else (f"{f.numerator * 16 // f.denominator}/16" if (16 % f.denominator == 0) else str(f))
+
+
+def expert_load(trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, max_batches: int = 0,
+                progress: bool = True) -> dict:
+    """Routed assignments per source, MoE layer and expert over the held-out split (padding excluded).
+
+    Returns {"sources": [...], "layers": [layer ids], "counts": [S][L_moe][E] ints, "tokens": [S]}.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from tqdm import tqdm
+
+    from moe_jax.data.loader import TokenLoader
+    from moe_jax.evaluate.forward import layerwise_forward
+    from moe_jax.evaluate.heldout import heldout_sources
+    from moe_jax.parallel import shard_batch
+
+    cfg = trained.model_cfg
+    e = cfg.moe.num_experts
+    graphdef, params, rest = trained.graphdef, trained.params, trained.rest
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def count_fn(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        out = layerwise_forward(model, batch["decoder_input_tokens"], positions=batch["decoder_positions"],
+                                segment_ids=batch["decoder_segment_ids"], capture_routing=True)
+        real = (batch["decoder_loss_weights"] > 0)[None, :, :, None] & out.expert_mask   # [L, B, S, k]
+        onehot = jax.nn.one_hot(out.expert_ids, e, dtype=jnp.float32) * real[..., None]
+        return onehot.sum(axis=(1, 2, 3)), jnp.sum(batch["decoder_loss_weights"] > 0)
+
+    count = jax.jit(count_fn, out_shardings=rep)
+
+    sources = heldout_sources(cache_dir)
+    counts, tokens = [], []
+    with jax.set_mesh(mesh):
+        for name in sources:
+            loader = TokenLoader(cache_dir, "heldout", batch_size, seq_len, seed=0, repeat=False, source=name,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+            total = len(loader) if not max_batches else min(max_batches, len(loader))
+            c, n = np.zeros((cfg.num_moe_layers, e)), 0
+            for i, batch in enumerate(tqdm(loader, total=total, desc=f"expert load {name}", leave=False,
+                                           disable=not progress, dynamic_ncols=True)):
+                if max_batches and i >= max_batches:
+                    break
+                got, ntok = count(params, shard_batch(batch, mesh))
+                c += np.asarray(got, np.float64)
+                n += int(ntok)
+            counts.append(c.astype(np.int64).tolist())
+            tokens.append(n)
+    layers = [l for l in range(cfg.num_layers) if cfg.is_moe_layer(l)]
+    return {"sources": sources, "layers": layers, "counts": counts, "tokens": tokens, "top_k": cfg.moe.top_k,
+            "num_experts": e}
+
+
+def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None = None, bindings: Sequence[str] = ()
+            ) -> dict:
+    """Run the analyses; returns the JSON-able report (also written, with the plots, to opts.out_dir)."""
+    from moe_jax.evaluate.heldout import heldout_eval
+    from moe_jax.train.loop import default_cache
+    from moe_jax.train.restore import load_trained
+
+    workdir = Path(workdir)
+    base = load_trained(workdir, step, bindings, mesh)
+    moe = base.model_cfg.moe
+    if moe is None or not moe.num_experts or moe.router != "softmax":
+        raise ValueError(f"{workdir}: the §4.5 analyses need a model with softmax-routed experts "
+                         f"(got moe={moe})")
+    seq_len = base.train_cfg.seq_len
+    cache = Path(opts.cache_dir) if opts.cache_dir else default_cache(base.train_cfg, base.model_cfg.vocab_size)
+    n_routed, k = moe.num_experts, moe.top_k
+    out_dir = Path(opts.out_dir) if opts.out_dir else workdir / "analysis"
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if opts.progress else (lambda msg: None)
+
+    def heldout(extra: Sequence[str]) -> dict:
+        trained = base if not extra else load_trained(workdir, base.step, [*bindings, *extra], mesh)
+        t0 = time.perf_counter()
+        res = heldout_eval(trained.graphdef, trained.params, trained.rest, cache, seq_len, opts.batch_size, mesh,
+                           max_batches=opts.heldout_batches, progress=opts.progress)
+        return {"loss": res.loss, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
+                "bindings": list(extra), "seconds": time.perf_counter() - t0}
+
+    report: dict = {"workdir": str(workdir), "step": base.step, "seq_len": seq_len, "cache": str(cache),
+                    "num_routed_experts": n_routed, "top_k": k, "num_shared_experts": moe.num_shared_experts,
+                    "heldout_batches_per_source": opts.heldout_batches}
+    log(f"analyze {workdir} step {base.step}: {moe.num_shared_experts} shared + top-{k} of {n_routed} routed")
+    plain = heldout([])
+    report["plain"] = plain
+    log(f"  plain held-out loss {plain['loss']:.4f}")
+
+    fig4 = []
+    for i, ratio in enumerate(opts.ratios):
+        r = experts_for_ratio(ratio, n_routed)
+        point = {"ratio": ratio, "label": _ratio_label(ratio), "disabled_experts": r,
+                 "paper_deepseekmoe": _paper_at(PAPER_FIG4_DEEPSEEKMOE, ratio),
+                 "paper_gshard_x1.5": _paper_at(PAPER_FIG4_GSHARD_X15, ratio)}
+        if r + k > n_routed:
+            point["skipped"] = f"disabling {r} leaves fewer than top_k={k} of {n_routed} routed experts"
+        else:
+            point.update(heldout([f"MoEConfig.disable_top_experts = {r}"]))
+            log(f"  disable top {r} ({point['label']}): loss {point['loss']:.4f}")
+        fig4.append(point)
+    report["disable_top_experts"] = fig4
+
+    lo = opts.fewest_activated if opts.fewest_activated is not None else max(1, k - 4)
+    fig5 = []
+    for kk in range(max(1, lo), k + 1):
+        point = {"activated_routed": kk, "paper": PAPER_FIG5.get(kk) if k == 7 else None}
+        if kk == k:
+            point.update(plain, same_as_plain=True)
+        else:
+            point.update(heldout([f"MoEConfig.top_k = {kk}"]))
+        log(f"  top-{kk}: loss {point['loss']:.4f}")
+        fig5.append(point)
+    report["fewer_activated"] = fig5
+
+    if not moe.num_shared_experts:
+        report["shared_disabled"] = {"skipped": "no shared experts (GShard/Switch-type model)"}
+        log("  shared-expert analysis skipped: the model has no shared experts")
+    elif not opts.shared:
+        report["shared_disabled"] = {"skipped": "--no_shared"}
+    elif k + 1 > n_routed:
+        report["shared_disabled"] = {"skipped": f"top_k + 1 = {k + 1} > {n_routed} routed experts"}
+    else:
+        sd = heldout(["MoEConfig.disable_shared = True", f"MoEConfig.top_k = {k + 1}"])
+        sd.update(top_k=k + 1, plain_loss=plain["loss"], paper_plain=PAPER_SHARED_DISABLED[0],
+                  paper=PAPER_SHARED_DISABLED[1])
+        report["shared_disabled"] = sd
+        log(f"  shared disabled, top-{k + 1}: loss {sd['loss']:.4f}")
+
+    report["expert_load"] = expert_load(base, cache, seq_len, opts.batch_size, mesh, opts.heatmap_batches,
+                                        opts.progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "specialization.json").write_text(json.dumps(report, indent=1) + "\n")
+    report["plots"] = write_plots(report, out_dir)
+    (out_dir / "specialization.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _paper_at(values: Sequence[float], ratio: float) -> float | None:
+    for r, v in zip(PAPER_RATIOS, values):
+        if abs(r - ratio) < 1e-9:
+            return v
+    return None
+
+
+def relative_load(load: dict) -> np.ndarray:
+    """[S, L, E]: each expert's share of a source's routed assignments in a layer, times E (1 = uniform)."""
+    counts = np.asarray(load["counts"], np.float64)
+    totals = counts.sum(axis=-1, keepdims=True)
+    return counts / np.maximum(totals, 1) * counts.shape[-1]
+
+
+def write_plots(report: dict, out_dir: Path) -> list[str]:
+    """disable_top_experts.png, fewer_activated.png, expert_load_heatmap.png; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    name = Path(report["workdir"]).name
+    # Fig 4.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [p for p in report["disable_top_experts"] if "loss" in p]
+    ax.plot([p["ratio"] for p in pts], [p["loss"] for p in pts], "o-", label=f"{name} (ours)")
+    ax.plot(PAPER_RATIOS, PAPER_FIG4_DEEPSEEKMOE, "s--", color="gray", label="paper DeepSeekMoE 2B")
+    ax.plot(PAPER_RATIOS, PAPER_FIG4_GSHARD_X15, "^:", color="gray", label="paper GShard x1.5")
+    ax.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
+    ax.set_xlabel("ratio of disabled top routed experts")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Disabling the top routed experts (paper Fig 4)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(str(out_dir / "disable_top_experts.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    # Fig 5 (+ shared disabled as a marker).
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = report["fewer_activated"]
+    ax.plot([p["activated_routed"] for p in pts], [p["loss"] for p in pts], "o-", label=f"{name} (ours)")
+    ks = sorted(PAPER_FIG5)
+    ax.plot(ks, [PAPER_FIG5[k] for k in ks], "s--", color="gray", label="paper DeepSeekMoE 2B (top-7 of 63)")
+    ax.axhline(PAPER_FIG5_GSHARD, color="gray", ls=":", label="paper GShard (top-2 of 16)")
+    sd = report.get("shared_disabled", {})
+    if "loss" in sd:
+        ax.plot([sd["top_k"]], [sd["loss"]], "rx", ms=9, label=f"ours: shared disabled, top-{sd['top_k']}")
+    ax.set_xlabel("activated routed experts at inference")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Fewer activated routed experts (paper Fig 5)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(str(out_dir / "fewer_activated.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    # Expert load heatmap.
+    load = report["expert_load"]
+    rel = relative_load(load)
+    n_layers = rel.shape[1]
+    fig, axes = plt.subplots(n_layers, 1, figsize=(max(6, 0.14 * rel.shape[2] + 3), 0.35 * len(load["sources"]) * n_layers + 1.5),
+                             squeeze=False)
+    vmax = max(2.0, float(np.percentile(rel, 99)))
+    for li in range(n_layers):
+        ax = axes[li, 0]
+        im = ax.imshow(rel[:, li, :], aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_yticks(range(len(load["sources"])), load["sources"], fontsize=7)
+        ax.set_title(f"MoE layer {load['layers'][li]}: routed load / uniform", fontsize=9)
+        ax.set_xlabel("routed expert")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    paths.append(str(out_dir / "expert_load_heatmap.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def format_analysis(report: dict) -> str:
+    """The §4.5 numbers next to the paper's (paper: DeepSeekMoE 2B / GShard x1.5 at 100B tokens)."""
+    lines = [f"{report['workdir']} step {report['step']}: {report['num_shared_experts']} shared + top-{report['top_k']} "
+             f"of {report['num_routed_experts']} routed; plain held-out loss {report['plain']['loss']:.4f}", "",
+             "Disabling the top routed experts (paper Fig 4)",
+             f"  {'ratio':>6}{'experts':>9}{'ours':>9}{'Δ ours':>9}{'paper DS':>10}{'Δ DS':>8}{'paper GS1.5':>12}"]
+    base = report["plain"]["loss"]
+    for p in report["disable_top_experts"]:
+        ds, gs = p["paper_deepseekmoe"], p["paper_gshard_x1.5"]
+        ours = f"{p['loss']:>9.3f}{p['loss'] - base:>+9.3f}" if "loss" in p else f"{'skipped':>18}"
+        lines.append(f"  {p['label']:>6}{p['disabled_experts']:>9}{ours}{_f(ds, 10)}"
+                     f"{_f(None if ds is None else ds - 1.808, 8, '+.3f')}{_f(gs, 12)}")
+    lines += ["", "Fewer activated routed experts at inference (paper Fig 5; paper GShard top-2: 1.867)",
+              f"  {'top-k':>6}{'ours':>9}{'Δ ours':>9}{'paper':>8}"]
+    for p in report["fewer_activated"]:
+        lines.append(f"  {p['activated_routed']:>6}{p['loss']:>9.3f}{p['loss'] - base:>+9.3f}{_f(p['paper'], 8)}")
+    sd = report["shared_disabled"]
+    lines.append("")
+    if "loss" in sd:
+        lines.append(f"Shared expert disabled, top-{sd['top_k']} routed: ours {base:.3f} -> {sd['loss']:.3f} "
+                     f"({sd['loss'] - base:+.3f}); paper 1.808 -> 2.414 (+0.606)")
+    else:
+        lines.append(f"Shared expert disabled: skipped ({sd['skipped']})")
+    load = report.get("expert_load")
+    if load:
+        rel = relative_load(load)
+        lines.append("")
+        lines.append("Expert load (max / uniform over experts, per MoE layer): " + ", ".join(
+            f"layer {l}: {rel[:, i, :].max():.2f} (max), {np.mean(rel[:, i, :].max(axis=-1)):.2f} (mean over sources)"
+            for i, l in enumerate(load["layers"])))
+    if report.get("plots"):
+        lines.append("plots: " + ", ".join(report["plots"]))
+    return "\n".join(lines)
+
+
+def _f(x, width: int, fmt: str = ".3f") -> str:
+    return ("-" if x is None else format(x, fmt)).rjust(width)

@@ -1,0 +1,98 @@
+"""Helpers of the evaluation tests: a character tokenizer, a bigram "model" with known log-probabilities,
+oe_eval-style request files, and tiny `moe-jax train`-like workdirs with random weights."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+ALPHABET = "\x00 abcdefghijklmnopqrstuvwxyzAQ?:.\n"   # id 0 = pad / BOS
+
+
+class CharTokenizer:
+    """One token per character of ALPHABET (id = position); decode is the inverse."""
+
+    vocab_size = len(ALPHABET)
+
+    def encode(self, texts):
+        return [[ALPHABET.index(c) for c in t] for t in texts]
+
+    def decode(self, ids):
+        return "".join(ALPHABET[i] for i in ids)
+
+
+def bigram_table(rows: dict[str, dict[str, float]], default: dict[str, float]) -> np.ndarray:
+    """Log-prob table L [V, V]: L[prev, next] = log q_prev(next); q given for some characters, the rest of
+    the mass (to 1) shared equally by the other characters."""
+    v = len(ALPHABET)
+    table = np.zeros((v, v))
+    for prev in range(v):
+        q = rows.get(ALPHABET[prev], default)
+        rest = (1.0 - sum(q.values())) / (v - len(q))
+        p = np.full(v, rest)
+        for c, val in q.items():
+            p[ALPHABET.index(c)] = val
+        table[prev] = np.log(p)
+    return table
+
+
+def write_requests(folder: Path, lines: list[dict]) -> Path:
+    """An oe_eval `requests.jsonl.gz` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "requests.jsonl.gz", "wt", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return folder / "requests.jsonl.gz"
+
+
+def mc_lines(docs: list[tuple[str, list[str], int]], uncond: bool = True, query_prefix: str = "") -> list[dict]:
+    """Request lines of multiple-choice docs (context, choices, gold), + unconditional lines if asked.
+    Choices are written with a leading space, as OLMES renders them."""
+    out = []
+    for d, (ctx, choices, gold) in enumerate(docs):
+        doc = {"query": ctx, "choices": choices, "gold": gold}
+        for i, c in enumerate(choices):
+            out.append({"doc": doc, "request": {"context": query_prefix + ctx, "continuation": " " + c},
+                        "doc_id": d, "idx": i, "label": gold})
+            out.append(dict(out[-1]))  # a duplicate line: de-duplicated on (doc_id, idx)
+        if uncond:
+            for i, c in enumerate(choices):
+                out.append({"doc": doc, "request": {"context": "Answer:", "continuation": " " + c},
+                            "doc_id": 1_000_000 + d, "idx": i, "label": gold})
+    return out
+
+
+# d 32, 2 layers, 2 heads x 16, vocab 320 (the train_cache fixture's), 1 shared + 7 routed of width 16, top-3.
+TINY = ["VOCAB_SIZE=320", "D_MODEL=32", "NUM_LAYERS=2", "NUM_HEADS=2", "HEAD_DIM=16", "FFN_DIM=64",
+        "FIRST_K_DENSE=0", "INIT_STD=0.05", "SEQ_LEN=64", "BATCH_SIZE=16"]
+DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
+GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
+
+
+def make_workdir(path: Path, bindings, data_cache: Path, seed: int = 0, step: int = 3) -> Path:
+    """A workdir as `moe-jax train` leaves it (config.gin + checkpoints/<step>), random weights."""
+    import gin
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_jax.config import ModelConfig
+    from moe_jax.configs.gin_utils import parse_gin
+    from moe_jax.model.transformer import Transformer
+    from moe_jax.train.checkpoint import Checkpointer
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.train.optimizer import make_optimizer
+    from moe_jax.train.step import TrainState
+
+    parse_gin(["architectures/moe.gin", "runs/proxy_cpu.gin"], list(bindings) + [f"TrainConfig.data_cache='{data_cache}'"],
+              modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    model_cfg, train_cfg = ModelConfig(), TrainConfig()
+    path.mkdir(parents=True)
+    (path / "config.gin").write_text(gin.config_str())
+    params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params))
+    ckpt = Checkpointer(path, async_save=False)
+    ckpt.save(step, state, {})
+    ckpt.close()
+    return path
