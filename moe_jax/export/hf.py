@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -54,8 +53,8 @@ class HFImportError(ExportError):
 
 
 def _warn(msgs: list[str], msg: str) -> None:
+    """Record a note for the result (the CLI prints them)."""
     msgs.append(msg)
-    warnings.warn(msg, stacklevel=3)
 
 
 def _bar(total: int, desc: str, progress: bool):

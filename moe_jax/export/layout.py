@@ -173,7 +173,7 @@ DENSE_FFN_RULES = (
 )
 # MoE layers: MoEGate weight [E, d] (ours [d, E]) ...
 ROUTER_RULES = (
-    R("ffn.router.kernel", "model.layers.{l}.mlp.gate.weight", "[l] d e -> e d"),
+    R("ffn.router.kernel", "model.layers.{l}.mlp.gate.weight", "[l] d n -> n d"),  # n: routed experts
 )
 # ... routed experts, stacked [E, d, 2, f] / [E, f, d] here, one DeepseekMLP per expert there ...
 ROUTED_EXPERT_RULES = (

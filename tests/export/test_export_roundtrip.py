@@ -158,8 +158,8 @@ def test_gshard_same_layout_without_shared_experts(tmp_path, train_cache):
 
 
 def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
-    """`moe-jax import` then `moe-jax train --workdir=OUT --gin_file=OUT/config.gin` continues from the
-    imported step."""
+    """`moe-jax import`, then `moe-jax eval` scores the workdir and `moe-jax train --workdir=OUT
+    --gin_file=OUT/config.gin` continues from the imported step."""
     from moe_jax.cli import main
 
     wd = tmp_path / "imported"
@@ -169,6 +169,11 @@ def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
                "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.peak_flops_per_device=1e10"])
     assert rc == 0
     assert json.loads((wd / "imported_from.json").read_text())["warnings"] == []
+    # `moe-jax eval` scores it (held-out loss on the cache named in the imported config.gin) ...
+    rc = main(["eval", f"--workdir={wd}", "--tasks=none", "--heldout_batches=1", "--batch_size=8", "--no_progress",
+               "--quiet", f"--out={tmp_path / 'eval.json'}"])
+    assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["step"] == STEP
+    # ... and `moe-jax train` continues it.
     rc = main(["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"])
     assert rc == 0
     result = json.loads((wd / "result.json").read_text())
