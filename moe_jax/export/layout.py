@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Streaming safetensors files: write tensor by tensor, read tensor by tensor.
+"""Safetensors files written region by region and read tensor by tensor (bounded memory both ways).
 
 The format (huggingface/safetensors, README "Format"): an 8-byte little-endian header length N, N bytes
 of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then
