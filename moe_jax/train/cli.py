@@ -4,7 +4,8 @@
         [--gin.KEY=VALUE ...] [--mesh=data:2,expert:4] [--restore_step=N]
 
 The effective gin configuration is written to <workdir>/config.gin. Running the same command again
-resumes from the latest checkpoint in the workdir.
+resumes from the latest checkpoint in the workdir; `moe-jax train --workdir=DIR` alone continues
+with DIR/config.gin (e.g. after `moe-jax import`).
 """
 from __future__ import annotations
 
@@ -35,14 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moe-jax train: {err}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(list(gin_args.rest))
-    if not gin_args.gin_files:
-        print("moe-jax train: give a model (--model=NAME or --gin_file=gin/models/NAME.gin) and usually a run "
-              "file (--gin_file=runs/proxy_cpu.gin)", file=sys.stderr)
-        return 2
+    gin_files = list(gin_args.gin_files)
+    if not gin_files:
+        from pathlib import Path
+        saved = Path(args.workdir) / "config.gin"
+        if not saved.exists():
+            print("moe-jax train: give a model (--model=NAME or --gin_file=gin/models/NAME.gin) and usually a run "
+                  "file (--gin_file=runs/proxy_cpu.gin), or a --workdir that holds a config.gin", file=sys.stderr)
+            return 2
+        gin_files = [str(saved)]   # continue a run (or an imported checkpoint) with its own configuration
     from moe_jax.parallel import distributed_config_from_args, initialize_distributed
     initialize_distributed(distributed_config_from_args(args))
     try:
-        parse_gin(gin_args.gin_files, gin_args.bindings, modules=TRAIN_MODULES)
+        parse_gin(gin_files, gin_args.bindings, modules=TRAIN_MODULES)
         import gin
         from moe_jax.config import ModelConfig
         from moe_jax.parallel import MeshConfig

@@ -168,7 +168,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
         abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                                     opt_state=abstract_opt)
         state, data_state = ckpt.restore(step0, abstract_like(abstract_state, state_sh))
-        loader.set_state(data_state)
+        if data_state:   # an imported checkpoint has no data position: start the data from the beginning
+            loader.set_state(data_state)
         print(f"restored checkpoint {ckpt.directory / str(step0)} (step {int(state.step)})", flush=True)
     else:
         def init():
