@@ -8,12 +8,12 @@ from moe_jax.parallel.mesh import (MESH_AXES, DistributedConfig, MeshConfig, add
                                    initialize_distributed, resolve_axis_sizes)
 from moe_jax.parallel.partition import (ShardingError, abstract_state, create_sharded, place, process_batch_rows,
                                         replicated, shard_batch, size_problems, validate)
-from moe_jax.parallel.rules import (BATCH_AXES, LOGICAL_RULES, batch_sharding, batch_spec, logical_to_spec,
+from moe_jax.parallel.rules import (BATCH_AXES, LOGICAL_RULES, batch_sharding, batch_spec, constrain, logical_to_spec,
                                     sharding_table, state_shardings, state_specs, tree_shardings_like)
 
 __all__ = [
     "BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "DistributedConfig", "MeshConfig", "ShardingError",
-    "abstract_state", "add_distributed_args", "axis_size", "batch_sharding", "batch_spec", "build_mesh",
+    "abstract_state", "add_distributed_args", "axis_size", "batch_sharding", "batch_spec", "build_mesh", "constrain",
     "create_sharded", "describe", "distributed_config", "distributed_config_from_args", "initialize_distributed",
     "logical_to_spec", "place", "process_batch_rows", "replicated", "resolve_axis_sizes", "shard_batch",
     "sharding_table", "size_problems", "state_shardings", "state_specs", "tree_shardings_like", "validate",

@@ -159,6 +159,16 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(present or None, *([None] * (ndim - 1))))
 
 
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping[str, MeshAxes] = LOGICAL_RULES):
+    """`with_sharding_constraint` by logical names under the ambient mesh (`jax.set_mesh`); the
+    identity without one. E.g. constrain(h, ("batch", None, None)) keeps activations split over the
+    batch axes where GSPMD would otherwise follow a weight's fsdp split of d_model."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size <= 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, mesh))
+
+
 def sharding_table(state: Any, mesh=None, rules: Mapping[str, MeshAxes] = LOGICAL_RULES) -> dict[str, dict]:
     """{"path/to/param": {"shape", "axes", "spec", ["shard_shape"]}} for every Variable of `state`.
 

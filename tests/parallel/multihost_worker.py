@@ -20,7 +20,7 @@ def train_losses(mesh_spec: str, steps: int) -> tuple[list[float], str]:
     import optax
     from flax import nnx
 
-    from ep_testlib import BATCH, loss_fn, mesh as make_mesh, model_config, tokens
+    from ep_testlib import BATCH, FAST_COMPILE, loss_fn, mesh as make_mesh, model_config, tokens
     from moe_jax.model.transformer import Transformer
     from moe_jax.parallel import abstract_state, create_sharded, process_batch_rows, shard_batch, validate
 
@@ -41,10 +41,14 @@ def train_losses(mesh_spec: str, steps: int) -> tuple[list[float], str]:
 
     rows = process_batch_rows(mesh, BATCH)
     losses = []
+    compiled = None
     with jax.set_mesh(mesh):
         for i in range(steps):
             batch = shard_batch(tokens(seed=100)[rows], mesh)       # this process's rows only
-            params, opt_state, loss = step(params, opt_state, rest_state, batch, jax.random.key(i))
+            args = (params, opt_state, rest_state, batch, jax.random.key(i))
+            if compiled is None:
+                compiled = step.lower(*args).compile(compiler_options=FAST_COMPILE)
+            params, opt_state, loss = compiled(*args)
             losses.append(float(loss))
     wi = params["stacks"][1]["blocks"]["ffn"]["wi"][...]
     local_experts = sorted({s.index[1].start for s in wi.addressable_shards})

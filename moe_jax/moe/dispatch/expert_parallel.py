@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, combine
 from moe_jax.moe.dispatch.capacity import capacity_positions, expert_capacity
-from moe_jax.moe.dispatch.dropless import grouped_swiglu, sort_by_expert
+from moe_jax.moe.dispatch.dropless import SAVED_NAME, grouped_swiglu, sort_by_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, permute_rows
 from moe_jax.moe.routing import Routing
@@ -88,10 +88,17 @@ def local_expert_outputs(x: jax.Array, local_ids: jax.Array, mask: jax.Array, ex
     t, k = local_ids.shape
     routing = Routing(indices=jnp.where(mask, local_ids, 0), weights=jnp.zeros(mask.shape, jnp.float32), mask=mask)
     order, inv, group_sizes = sort_by_expert(routing, experts.num_experts)
-    xs = gather_replicated(x, order, inv, k)
-    out = grouped_swiglu(xs, group_sizes, experts, gmm)
+    out = _sorted_rows(x, order, inv, k, group_sizes, experts, gmm)
     out_tk = permute_rows(out, inv, order).reshape(t, k, -1)
     return jnp.where(mask[..., None], out_tk, jnp.zeros((), out_tk.dtype)), group_sizes
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 6),
+                   policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME))
+def _sorted_rows(x, order, inv, k: int, group_sizes, experts: ExpertParams, gmm: GmmFn) -> jax.Array:
+    """x [T, d] -> [T*k, d] expert outputs in expert order; as in the dropless dispatch only the first
+    projection h is kept for the backward pass (the gather and the rest are recomputed)."""
+    return grouped_swiglu(gather_replicated(x, order, inv, k), group_sizes, experts, gmm)
 
 
 def _weighted_sum(out_tk: jax.Array, weights: jax.Array, mask: jax.Array) -> jax.Array:
