@@ -179,11 +179,12 @@ def sharding_table(state: Any, mesh=None, rules: Mapping[str, MeshAxes] = LOGICA
     for path, var in nnx.to_flat_state(state):
         shape = tuple(int(s) for s in var.get_value().shape)
         spec = variable_spec(var, rules, mesh)
+        padded = tuple(spec) + (None,) * (len(shape) - len(spec))
         entry = {
             "type": type(var).__name__,
             "shape": list(shape),
             "axes": None if variable_axes(var) is None else list(variable_axes(var)),
-            "spec": [None if e is None else list(_as_tuple(e)) for e in tuple(spec) + (None,) * (len(shape) - len(spec))],
+            "spec": [None if e is None else list(_as_tuple(e)) for e in padded],
         }
         if mesh is not None:
             entry["shard_shape"] = list(NamedSharding(mesh, spec).shard_shape(shape))
