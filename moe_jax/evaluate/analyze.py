@@ -47,6 +47,7 @@ class AnalysisOptions:
       cache_dir: token cache (default: the one the model was trained on).
       out_dir: default <workdir>/analysis.
       shared: run the shared-expert analysis (when the model has shared experts).
+      progress: progress bars (on a terminal only); verbose: a log line per point (stderr).
     """
 
     ratios: Sequence[float] = PAPER_RATIOS
@@ -58,6 +59,7 @@ class AnalysisOptions:
     out_dir: str = ""
     shared: bool = True
     progress: bool = True
+    verbose: bool = True
 
 
 def experts_for_ratio(ratio: float, num_experts: int) -> int:
@@ -140,13 +142,14 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache(base.train_cfg, base.model_cfg.vocab_size)
     n_routed, k = moe.num_experts, moe.top_k
     out_dir = Path(opts.out_dir) if opts.out_dir else workdir / "analysis"
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if opts.progress else (lambda msg: None)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if opts.verbose else (lambda msg: None)
+    bars = opts.progress and sys.stderr.isatty()
 
     def heldout(extra: Sequence[str]) -> dict:
         trained = base if not extra else load_trained(workdir, base.step, [*bindings, *extra], mesh)
         t0 = time.perf_counter()
         res = heldout_eval(trained.graphdef, trained.params, trained.rest, cache, seq_len, opts.batch_size, mesh,
-                           max_batches=opts.heldout_batches, progress=opts.progress)
+                           max_batches=opts.heldout_batches, progress=bars)
         return {"loss": res.loss, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
                 "bindings": list(extra), "seconds": time.perf_counter() - t0}
 
@@ -198,8 +201,7 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
         report["shared_disabled"] = sd
         log(f"  shared disabled, top-{k + 1}: loss {sd['loss']:.4f}")
 
-    report["expert_load"] = expert_load(base, cache, seq_len, opts.batch_size, mesh, opts.heatmap_batches,
-                                        opts.progress)
+    report["expert_load"] = expert_load(base, cache, seq_len, opts.batch_size, mesh, opts.heatmap_batches, bars)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "specialization.json").write_text(json.dumps(report, indent=1) + "\n")
     report["plots"] = write_plots(report, out_dir)

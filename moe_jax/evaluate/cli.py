@@ -24,7 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout_batches", type=int, default=0, help="held-out batches per source (0 = all)")
     p.add_argument("--batch_size", type=int, default=16, help="held-out rows per batch")
     p.add_argument("--out", default="", help="output file (eval) or folder (analyze)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (they only show on a terminal)")
+    p.add_argument("--quiet", action="store_true", help="no log lines while running (the final table only)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -94,7 +95,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                            heldout_batches=args.heldout_batches, heldout_batch_size=args.batch_size,
                            batch_tokens=args.batch_tokens, generate=args.generate, max_new_tokens=args.max_new_tokens,
                            gen_limit=args.gen_limit, execute_code=args.execute_code, evalsets_dir=args.evalsets_dir,
-                           cache_dir=args.cache, progress=not args.no_progress)
+                           cache_dir=args.cache, progress=not args.no_progress, verbose=not args.quiet)
         report = evaluate(trained, opts, mesh)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"moe-jax eval: error: {err}", file=sys.stderr)
@@ -122,7 +123,7 @@ def analyze_main(argv: list[str] | None = None) -> int:
     opts = AnalysisOptions(heldout_batches=args.heldout_batches, batch_size=args.batch_size,
                            heatmap_batches=args.heatmap_batches, cache_dir=args.cache, out_dir=args.out,
                            fewest_activated=args.fewest_activated, shared=not args.no_shared,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, verbose=not args.quiet)
     try:
         report = analyze(args.workdir, opts, mesh, args.step, bindings)
     except (DataError, CheckpointError, ValueError) as err:

@@ -37,6 +37,7 @@ class EvalOptions:
       execute_code: run generated programs with their tests (subprocess, timeout) for pass@1.
       evalsets_dir / cache_dir: where the eval sets / token cache are (defaults: the data dir's).
       baseline: print the corpus unigram baseline next to the held-out loss.
+      progress: progress bars (on a terminal); verbose: one log line per finished task (stderr).
     """
 
     tasks: Sequence[str] = ()
@@ -53,6 +54,12 @@ class EvalOptions:
     cache_dir: str = ""
     baseline: bool = True
     progress: bool = True
+    verbose: bool = True
+
+    @property
+    def bars(self) -> bool:
+        """tqdm bars: asked for and stderr is a terminal (log lines otherwise, as in training)."""
+        return self.progress and sys.stderr.isatty()
 
 
 def default_evalsets_dir() -> Path:
@@ -127,7 +134,7 @@ def run_task(task: TaskData, score_fn, tokenizer, seq_len: int, opts: EvalOption
     if spec.kind == "mc":
         task = scoring.with_uncond_requests(task)
     scores = scoring.score_requests(task.requests, tokenizer, score_fn, seq_len, opts.batch_tokens,
-                                    progress=opts.progress, desc=spec.name)
+                                    progress=opts.bars, desc=spec.name)
     entry = {"task": spec.name, "kind": spec.kind, "split": spec.split, "shots": spec.shots, "source": task.source,
              "docs": len(task.docs), "total_docs": task.total_docs, "requests": len(task.requests),
              "primary": spec.primary, "paper": spec.paper_value,
@@ -150,8 +157,10 @@ def _generation_metrics(task: TaskData, decoder, tokenizer, seq_len: int, opts: 
     spec = task.spec
     docs = task.docs[:opts.gen_limit] if opts.gen_limit else task.docs
     max_new = min(opts.max_new_tokens, seq_len // 2)
-    gens = generate_texts(decoder, tokenizer, [d.context for d in docs], seq_len=seq_len, max_new_tokens=max_new,
-                          stop=spec.stop, progress=opts.progress, desc=f"{spec.name} generate")
+    # HumanEval: the standard Codex setup (complete the function from its prompt); others: the scored context.
+    contexts = [d.raw["prompt"] if spec.generation == "humaneval" else d.context for d in docs]
+    gens = generate_texts(decoder, tokenizer, contexts, seq_len=seq_len, max_new_tokens=max_new,
+                          stop=spec.stop, progress=opts.bars, desc=f"{spec.name} generate")
     out = {"docs": len(docs), "max_new_tokens": max_new, "examples": [g.text for g in gens[:3]]}
     if spec.generation == "exact_match":
         answers = [d.raw.get("answers") or d.raw.get("choices") or [] for d in docs]
@@ -169,6 +178,12 @@ def _generation_metrics(task: TaskData, decoder, tokenizer, seq_len: int, opts: 
 # A checkpoint
 # ---------------------------------------------------------------------------------------------------
 
+def _log(opts: EvalOptions, msg: str) -> None:
+    import jax
+    if opts.verbose and jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def evaluate(trained, opts: EvalOptions, mesh) -> dict:
     """Everything `moe-jax eval` reports for a restored model (`moe_jax.train.restore.TrainedModel`)."""
     from moe_jax.evaluate.heldout import heldout_eval
@@ -182,8 +197,10 @@ def evaluate(trained, opts: EvalOptions, mesh) -> dict:
     if opts.heldout:
         t0 = time.perf_counter()
         res = heldout_eval(trained.graphdef, trained.params, trained.rest, cache, seq_len, opts.heldout_batch_size,
-                           mesh, max_batches=opts.heldout_batches, progress=opts.progress)
+                           mesh, max_batches=opts.heldout_batches, progress=opts.bars)
         report["heldout"] = dict(res.to_json(), seconds=time.perf_counter() - t0)
+        _log(opts, f"  held-out: loss {res.loss:.4f}, {res.bits_per_byte:.4f} bits/byte over {res.tokens:.0f} tokens "
+                   f"of {len(res.sources)} sources [{report['heldout']['seconds']:.0f}s]")
         if opts.baseline:
             from moe_jax.evaluate.baselines import unigram_baseline
             report["unigram_baseline"] = dataclasses.asdict(unigram_baseline(cache))
@@ -205,8 +222,7 @@ def evaluate(trained, opts: EvalOptions, mesh) -> dict:
             continue
         entry = run_task(task, scorer, tokenizer, seq_len, opts, decoder)
         report["tasks"][name] = entry
-        if opts.progress:
-            print(f"  {_task_line(entry)}", file=sys.stderr, flush=True)
+        _log(opts, f"  {_task_line(entry)}")
     return report
 
 

