@@ -231,35 +231,46 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
 
     paths = []
     name = Path(report["workdir"]).name
-    # Fig 4.
-    fig, ax = plt.subplots(figsize=(6, 4))
+    base = report["plain"]["loss"]
+    # Fig 4: absolute losses (left) and the increase over nothing disabled (right).
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
     pts = [p for p in report["disable_top_experts"] if "loss" in p]
-    ax.plot([p["ratio"] for p in pts], [p["loss"] for p in pts], "o-", label=f"{name} (ours)")
-    ax.plot(PAPER_RATIOS, PAPER_FIG4_DEEPSEEKMOE, "s--", color="gray", label="paper DeepSeekMoE 2B")
-    ax.plot(PAPER_RATIOS, PAPER_FIG4_GSHARD_X15, "^:", color="gray", label="paper GShard x1.5")
-    ax.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
-    ax.set_xlabel("ratio of disabled top routed experts")
+    xs, ys = [p["ratio"] for p in pts], [p["loss"] for p in pts]
+    for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG4_DEEPSEEKMOE[0])):
+        axis.plot(xs, [y - shift for y in ys], "o-", label=f"{name} (ours)")
+        axis.plot(PAPER_RATIOS, [v - paper_shift for v in PAPER_FIG4_DEEPSEEKMOE], "s--", color="gray",
+                  label="paper DeepSeekMoE 2B")
+        axis.plot(PAPER_RATIOS, [v - paper_shift for v in PAPER_FIG4_GSHARD_X15], "^:", color="gray",
+                  label="paper GShard x1.5")
+        axis.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
+        axis.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("held-out loss (nats/token)")
+    dx.set_ylabel("increase over 0 disabled")
+    dx.set_yscale("symlog", linthresh=0.1)
     ax.set_title("Disabling the top routed experts (paper Fig 4)")
     ax.legend()
     fig.tight_layout()
     paths.append(str(out_dir / "disable_top_experts.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    # Fig 5 (+ shared disabled as a marker).
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Fig 5 (+ shared disabled as a marker), absolute and relative to all K' activated.
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
     pts = report["fewer_activated"]
-    ax.plot([p["activated_routed"] for p in pts], [p["loss"] for p in pts], "o-", label=f"{name} (ours)")
     ks = sorted(PAPER_FIG5)
-    ax.plot(ks, [PAPER_FIG5[k] for k in ks], "s--", color="gray", label="paper DeepSeekMoE 2B (top-7 of 63)")
-    ax.axhline(PAPER_FIG5_GSHARD, color="gray", ls=":", label="paper GShard (top-2 of 16)")
     sd = report.get("shared_disabled", {})
-    if "loss" in sd:
-        ax.plot([sd["top_k"]], [sd["loss"]], "rx", ms=9, label=f"ours: shared disabled, top-{sd['top_k']}")
-    ax.set_xlabel("activated routed experts at inference")
+    for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG5[7])):
+        axis.plot([p["activated_routed"] for p in pts], [p["loss"] - shift for p in pts], "o-", label=f"{name} (ours)")
+        axis.plot(ks, [PAPER_FIG5[k] - paper_shift for k in ks], "s--", color="gray",
+                  label="paper DeepSeekMoE 2B (top-7 of 63)")
+        axis.axhline(PAPER_FIG5_GSHARD - paper_shift, color="gray", ls=":", label="paper GShard (top-2 of 16)")
+        if "loss" in sd:
+            axis.plot([sd["top_k"]], [sd["loss"] - shift], "rx", ms=9, label=f"ours: shared disabled, top-{sd['top_k']}")
+            axis.plot([8], [PAPER_SHARED_DISABLED[1] - paper_shift], "kx", ms=9, label="paper: shared disabled, top-8")
+        axis.set_xlabel("activated routed experts at inference")
     ax.set_ylabel("held-out loss (nats/token)")
+    dx.set_ylabel(f"increase over all {report['top_k']} activated")
     ax.set_title("Fewer activated routed experts (paper Fig 5)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(str(out_dir / "fewer_activated.png"))
     fig.savefig(paths[-1], dpi=120)

@@ -101,11 +101,14 @@ def test_analyze_gshard_skips_the_shared_expert(tmp_path, train_cache):
     from moe_jax.evaluate.analyze import AnalysisOptions, analyze, format_analysis
 
     wd = make_workdir(tmp_path / "gs", GSHARD, train_cache)
-    res = analyze(wd, AnalysisOptions(ratios=(0.0, 1 / 16), heldout_batches=1, heatmap_batches=1, progress=False),
-                  build_mesh(MeshConfig()))
+    res = analyze(wd, AnalysisOptions(ratios=(1 / 16, 3 / 16, 12 / 16), fewest_activated=2, heldout_batches=1,
+                                      heatmap_batches=1, progress=False), build_mesh(MeshConfig()))
     assert "no shared experts" in res["shared_disabled"]["skipped"]
-    assert res["disable_top_experts"][1]["disabled_experts"] == 0   # round(4/16) = 0
-    assert [p["activated_routed"] for p in res["fewer_activated"]] == [1, 2]
+    one, three, twelve = res["disable_top_experts"]
+    assert "fewer than top_k" in twelve["skipped"]                                   # 3 + 2 > 4 routed
+    assert one["disabled_experts"] == 0 and one["loss"] == res["plain"]["loss"]   # round(4/16) = 0
+    assert three["disabled_experts"] == 1 and "skipped" not in three              # round(12/16) = 1, 1 + 2 <= 4
+    assert [p["activated_routed"] for p in res["fewer_activated"]] == [2]
     text = format_analysis(res)
     assert "Shared expert disabled: skipped" in text and "paper" in text
     assert (wd / "analysis" / "expert_load_heatmap.png").exists()
