@@ -19,6 +19,11 @@ def ds_workdir(tmp_path_factory, train_cache):
 
 
 @pytest.fixture(scope="module")
+def gs_workdir(tmp_path_factory, train_cache):
+    return make_workdir(tmp_path_factory.mktemp("gs") / "wd", GSHARD, train_cache)
+
+
+@pytest.fixture(scope="module")
 def evalsets(tmp_path_factory):
     """hellaswag (rc_0shot) and ARC-easy (test_rc_5shot, with unconditional lines): 200 random 4-choice
     questions each with a random gold answer. No piqa (a missing set)."""
@@ -97,10 +102,10 @@ def test_eval_cli_skips_a_missing_set_and_analyze_reproduces_the_plain_loss(ds_w
     assert json.loads((tmp_path / "an" / "specialization.json").read_text())["plain"]["loss"] == plain
 
 
-def test_analyze_gshard_skips_the_shared_expert(tmp_path, train_cache):
+def test_analyze_gshard_skips_the_shared_expert(gs_workdir, tmp_path):
     from moe_jax.evaluate.analyze import AnalysisOptions, analyze, format_analysis
 
-    wd = make_workdir(tmp_path / "gs", GSHARD, train_cache)
+    wd = gs_workdir
     res = analyze(wd, AnalysisOptions(ratios=(1 / 16, 3 / 16, 12 / 16), fewest_activated=2, heldout_batches=1,
                                       heatmap_batches=1, progress=False), build_mesh(MeshConfig()))
     assert "no shared experts" in res["shared_disabled"]["skipped"]
@@ -112,3 +117,26 @@ def test_analyze_gshard_skips_the_shared_expert(tmp_path, train_cache):
     text = format_analysis(res)
     assert "Shared expert disabled: skipped" in text and "paper" in text
     assert (wd / "analysis" / "expert_load_heatmap.png").exists()
+
+
+def test_sharded_like_training_expert_parallel_mesh_gives_the_same_numbers(gs_workdir, train_cache):
+    # 8 devices: pure data parallelism vs data 2 x expert 4 (the EP dispatch inside the MoE layers).
+    from moe_jax.evaluate import scoring
+    from moe_jax.evaluate.heldout import heldout_eval
+    from moe_jax.evaluate.model_fns import ModelScorer, model_apply_fn
+    from moe_jax.evaluate.run import load_tokenizer
+    from moe_jax.evaluate.tasks import Request
+    from moe_jax.train.restore import load_trained
+
+    tok = load_tokenizer(train_cache, 320)
+    reqs = [Request("the cat sat on", " the mat", 0, 0), Request("rain fell", " softly over quiet hills", 1, 0)]
+    got = []
+    for spec in ("data:8", "data:2,expert:4"):
+        mesh = build_mesh(MeshConfig.from_string(spec))
+        t = load_trained(gs_workdir, mesh=mesh)
+        h = heldout_eval(t.graphdef, t.params, t.rest, train_cache, 64, 16, mesh, max_batches=2, progress=False)
+        s = scoring.score_requests(reqs, tok, ModelScorer(model_apply_fn(t.graphdef, t.rest), t.params, mesh), 64,
+                                   progress=False)
+        got.append((h.loss, s.logprob))
+    assert got[0][0] == pytest.approx(got[1][0], rel=1e-6)
+    np.testing.assert_allclose(got[0][1], got[1][1], rtol=1e-5)
