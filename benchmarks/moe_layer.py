@@ -2,11 +2,12 @@
 
 Forward + backward (gradients of every parameter and of the input) of `moe_jax.moe.layer.MoELayer`
 (router, dropless dispatch, shared experts, balance loss) and of `moe_jax.model.mlp.MLP` with
-intermediate width (K_s + K') * f, jitted in the same process on the same inputs. Each is run once to
-compile and warm up, then MoE and dense alternate `--repeats` times (so slow phases of a shared
-machine hit both) and each reports the median. Peak memory is XLA's buffer assignment of the
-compiled step: arguments + outputs + temporaries (`compiled.memory_analysis()`), i.e. what the step
-needs resident at its peak.
+intermediate width (K_s + K') * f, compiled ahead of time in the same process on the same inputs.
+Each runs once to warm up, then MoE and dense alternate `--repeats` times (so slow phases of a shared
+machine hit both) and each reports the median wall time; the median process CPU time is reported
+too, as the steadier number when other jobs share the machine. Peak memory is XLA's buffer
+assignment of the compiled step: arguments + outputs + temporaries - aliased
+(`compiled.memory_analysis()`), i.e. what the step needs resident at its peak.
 
     python benchmarks/moe_layer.py --quick        # d=512, 8K tokens: a few minutes on 2 CPU cores
     python benchmarks/moe_layer.py                # d=1280 (2B models), 8K and 32K tokens, m sweep
@@ -113,31 +114,39 @@ def layer_flops(d: int, moe: MoEConfig, tokens: int) -> float:
 # Measurement
 # ------------------------------------------------------------------------------------------------
 
-def peak_bytes(step, args) -> int | None:
-    """XLA buffer assignment of the compiled step: arguments + outputs + temporaries - aliased."""
+def compile_step(step, args):
+    """AOT-compile `step` for `args`: (compiled executable, peak bytes or None).
+
+    Peak bytes = XLA's buffer assignment of the compiled step: arguments + outputs + temporaries
+    - aliased, i.e. what must be resident at the step's peak."""
+    compiled = step.lower(*args).compile()
     try:
-        m = step.lower(*args).compile().memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        m = compiled.memory_analysis()
+        peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
     except Exception:  # noqa: BLE001 (memory analysis is optional on some backends)
-        return None
+        peak = None
+    return compiled, peak
 
 
-def time_interleaved(runs: dict[str, tuple], repeats: int) -> dict[str, list[float]]:
-    """Compile + one warm-up run each, then `repeats` rounds running each once; seconds per run."""
+def time_interleaved(runs: dict[str, tuple], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """One warm-up run each, then `repeats` rounds running each once.
+
+    Returns name -> (wall seconds per run, process CPU seconds per run). On a machine shared with
+    other jobs the CPU time is the steadier number (it does not count time spent descheduled)."""
     for step, args in runs.values():
         jax.block_until_ready(step(*args))
-        jax.block_until_ready(step(*args))
-    times = {name: [] for name in runs}
+    times = {name: ([], []) for name in runs}
     for _ in range(repeats):
         for name, (step, args) in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(step(*args))
-            times[name].append(time.perf_counter() - t0)
+            times[name][0].append(time.perf_counter() - t0)
+            times[name][1].append(time.process_time() - c0)
     return times
 
 
 def matmul_peak(dtype: str, n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in `dtype` (the peak used for MFU), median of `repeats`."""
+    """FLOP/s of a large square matmul in `dtype` (the peak used for MFU): best of `repeats`."""
     n = n or (8192 if jax.default_backend() != "cpu" else 4096)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
@@ -147,7 +156,7 @@ def matmul_peak(dtype: str, n: int | None = None, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(f(a))
         ts.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / statistics.median(ts)
+    return 2.0 * n ** 3 / min(ts)
 
 
 @dataclass
@@ -157,6 +166,8 @@ class Row:
     tokens: int
     moe_s: float
     dense_s: float
+    moe_cpu: float
+    dense_cpu: float
     moe_bytes: int | None
     dense_bytes: int | None
     flops: float
@@ -166,15 +177,35 @@ class Row:
     def ratio(self) -> float:
         return self.moe_s / self.dense_s
 
+    @property
+    def cpu_ratio(self) -> float:
+        return self.moe_cpu / self.dense_cpu
 
-def measure(name: str, d: int, moe: MoEConfig, tokens: int, repeats: int, dtype: str, gmm: str,
-            memory: bool = True) -> Row:
-    (ms, ma), (ds, da) = build_pair(d, moe, tokens, dtype, gmm)
-    mb = peak_bytes(ms, ma) if memory else None
-    db = peak_bytes(ds, da) if memory else None
-    times = time_interleaved({"moe": (ms, ma), "dense": (ds, da)}, repeats)
-    return Row(name, d, tokens, statistics.median(times["moe"]), statistics.median(times["dense"]), mb, db,
-               layer_flops(d, moe, tokens), moe)
+
+def measure_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, repeats: int, dtype: str, gmm: str,
+                 shared_dense: bool = False) -> list[Row]:
+    """Time the MoE layers of `named_cfgs` and their dense FFNs, all interleaved in one round robin.
+
+    shared_dense: the configurations have equal activated width, so one dense FFN serves them all.
+    """
+    runs, peaks, dense_of = {}, {}, {}
+    for name, cfg in named_cfgs.items():
+        (ms, ma), (ds, da) = build_pair(d, cfg, tokens, dtype, gmm)
+        runs[name], peaks[name] = _compiled(ms, ma)
+        dense_name = "dense" if shared_dense else f"dense:{name}"
+        if dense_name not in runs:
+            runs[dense_name], peaks[dense_name] = _compiled(ds, da)
+        dense_of[name] = dense_name
+    times = time_interleaved(runs, repeats)
+    med = {n: (statistics.median(w), statistics.median(c)) for n, (w, c) in times.items()}
+    return [Row(name, d, tokens, med[name][0], med[dense_of[name]][0], med[name][1], med[dense_of[name]][1],
+                peaks[name], peaks[dense_of[name]], layer_flops(d, cfg, tokens), cfg)
+            for name, cfg in named_cfgs.items()]
+
+
+def _compiled(step, args):
+    compiled, peak = compile_step(step, args)
+    return (compiled, args), peak
 
 
 def _gib(b):
@@ -182,7 +213,8 @@ def _gib(b):
 
 
 def print_table(rows: list[Row], peak: float | None, out=sys.stdout):
-    head = "| layer | d | tokens | MoE fwd+bwd (s) | dense fwd+bwd (s) | MoE/dense | MoE peak (GiB) | dense peak (GiB) | mem ratio |"
+    head = ("| layer | d | tokens | MoE fwd+bwd (s) | dense fwd+bwd (s) | MoE/dense | MoE/dense (CPU time) | "
+            "MoE peak (GiB) | dense peak (GiB) | mem ratio |")
     if peak:
         head += " MoE MFU | dense MFU |"
     print(head, file=out)
@@ -190,22 +222,24 @@ def print_table(rows: list[Row], peak: float | None, out=sys.stdout):
     for r in rows:
         mem = "-" if not (r.moe_bytes and r.dense_bytes) else f"{r.moe_bytes / r.dense_bytes:.2f}"
         line = (f"| {r.name} | {r.d} | {r.tokens} | {r.moe_s:.3f} | {r.dense_s:.3f} | **{r.ratio:.3f}** | "
-                f"{_gib(r.moe_bytes)} | {_gib(r.dense_bytes)} | {mem} |")
+                f"{r.cpu_ratio:.3f} | {_gib(r.moe_bytes)} | {_gib(r.dense_bytes)} | {mem} |")
         if peak:
             line += f" {r.flops / r.moe_s / peak:.1%} | {r.flops / r.dense_s / peak:.1%} |"
         print(line, file=out, flush=True)
 
 
 def print_granularity(rows: list[Row], out=sys.stdout):
-    print("| m | experts | top-k | width | MoE fwd+bwd (s) | vs m=1 | dense (s) | MoE/dense | MoE peak (GiB) | vs m=1 |",
-          file=out)
+    print("| m | experts | top-k | width | MoE fwd+bwd (s) | vs m=1 | vs m=1 (CPU time) | MoE/dense | "
+          "MoE peak (GiB) | vs m=1 |", file=out)
     print("|---|---|---|---|---|---|---|---|---|---|", file=out)
     base = rows[0]
     for r in rows:
         mem = "-" if not (r.moe_bytes and base.moe_bytes) else f"{r.moe_bytes / base.moe_bytes:.2f}"
         print(f"| {r.name.split('=')[-1]} | {r.cfg.num_experts} | {r.cfg.top_k} | {r.cfg.expert_dim} | {r.moe_s:.3f} | "
-              f"**{r.moe_s / base.moe_s:.3f}** | {r.dense_s:.3f} | {r.ratio:.3f} | {_gib(r.moe_bytes)} | {mem} |",
-              file=out, flush=True)
+              f"**{r.moe_s / base.moe_s:.3f}** | {r.moe_cpu / base.moe_cpu:.3f} | {r.ratio:.3f} | "
+              f"{_gib(r.moe_bytes)} | {mem} |", file=out, flush=True)
+    print(f"\n(dense FFN of the same activated width: {base.dense_s:.3f} s, peak {_gib(base.dense_bytes)} GiB)",
+          file=out)
 
 
 def environment() -> str:
@@ -227,7 +261,6 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5; quick: 3)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gmm", default="auto", help="grouped-matmul kernel (moe_jax.moe.dispatch.gmm)")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory analysis")
     a = p.parse_args(argv)
     ds = a.d or ([512] if a.quick else [1280])
     tokens = a.tokens or ([8192] if a.quick else [8192, 32768])
@@ -244,19 +277,17 @@ def main(argv=None):
         cfgs = layer_configs(d)
         for t in tokens:
             for name in a.layers:
-                rows.append(measure(name, d, cfgs[name], t, repeats, a.dtype, gmm, not a.no_memory))
-                print(f"  {name} d={d} T={t}: MoE {rows[-1].moe_s:.3f}s dense {rows[-1].dense_s:.3f}s "
-                      f"ratio {rows[-1].ratio:.3f}", file=sys.stderr, flush=True)
+                rows += measure_many({name: cfgs[name]}, d, t, repeats, a.dtype, gmm)
+                r = rows[-1]
+                print(f"  {name} d={d} T={t}: MoE {r.moe_s:.3f}s dense {r.dense_s:.3f}s ratio {r.ratio:.3f} "
+                      f"(CPU time {r.cpu_ratio:.3f})", file=sys.stderr, flush=True)
     print("## MoE layer vs equal-active dense FFN (forward + backward)\n")
     print_table(rows, peak)
 
     if a.granularity:
         d = ds[0]
-        cfgs = granularity_configs(d, tuple(a.granularity))
-        grows = []
-        for name, cfg in cfgs.items():
-            grows.append(measure(name, d, cfg, a.granularity_tokens, repeats, a.dtype, gmm, not a.no_memory))
-            print(f"  {name}: MoE {grows[-1].moe_s:.3f}s", file=sys.stderr, flush=True)
+        grows = measure_many(granularity_configs(d, tuple(a.granularity)), d, a.granularity_tokens, repeats,
+                             a.dtype, gmm, shared_dense=True)
         print(f"\n## Granularity at equal activated and total parameters (d={d}, {a.granularity_tokens} tokens)\n")
         print_granularity(grows)
     print(f"\nwall time {time.perf_counter() - t_start:.0f} s | {environment()}")

@@ -1,6 +1,6 @@
 """Grouped matmul for XLA:CPU: a loop over experts, each over static-size row chunks.
 
-    chunked_gmm(lhs [M, K], rhs [E, K, N], group_sizes [E], chunks=(512, 128)) -> [M, N]
+    chunked_gmm(lhs [M, K], rhs [E, K, N], group_sizes [E], chunks=(512, 256, 128, 64)) -> [M, N]
 
 XLA:CPU lowers `jax.lax.ragged_dot` to a dense matmul against every group (E x the FLOPs), so this
 kernel never does: expert e owns rows [start_e, end_e) of the sorted `lhs` and multiplies them by
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEFAULT_CHUNKS = (512, 128)
+DEFAULT_CHUNKS = (512, 256, 128, 64)
 
 
 def _chunk_sizes(chunks: tuple[int, ...], m: int) -> tuple[int, ...]:
