@@ -35,7 +35,7 @@ from moe_jax.parallel import MeshConfig, ShardingError, build_mesh, describe, sh
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
 from moe_jax.train.checkpoint import Checkpointer, abstract_like
 from moe_jax.train.config import TrainConfig
-from moe_jax.train.metrics import MetricsWriter, measure_peak_flops, scalar_metrics
+from moe_jax.train.metrics import MetricsWriter, measure_peak_flops, read_metrics, scalar_metrics
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -256,6 +256,10 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(False), mesh, 0)
         writer.write(int(state.step), {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
     writer.close()
+    if math.isnan(train_loss):  # no step ran now (the run had finished): report its last logged step
+        logged = [r for r in read_metrics(workdir) if "ce" in r]
+        if logged:
+            train_loss, tokens_per_s, mfu = logged[-1]["ce"], logged[-1]["tokens_per_second"], logged[-1]["mfu"]
     result = TrainResult(workdir=str(workdir), step=int(state.step), train_loss=train_loss, heldout_loss=ho_loss,
                          tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped)
     if is_main:
