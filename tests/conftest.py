@@ -17,6 +17,22 @@ import pytest
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 
+def pytest_collectstart(collector):
+    """Each test module is collected with an empty gin config (module-level configs such as
+    `MoEConfig(...)` would otherwise pick up bindings another module parsed)."""
+    import gin
+    gin.clear_config()
+
+
+@pytest.fixture(autouse=True)
+def _empty_gin_config():
+    """Gin is process-global: every test starts and ends with an empty config."""
+    import gin
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
 def _write_texts(folder: Path, seed: int) -> None:
     rng = random.Random(seed)
     words = ("the cat sat on a mat and then it ran to the red door where seven old dogs slept "

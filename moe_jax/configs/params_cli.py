@@ -49,15 +49,22 @@ def _m(n: float) -> str:
 
 def count_model(gin_files: Sequence[str], bindings: Sequence[str] = (), seq_len: int | None = None,
                 default_seq_len: int = DEFAULT_SEQ_LEN) -> tuple[ParamCounts, int, str]:
-    """Parse gin, build the ModelConfig and count it. Returns (counts, T, where T came from)."""
-    cfg = gin_utils.model_config_from_gin(gin_files, bindings)
-    if seq_len is not None:
-        source = "--seq_len"
-    elif gin_utils.query_macro("SEQ_LEN") is not None:
-        seq_len, source = int(gin_utils.query_macro("SEQ_LEN")), "SEQ_LEN of the run file"
-    else:
-        seq_len, source = default_seq_len, "default"
-    return count_params(cfg, seq_len), seq_len, source
+    """Parse gin, build the ModelConfig and count it. Returns (counts, T, where T came from).
+
+    The gin config is cleared afterwards: counting is a query and must not leave bindings behind
+    for the next `MoEConfig(...)` built in this process."""
+    import gin
+    try:
+        cfg = gin_utils.model_config_from_gin(gin_files, bindings)
+        if seq_len is not None:
+            source = "--seq_len"
+        elif gin_utils.query_macro("SEQ_LEN") is not None:
+            seq_len, source = int(gin_utils.query_macro("SEQ_LEN")), "SEQ_LEN of the run file"
+        else:
+            seq_len, source = default_seq_len, "default"
+        return count_params(cfg, seq_len), seq_len, source
+    finally:
+        gin.clear_config()
 
 
 def run_seq_len(run: str) -> int:
