@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from eval_fixtures import ALPHABET, CharTokenizer, bigram_table, mc_lines, write_requests
+from eval_fixtures import CharTokenizer, bigram_table, mc_lines, write_requests
 from moe_jax.evaluate import scoring
 from moe_jax.evaluate.model_fns import ModelScorer
 from moe_jax.evaluate.tasks import (Doc, EvalSetMissing, Request, TaskData, TaskSpec, load_task, resolve_tasks)

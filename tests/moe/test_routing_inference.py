@@ -1,6 +1,5 @@
 """Inference-time routing controls of the §4.5 analyses: disable the top-r routed experts, drop the
 shared experts; the defaults change nothing."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
