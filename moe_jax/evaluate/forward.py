@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moe_jax.model.attention import attention_mask
-from moe_jax.model.rope import apply_rope, rope_frequencies
 
 
 @struct.dataclass
@@ -70,17 +69,13 @@ def _attention(attn, x, positions, mask, ck, cv, start):
     S new keys/values are written. Returns (out [B, S, d], ck, cv).
     """
     dt = x.dtype
-    q = jnp.einsum("bsd,dhk->bshk", x, attn.wq[...].astype(dt))
-    k = jnp.einsum("bsd,dhk->bshk", x, attn.wk[...].astype(dt))
-    v = jnp.einsum("bsd,dhk->bshk", x, attn.wv[...].astype(dt))
-    cos, sin = rope_frequencies(positions, attn.cfg.head_dim, attn.cfg.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.qkv(x, positions)
     if ck is not None:
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
         k, v = ck.astype(dt), cv.astype(dt)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attn.cfg.attention_impl)
-    return jnp.einsum("bshk,hkd->bsd", out, attn.wo[...].astype(dt)), ck, cv
+    return attn.output(out), ck, cv
 
 
 def layerwise_forward(model, tokens: jax.Array, *, cache: KVCache | None = None, positions: jax.Array | None = None,

@@ -33,14 +33,22 @@ class Attention(nnx.Module):
         self.wv = proj((d, h, dh), ("embed", "heads", "head_dim"))
         self.wo = proj((h, dh, d), ("heads", "head_dim", "embed"))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        """x [B, S, d], positions [B, S], segment_ids [B, S] or None -> [B, S, d]."""
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections with RoPE applied to q and k: x [B, S, d], positions [B, S] -> 3 x [B, S, H, Dh]."""
         dt = x.dtype
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         cos, sin = rope_frequencies(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        """[B, S, H, Dh] -> [B, S, d]."""
+        return jnp.einsum("bshk,hkd->bsd", attended, self.wo[...].astype(attended.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x [B, S, d], positions [B, S], segment_ids [B, S] or None -> [B, S, d]."""
+        q, k, v = self.qkv(x, positions)
         mask = attention_mask(segment_ids, x.shape[1])
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
+        return self.output(out)
