@@ -209,6 +209,20 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
     return report
 
 
+def summary_metrics(report: dict) -> dict[str, float]:
+    """Flat numbers of a `specialization.json` for sweep reports: `analysis_plain`, `disable_top_<r>`
+    (r = "1/16", ...), `top_k=<k>` and `shared_disabled` held-out losses (absent where skipped)."""
+    out = {"analysis_plain": report["plain"]["loss"]}
+    for p in report.get("disable_top_experts", []):
+        if "loss" in p:
+            out[f"disable_top_{p['label']}"] = p["loss"]
+    for p in report.get("fewer_activated", []):
+        out[f"top_k={p['activated_routed']}"] = p["loss"]
+    if "loss" in report.get("shared_disabled", {}):
+        out["shared_disabled"] = report["shared_disabled"]["loss"]
+    return out
+
+
 def _paper_at(values: Sequence[float], ratio: float) -> float | None:
     for r, v in zip(PAPER_RATIOS, values):
         if abs(r - ratio) < 1e-9:

@@ -54,6 +54,22 @@ class Scale:
 
 
 @dataclasses.dataclass(frozen=True)
+class FollowUp:
+    """A `moe-jax` command run on every member's workdir after its training (e.g. the §4.5 analyses).
+
+    Attributes:
+      command: the subcommand and its flags, e.g. ("analyze", "--heldout_batches=2"); the runner adds
+        `--workdir=<member workdir>`.
+      output: the file (relative to the workdir) it writes; its existence marks the step done.
+      metrics: "module:function" turning that file's JSON into {metric: float} for the report.
+    """
+
+    command: tuple[str, ...]
+    output: str
+    metrics: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """One member trained with one seed."""
 
@@ -82,6 +98,7 @@ class Family:
       metrics: metrics shown in the table and bar charts (keys of each run's results).
       description: what the family reproduces (paper section).
       scales: named alternative scales, selected with --scale.
+      follow_ups: commands run on each trained member (their metrics join the report).
     """
 
     name: str
@@ -93,6 +110,7 @@ class Family:
     metrics: tuple[str, ...] = ("heldout_loss", "train_loss")
     description: str = ""
     scales: Mapping[str, Scale] = dataclasses.field(default_factory=dict)
+    follow_ups: tuple[FollowUp, ...] = ()
 
     def __post_init__(self):
         names = [m.name for m in self.members]

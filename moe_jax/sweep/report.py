@@ -8,6 +8,7 @@ overlaid, mean over seeds) and `bar_<metric>.png`.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 from pathlib import Path
@@ -39,8 +40,20 @@ def param_counts(workdir: Path) -> dict[str, float]:
     return counts
 
 
-def collect(root: Path) -> list[dict]:
-    """One row per finished run under `root`."""
+def follow_up_metrics(family: Family | None, workdir: Path) -> dict[str, float]:
+    """Metrics of the family's follow-up steps (e.g. `analyze`) that have written their output."""
+    out: dict[str, float] = {}
+    for step in (family.follow_ups if family else ()):
+        path = workdir / step.output
+        if step.metrics and path.exists():
+            module, _, name = step.metrics.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+            out.update({k: float(v) for k, v in fn(json.loads(path.read_text())).items()})
+    return out
+
+
+def collect(root: Path, family: Family | None = None) -> list[dict]:
+    """One row per finished run under `root` (with the family's follow-up metrics, when given)."""
     rows = []
     for wd in sorted(p for p in root.iterdir() if (p / "member.json").exists()):
         if not (wd / "result.json").exists():
@@ -52,6 +65,7 @@ def collect(root: Path) -> list[dict]:
         _flatten("", {k: v for k, v in result.items() if isinstance(v, (int, float))}, row)
         if (wd / "eval.json").exists():
             _flatten("eval/", json.loads((wd / "eval.json").read_text()), row)
+        row.update(follow_up_metrics(family, wd))
         if (wd / "config.gin").exists():
             row.update(param_counts(wd))
         rows.append(row)
@@ -152,7 +166,7 @@ def write_report(family: Family, root: Path) -> Path:
     """Write results.csv, summary.md and the plots under <root>/report; returns the summary path."""
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(root)
+    rows = collect(root, family)
     if not rows:
         raise FileNotFoundError(f"no finished runs under {root}: run `moe-jax sweep` first")
     keys = list(dict.fromkeys(k for r in rows for k in r))

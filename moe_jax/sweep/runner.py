@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from moe_jax.sweep.family import Family, Run
+from moe_jax.sweep.family import Family, FollowUp, Run
 
 
 def is_finished(workdir: Path) -> bool:
@@ -33,6 +33,24 @@ def train_command(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -
     cmd += [f"--gin_file={f}" for f in run.gin_files]
     cmd += [f"--gin.{b}" for b in (*run.bindings, *extra_bindings)]
     return cmd + [f"--workdir={workdir}", "--no_progress"]
+
+
+def follow_up_command(step: FollowUp, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "moe_jax.cli", *step.command, f"--workdir={workdir}"]
+
+
+def pending_commands(run: Run, workdir: Path, family: Family, extra_bindings: Sequence[str] = (),
+                     eval_tasks: str | None = None) -> list[list[str]]:
+    """What is left to do for one member: training (unless finished), then each follow-up whose output
+    is missing, then `moe-jax eval` if asked for and not yet written. Empty when the member is complete."""
+    cmds = [] if is_finished(workdir) else [train_command(run, workdir, extra_bindings)]
+    for step in family.follow_ups:
+        if cmds or not (workdir / step.output).exists():
+            cmds.append(follow_up_command(step, workdir))
+    if eval_tasks and (cmds or not (workdir / "eval.json").exists()):
+        cmds.append([sys.executable, "-m", "moe_jax.cli", "eval", f"--workdir={workdir}", f"--tasks={eval_tasks}",
+                     f"--out={workdir / 'eval.json'}"])
+    return cmds
 
 
 def device_slots(parallel: int) -> list[dict[str, str] | list[int]]:
@@ -77,12 +95,16 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
     todo = []
     for run in runs:
         wd = root / run.name
-        if is_finished(wd):
+        cmds = pending_commands(run, wd, family, extra_bindings, eval_tasks)
+        if not cmds:
             print(f"[sweep] {run.name}: finished, skipped", flush=True)
+            continue
+        todo.append((run, cmds))
+        if is_finished(wd):
+            state = "trained; running " + ", ".join(c[3] for c in cmds)
         else:
-            todo.append(run)
             state = "resuming" if (wd / "checkpoints").exists() else "starting"
-            print(f"[sweep] {run.name}: {state} ({run.model})", flush=True)
+        print(f"[sweep] {run.name}: {state} ({run.model})", flush=True)
     slots = device_slots(max(1, parallel))
     free = list(range(len(slots)))
     active: dict[int, tuple[Run, subprocess.Popen, float]] = {}
@@ -90,17 +112,14 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
     try:
         while todo or active:
             while todo and free:
-                run, slot = todo.pop(0), free.pop(0)
+                (run, cmds), slot = todo.pop(0), free.pop(0)
                 wd = root / run.name
                 wd.mkdir(parents=True, exist_ok=True)
                 (wd / "member.json").write_text(json.dumps(
                     {"member": run.member.name, "label": run.member.label or run.member.name, "seed": run.seed,
                      "model": run.model, "gin_files": run.gin_files, "bindings": run.bindings}, indent=2))
-                cmd = train_command(run, wd, extra_bindings)
-                if eval_tasks:
-                    cmd = ["bash", "-c", " ".join(map(_quote, cmd)) + " && " + " ".join(map(_quote, [
-                        sys.executable, "-m", "moe_jax.cli", "eval", f"--workdir={wd}", f"--tasks={eval_tasks}",
-                        f"--out={wd / 'eval.json'}"]))]
+                cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(
+                    " ".join(map(_quote, c)) for c in cmds)]
                 active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
             time.sleep(1.0)
             for slot, (run, proc, t0) in list(active.items()):

@@ -91,3 +91,34 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     assert regen.returncode == 0, out[-3000:]
     assert (report / "summary.md").read_text() == summary
     assert "finished, skipped" not in out and "starting" not in out
+
+
+def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
+    """A follow-up (e.g. `analyze`) runs on trained members whose output is missing; its metrics join
+    the report through the family's summariser."""
+    from moe_jax.sweep.family import FollowUp
+    from moe_jax.sweep.report import collect
+    from moe_jax.sweep.runner import pending_commands
+
+    step = FollowUp(("analyze", "--heldout_batches=2"), "analysis/specialization.json",
+                    "moe_jax.evaluate.analyze:summary_metrics")
+    fam = Family(name="f", members=(Member("a", "deepseekmoe_tiny"),), follow_ups=(step,))
+    run = fam.runs()[0]
+    wd = tmp_path / run.name
+    cmds = pending_commands(run, wd, fam)
+    assert [c[3] for c in cmds] == ["train", "analyze"] and cmds[1][-1] == f"--workdir={wd}"
+    wd.mkdir()
+    (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.5}))
+    (wd / "member.json").write_text(json.dumps({"member": "a", "seed": 0, "model": "deepseekmoe_tiny"}))
+    assert [c[3] for c in pending_commands(run, wd, fam)] == ["analyze"]     # trained: only the analysis left
+    report = {"plain": {"loss": 5.5},
+              "disable_top_experts": [{"label": "0", "loss": 5.5}, {"label": "1/16", "loss": 5.9},
+                                      {"label": "4/16", "skipped": "too few experts"}],
+              "fewer_activated": [{"activated_routed": 6, "loss": 5.6}, {"activated_routed": 7, "loss": 5.5}],
+              "shared_disabled": {"loss": 6.2}}
+    (wd / "analysis").mkdir()
+    (wd / step.output).write_text(json.dumps(report))
+    assert pending_commands(run, wd, fam) == []
+    row = collect(tmp_path, fam)[0]
+    assert row["heldout_loss"] == 5.5 and row["disable_top_1/16"] == 5.9 and row["shared_disabled"] == 6.2
+    assert row["top_k=6"] == 5.6 and "disable_top_4/16" not in row
