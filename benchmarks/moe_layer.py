@@ -11,6 +11,7 @@ assignment of the compiled step: arguments + outputs + temporaries - aliased
 
     python benchmarks/moe_layer.py --quick        # d=512, 8K tokens: a few minutes on 2 CPU cores
     python benchmarks/moe_layer.py                # d=1280 (2B models), 8K and 32K tokens, m sweep
+    python benchmarks/moe_layer.py --tokens 8192 --memory_tokens 32768   # time at 8K; 32K memory from the compile alone
     python benchmarks/moe_layer.py --dtype bfloat16 --tokens 32768   # on a GPU: bf16, MFU vs a bf16 matmul
 
 Layers (F = the standard FFN width 8d/3 rounded up to 64; 3456 at d=1280):
@@ -203,6 +204,16 @@ def measure_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, repeats:
             for name, cfg in named_cfgs.items()]
 
 
+def memory_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, dtype: str, gmm: str) -> list[tuple]:
+    """(name, MoE peak bytes, dense peak bytes) from the compiled steps alone: no step is run, so a
+    32K-token configuration costs only its compile."""
+    out = []
+    for name, cfg in named_cfgs.items():
+        (ms, ma), (ds, da) = build_pair(d, cfg, tokens, dtype, gmm)
+        out.append((name, compile_step(ms, ma)[1], compile_step(ds, da)[1]))
+    return out
+
+
 def _compiled(step, args):
     compiled, peak = compile_step(step, args)
     return (compiled, args), peak
@@ -259,6 +270,8 @@ def main(argv=None):
     p.add_argument("--granularity", type=int, nargs="*", default=[1, 2, 4, 8], help="m values; none to skip")
     p.add_argument("--granularity-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5; quick: 3)")
+    p.add_argument("--memory_tokens", type=int, nargs="*", default=None,
+                   help="token counts measured for peak memory only (compiled, never run: cheap), e.g. 32768")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gmm", default="auto", help="grouped-matmul kernel (moe_jax.moe.dispatch.gmm)")
     a = p.parse_args(argv)
@@ -283,6 +296,14 @@ def main(argv=None):
                       f"(CPU time {r.cpu_ratio:.3f})", file=sys.stderr, flush=True)
     print("## MoE layer vs equal-active dense FFN (forward + backward)\n")
     print_table(rows, peak)
+
+    for t in a.memory_tokens or []:
+        d = ds[0]
+        print(f"\n## Peak memory at {t} tokens (d={d}; XLA buffer assignment of the compiled step, not run)\n")
+        print("| layer | MoE peak (GiB) | dense peak (GiB) | MoE/dense |\n|---|---|---|---|")
+        for name, moe_b, dense_b in memory_many({n: layer_configs(d)[n] for n in a.layers}, d, t, a.dtype, gmm):
+            ratio = "-" if not (moe_b and dense_b) else f"**{moe_b / dense_b:.2f}**"
+            print(f"| {name} | {_gib(moe_b)} | {_gib(dense_b)} | {ratio} |", flush=True)
 
     if a.granularity:
         d = ds[0]
