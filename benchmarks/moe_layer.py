@@ -265,7 +265,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="d=512, 8K tokens, 3 repeats, m sweep at 8K")
     p.add_argument("--d", type=int, nargs="+", help="hidden sizes (default 1280; quick: 512)")
-    p.add_argument("--tokens", type=int, nargs="+", help="tokens per batch (default 8192 32768; quick: 8192)")
+    p.add_argument("--tokens", type=int, nargs="*",
+                   help="tokens per batch timed (default 8192 32768; quick: 8192; none: skip the timed table)")
     p.add_argument("--layers", nargs="+", default=["deepseekmoe", "gshard", "switch", "hash"])
     p.add_argument("--granularity", type=int, nargs="*", default=[1, 2, 4, 8], help="m values; none to skip")
     p.add_argument("--granularity-tokens", type=int, default=8192)
@@ -276,7 +277,7 @@ def main(argv=None):
     p.add_argument("--gmm", default="auto", help="grouped-matmul kernel (moe_jax.moe.dispatch.gmm)")
     a = p.parse_args(argv)
     ds = a.d or ([512] if a.quick else [1280])
-    tokens = a.tokens or ([8192] if a.quick else [8192, 32768])
+    tokens = a.tokens if a.tokens is not None else ([8192] if a.quick else [8192, 32768])
     repeats = a.repeats or (3 if a.quick else 5)
     gmm = prepare_gmm(a.gmm)
     t_start = time.perf_counter()
@@ -294,8 +295,9 @@ def main(argv=None):
                 r = rows[-1]
                 print(f"  {name} d={d} T={t}: MoE {r.moe_s:.3f}s dense {r.dense_s:.3f}s ratio {r.ratio:.3f} "
                       f"(CPU time {r.cpu_ratio:.3f})", file=sys.stderr, flush=True)
-    print("## MoE layer vs equal-active dense FFN (forward + backward)\n")
-    print_table(rows, peak)
+    if rows:
+        print("## MoE layer vs equal-active dense FFN (forward + backward)\n")
+        print_table(rows, peak)
 
     for t in a.memory_tokens or []:
         d = ds[0]
