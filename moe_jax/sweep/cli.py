@@ -1,7 +1,7 @@
 """`moe-jax sweep experiments/<family>.py`: run a family's members and report them.
 
     moe-jax sweep experiments/table1.py [--workdir=workdirs/table1] [--seeds 0 1 2] [--parallel 2]
-                  [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa]
+                  [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa] [--only MEMBER ...]
     moe-jax sweep experiments/table1.py --report      # tables and plots from stored results only
 
 Rerunning the same command skips finished members and resumes interrupted ones.
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gin", dest="bindings", action="append", default=[], metavar="KEY=VALUE",
                    help="extra gin binding for every member (repeatable)")
     p.add_argument("--eval_tasks", default=None, help="also run `moe-jax eval --tasks=...` on each member")
+    p.add_argument("--only", nargs="+", default=(), metavar="MEMBER",
+                   help="run only these members (the report still covers every finished one)")
     p.add_argument("--report", action="store_true", help="only regenerate the report from stored results")
     args = p.parse_args(argv)
 
@@ -35,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         try:
             run_family(family, root, seeds=args.seeds, scale=args.scale, parallel=args.parallel,
-                       extra_bindings=args.bindings, eval_tasks=args.eval_tasks)
+                       extra_bindings=args.bindings, eval_tasks=args.eval_tasks, only=args.only)
         except KeyboardInterrupt:
             return 130
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             print(f"moe-jax sweep: {err}")
             return 1
     summary = write_report(family, root)

@@ -88,10 +88,18 @@ def _launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
 
 
 def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None, scale: str | None = None,
-               parallel: int = 1, extra_bindings: Sequence[str] = (), eval_tasks: str | None = None) -> list[Run]:
-    """Train (or skip) every run of the family; returns the runs. Raises if a member fails."""
+               parallel: int = 1, extra_bindings: Sequence[str] = (), eval_tasks: str | None = None,
+               only: Sequence[str] = ()) -> list[Run]:
+    """Train (or skip) every run of the family (or of the members named in `only`); returns the runs.
+    Raises if a member fails."""
     root.mkdir(parents=True, exist_ok=True)
     runs = family.runs(seeds, scale)
+    if only:
+        unknown = sorted(set(only) - {m.name for m in family.members})
+        if unknown:
+            raise ValueError(f"family {family.name} has no member {unknown}; "
+                             f"its members: {[m.name for m in family.members]}")
+        runs = [r for r in runs if r.member.name in set(only)]
     todo = []
     for run in runs:
         wd = root / run.name

@@ -122,3 +122,14 @@ def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
     row = collect(tmp_path, fam)[0]
     assert row["heldout_loss"] == 5.5 and row["disable_top_1/16"] == 5.9 and row["shared_disabled"] == 6.2
     assert row["top_k=6"] == 5.6 and "disable_top_4/16" not in row
+
+
+def test_only_runs_the_named_members_and_rejects_unknown_ones(tmp_path):
+    from moe_jax.sweep.runner import run_family
+    fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny")))
+    with pytest.raises(ValueError, match=r"no member \['c'\].*\['a', 'b'\]"):
+        run_family(fam, tmp_path, only=["c"])
+    (tmp_path / "b_s0").mkdir()
+    (tmp_path / "b_s0" / "result.json").write_text(json.dumps({"stopped": "done"}))
+    assert [r.name for r in run_family(fam, tmp_path, only=["b"])] == ["b_s0"]     # finished: nothing launched
+    assert not (tmp_path / "a_s0").exists()
