@@ -53,14 +53,21 @@ def follow_up_metrics(family: Family | None, workdir: Path) -> dict[str, float]:
 
 
 def collect(root: Path, family: Family | None = None) -> list[dict]:
-    """One row per finished run under `root` (with the family's follow-up metrics, when given)."""
+    """One row per finished run under `root` (with the family's follow-up metrics, when given).
+
+    A run directory named `<member>_s<seed>` of the family is reported as that member even when it is
+    a link to an identical run of another family (e.g. table1's DeepSeekMoE reused as Fig 3's 1+7/63)."""
     rows = []
+    members = {m.name: m for m in (family.members if family else ())}
     for wd in sorted(p for p in root.iterdir() if (p / "member.json").exists()):
         if not (wd / "result.json").exists():
             continue
         member = json.loads((wd / "member.json").read_text())
         row = {"run": wd.name, "member": member["member"], "label": member.get("label", member["member"]),
                "seed": member["seed"], "model": member["model"]}
+        name, _, seed = wd.name.rpartition("_s")
+        if name in members and seed.isdigit():
+            row.update(member=name, label=members[name].label or name, seed=int(seed))
         result = json.loads((wd / "result.json").read_text())
         _flatten("", {k: v for k, v in result.items() if isinstance(v, (int, float))}, row)
         if (wd / "eval.json").exists():

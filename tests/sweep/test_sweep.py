@@ -133,3 +133,18 @@ def test_only_runs_the_named_members_and_rejects_unknown_ones(tmp_path):
     (tmp_path / "b_s0" / "result.json").write_text(json.dumps({"stopped": "done"}))
     assert [r.name for r in run_family(fam, tmp_path, only=["b"])] == ["b_s0"]     # finished: nothing launched
     assert not (tmp_path / "a_s0").exists()
+
+
+def test_a_run_linked_from_another_family_is_reported_under_this_family_member(tmp_path):
+    from moe_jax.sweep.report import collect
+    other = tmp_path / "table1" / "deepseekmoe_s0"
+    other.mkdir(parents=True)
+    (other / "member.json").write_text(json.dumps({"member": "deepseekmoe", "label": "DeepSeekMoE", "seed": 0,
+                                                   "model": "deepseekmoe_tiny"}))
+    (other / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.8}))
+    fam = Family(name="fig3", members=(Member("1s_7of63", "ablation_1s_7of63_tiny", label="1 + 7/63"),))
+    root = tmp_path / "fig3"
+    root.mkdir()
+    (root / "1s_7of63_s0").symlink_to(other)
+    (row,) = collect(root, fam)
+    assert (row["member"], row["label"], row["seed"], row["heldout_loss"]) == ("1s_7of63", "1 + 7/63", 0, 5.8)
