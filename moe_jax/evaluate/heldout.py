@@ -3,14 +3,16 @@
 The same eval step as training (`moe_jax.train.step.make_eval_step`) runs over the token cache's
 held-out split, one finite pass per source (`TokenLoader(..., source=s, repeat=False)`), batches sharded
 over the mesh. `moe-jax eval` and every point of `moe-jax analyze` call `heldout_eval`, so the analysis
-with nothing disabled reproduces the plain held-out loss exactly.
+with nothing disabled reproduces the plain held-out loss exactly. `heldout_pass` is the one accumulation
+(summed NLL, tokens and bytes over one loader) behind both `heldout_eval` and the training loop's periodic
+and final held-out loss.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -86,6 +88,32 @@ def _all_processes_sum(x: float) -> float:
     return float(np.sum(multihost_utils.process_allgather(np.asarray([x]))))
 
 
+def heldout_pass(eval_step, params, loader: TokenLoader, mesh, max_batches: int = 0, *, name: str = "all",
+                 on_batch: Callable[[int], object] | None = None) -> SourceHeldout:
+    """One finite pass of `eval_step` over `loader` (up to `max_batches` batches; 0 = all).
+
+    Args:
+      eval_step: `(params, batch) -> (nll_sum [batch shards], target_tokens [batch shards])`, e.g. a jitted
+        `moe_jax.train.step.make_eval_step`; its outputs are global arrays, so every process sees the totals.
+      loader: a `TokenLoader` with `repeat=False`; each process reads its own rows, and the UTF-8 byte counts
+        (host-local) are summed over processes.
+    Returns the summed NLL (nats), target tokens and bytes as a `SourceHeldout` named `name`.
+    """
+    from moe_jax.parallel import shard_batch
+
+    nll = tokens = nbytes = 0.0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        s, n = eval_step(params, shard_batch(batch, mesh))
+        nll += float(np.sum(np.asarray(s, np.float64)))
+        tokens += float(np.sum(np.asarray(n, np.float64)))
+        nbytes += float(np.sum(loader.batch_bytes(batch)))
+        if on_batch is not None:
+            on_batch(1)
+    return SourceHeldout(name, nll, tokens, _all_processes_sum(nbytes))
+
+
 def heldout_eval(graphdef, params, rest, cache_dir: str | Path, seq_len: int, batch_size: int, mesh, *,
                  max_batches: int = 0, sources: Sequence[str] | None = None, split: str = "heldout",
                  progress: bool = True, eval_step=None) -> HeldoutResult:
@@ -101,7 +129,6 @@ def heldout_eval(graphdef, params, rest, cache_dir: str | Path, seq_len: int, ba
     """
     from tqdm import tqdm
 
-    from moe_jax.parallel import shard_batch
     from moe_jax.train.step import make_eval_step
 
     if eval_step is None:
@@ -112,18 +139,9 @@ def heldout_eval(graphdef, params, rest, cache_dir: str | Path, seq_len: int, ba
         loader = TokenLoader(cache_dir, split, batch_size, seq_len, seed=0, repeat=False, source=name,
                              process_index=jax.process_index(), process_count=jax.process_count())
         total = len(loader) if not max_batches else min(max_batches, len(loader))
-        nll = tokens = nbytes = 0.0
         bar = tqdm(total=total, desc=f"held-out {name}", unit="batch", leave=False, dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
         with jax.set_mesh(mesh):
-            for i, batch in enumerate(loader):
-                if max_batches and i >= max_batches:
-                    break
-                s, n = eval_step(params, shard_batch(batch, mesh))
-                nll += float(np.sum(np.asarray(s, np.float64)))
-                tokens += float(np.sum(np.asarray(n, np.float64)))
-                nbytes += float(np.sum(loader.batch_bytes(batch)))
-                bar.update(1)
+            out[name] = heldout_pass(eval_step, params, loader, mesh, max_batches, name=name, on_batch=bar.update)
         bar.close()
-        out[name] = SourceHeldout(name, nll, tokens, _all_processes_sum(nbytes))
     return HeldoutResult(sources=out, seq_len=seq_len, batches_per_source=max_batches)

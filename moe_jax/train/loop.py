@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from moe_jax.configs.params import count_params
 from moe_jax.data import paths as data_paths
 from moe_jax.data.errors import DataError
 from moe_jax.data.loader import TokenLoader
+from moe_jax.evaluate.heldout import heldout_pass
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel import MeshConfig, ShardingError, build_mesh, describe, shard_batch, validate
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
@@ -97,20 +97,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def heldout_loss(eval_fn: Callable, params, loader: TokenLoader, mesh, max_batches: int) -> tuple[float, float]:
-    """Mean token loss and bits per byte over up to `max_batches` batches (0 = all) of `loader`."""
-    nll = tokens = nbytes = 0.0
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        s, n = eval_fn(params, shard_batch(batch, mesh))
-        nll, tokens = nll + float(jnp.sum(s)), tokens + float(jnp.sum(n))
-        nbytes += float(np.sum(loader.batch_bytes(batch)))
-    if tokens == 0:
-        return float("nan"), float("nan")
-    return nll / tokens, (nll / math.log(2)) / max(nbytes, 1.0)
 
 
 def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig | None = None, *,
@@ -182,7 +168,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg.grad_accum_steps),
                          in_shardings=(state_sh, batch_sharding(mesh), replicated),
                          out_shardings=(state_sh, None), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef, rest))
+    eval_step = jax.jit(make_eval_step(graphdef, rest), out_shardings=replicated)  # totals visible to every process
     counts = count_params(model_cfg, cfg.seq_len)
     flops_per_token = counts.flops / cfg.seq_len
     peak = cfg.peak_flops_per_device or measure_peak_flops(jnp.dtype(model_cfg.dtype))
@@ -238,8 +224,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                     print(f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
                           f"MFU {mfu:.1%}  ETA {eta:.0f}s", flush=True)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(True), mesh,
-                                               cfg.eval_batches)
+                ho = heldout_pass(eval_step, state.params, heldout_loader(True), mesh, cfg.eval_batches)
+                ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
                 writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
                 if is_main:
                     bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
@@ -253,7 +239,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     ckpt.close()
     if stopped == "done":
         with jax.set_mesh(mesh):
-            ho_loss, ho_bpb = heldout_loss(eval_step, state.params, heldout_loader(False), mesh, 0)
+            ho = heldout_pass(eval_step, state.params, heldout_loader(False), mesh)
+            ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
         writer.write(int(state.step), {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
     writer.close()
     if math.isnan(train_loss):  # no step ran now (the run had finished): report its last logged step
