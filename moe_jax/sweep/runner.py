@@ -112,7 +112,8 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
             state = "trained; running " + ", ".join(c[3] for c in cmds)
         else:
             state = "resuming" if (wd / "checkpoints").exists() else "starting"
-        print(f"[sweep] {run.name}: {state} ({run.model})", flush=True)
+        print(f"[sweep] {run.name}: queued, {state} ({run.model})", flush=True)
+    total, launched = len(todo), 0
     slots = device_slots(max(1, parallel))
     free = list(range(len(slots)))
     active: dict[int, tuple[Run, subprocess.Popen, float]] = {}
@@ -129,6 +130,9 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
                 cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(
                     " ".join(map(_quote, c)) for c in cmds)]
                 active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
+                launched += 1
+                print(f"[sweep] [{launched}/{total}] {run.name}: launched on {_describe_slot(slots[slot])}; "
+                      f"log {wd / 'sweep.log'}", flush=True)
             time.sleep(1.0)
             for slot, (run, proc, t0) in list(active.items()):
                 if proc.poll() is None:
@@ -151,6 +155,12 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
     if failures:
         raise RuntimeError(f"sweep members failed: {failures}")
     return runs
+
+
+def _describe_slot(slot) -> str:
+    if isinstance(slot, dict):
+        return ", ".join(f"{k}={v}" for k, v in slot.items())
+    return f"CPU cores {slot[0]}-{slot[-1]}" if len(slot) > 1 else f"CPU core {slot[0]}"
 
 
 def _quote(s: str) -> str:

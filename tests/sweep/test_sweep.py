@@ -75,7 +75,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     again = sweep([fam, f"--workdir={root}"])
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    assert "dense_s0: finished, skipped" in out
+    assert "dense_s0: finished, skipped" in out and "[1/1] moe_s0: launched on CPU core" in out
     assert (root / "dense_s0" / "result.json").stat().st_mtime_ns == first     # not retrained
     assert json.loads((root / "moe_s0" / "result.json").read_text())["stopped"] == "done"
     report = root / "report"
@@ -90,7 +90,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     out, _ = regen.communicate(timeout=300)
     assert regen.returncode == 0, out[-3000:]
     assert (report / "summary.md").read_text() == summary
-    assert "finished, skipped" not in out and "starting" not in out
+    assert "finished, skipped" not in out and "queued" not in out and "launched" not in out
 
 
 def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
