@@ -21,11 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax.data.loader import TokenLoader
 
 
-@dataclasses.dataclass
-class SourceHeldout:
-    """One source's held-out pass: summed NLL (nats), target tokens and UTF-8 bytes counted."""
+class _NllTotals:
+    """Mean loss and bits per byte from `nll` (nats), `tokens` and `bytes` totals."""
 
-    source: str
     nll: float
     tokens: float
     bytes: float
@@ -40,7 +38,17 @@ class SourceHeldout:
 
 
 @dataclasses.dataclass
-class HeldoutResult:
+class SourceHeldout(_NllTotals):
+    """One source's held-out pass: summed NLL (nats), target tokens and UTF-8 bytes counted."""
+
+    source: str
+    nll: float
+    tokens: float
+    bytes: float
+
+
+@dataclasses.dataclass
+class HeldoutResult(_NllTotals):
     """Held-out loss over all sources (token-weighted: total NLL / total tokens) and per source."""
 
     sources: dict[str, SourceHeldout]
@@ -58,14 +66,6 @@ class HeldoutResult:
     @property
     def bytes(self) -> float:
         return sum(s.bytes for s in self.sources.values())
-
-    @property
-    def loss(self) -> float:
-        return self.nll / self.tokens if self.tokens else float("nan")
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll / math.log(2) / self.bytes if self.bytes else float("nan")
 
     def to_json(self) -> dict:
         return {"loss": self.loss, "bits_per_byte": self.bits_per_byte, "tokens": self.tokens, "bytes": self.bytes,
