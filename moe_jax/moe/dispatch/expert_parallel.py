@@ -272,10 +272,6 @@ def expert_parallel_dispatch(x: jax.Array, routing: Routing, experts: ExpertPara
         body = functools.partial(_ring_body, **common)
     else:
         body = functools.partial(_all_to_all_body, buffer_factor=buffer_factor, **common)
-    # check_vma=False: grouped-matmul kernels with loops (the CPU "chunked" kernel) start their loop
-    # carries as unvarying constants, which the varying-manual-axes check rejects inside shard_map.
-    # Without the check, shard_map divides output cotangents over unmentioned axes and psums input
-    # cotangents over them, so gradients stay exact (tested against one device).
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     y, counts, dropped = sharded(x, routing.indices, routing.weights, routing.mask, experts.wi, experts.wo)
     return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=counts, dropped=dropped)

@@ -64,6 +64,21 @@ def _expert_chunks(start, size, m: int, sizes: tuple[int, ...], body: Callable, 
     return carry
 
 
+def _vma(x: jax.Array) -> frozenset:
+    """The manual mesh axes `x` varies over inside `jax.shard_map` (empty outside)."""
+    return frozenset(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+
+
+def _varying_like(init: jax.Array, *refs: jax.Array) -> jax.Array:
+    """`init` marked as varying over every manual mesh axis any of `refs` varies over.
+
+    Inside `jax.shard_map(..., check_vma=True)` a loop carry must have the same varying axes on entry
+    as the loop body gives it; a fresh `jnp.zeros` varies over none. Outside shard_map: `init` as is.
+    """
+    missing = frozenset().union(*map(_vma, refs)) - _vma(init)
+    return lax.pcast(init, tuple(sorted(missing)), to="varying") if missing else init
+
+
 def _offsets(group_sizes: jax.Array) -> jax.Array:
     gs = group_sizes.astype(jnp.int32)
     return jnp.cumsum(gs) - gs
@@ -91,7 +106,7 @@ def _grouped_rows(x: jax.Array, w: jax.Array, group_sizes: jax.Array, sizes, con
 
         return _expert_chunks(starts[e], gs[e], m, sizes, body, out)
 
-    return lax.fori_loop(0, w.shape[0], expert, jnp.zeros((m, n_out), x.dtype))
+    return lax.fori_loop(0, w.shape[0], expert, _varying_like(jnp.zeros((m, n_out), x.dtype), x, w, group_sizes))
 
 
 def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, sizes) -> jax.Array:
@@ -111,10 +126,12 @@ def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, sizes) -
                 xc, dc = jnp.where(valid[:, None], xc, 0), jnp.where(valid[:, None], dc, 0)
             return acc + lax.dot_general(xc, dc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
-        acc = _expert_chunks(starts[e], gs[e], m, sizes, body, jnp.zeros((k, n), jnp.float32))
+        acc = _expert_chunks(starts[e], gs[e], m, sizes, body,
+                             _varying_like(jnp.zeros((k, n), jnp.float32), x, dy, group_sizes))
         return lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), e, 0)
 
-    return lax.fori_loop(0, num_groups, expert, jnp.zeros((num_groups, k, n), x.dtype))
+    return lax.fori_loop(0, num_groups, expert,
+                         _varying_like(jnp.zeros((num_groups, k, n), x.dtype), x, dy, group_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -148,4 +165,7 @@ def chunked_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
         raise ValueError(f"chunked_gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
     if lhs.shape[0] == 0:
         return jnp.zeros((0, rhs.shape[2]), lhs.dtype)
+    # Under shard_map, give both operands the axes either varies over before the custom VJP, so the
+    # weight gradient (which varies over the token shards) is summed over them by pcast's transpose.
+    lhs, rhs = _varying_like(lhs, rhs, group_sizes), _varying_like(rhs, lhs, group_sizes)
     return _chunked_gmm(lhs, rhs, group_sizes, _chunk_sizes(tuple(chunks), lhs.shape[0]))
