@@ -11,6 +11,7 @@ import csv
 import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
         if name in members and seed.isdigit():
             row.update(member=name, label=members[name].label or name, seed=int(seed))
         result = json.loads((wd / "result.json").read_text())
+        row["data"] = data_id(result.get("data"))
         _flatten("", {k: v for k, v in result.items() if isinstance(v, (int, float))}, row)
         if (wd / "eval.json").exists():
             _flatten("eval/", json.loads((wd / "eval.json").read_text()), row)
@@ -77,6 +79,26 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
             row.update(param_counts(wd))
         rows.append(row)
     return rows
+
+
+def data_id(data: dict | None) -> str:
+    """A short name of the token cache a run trained on ("corpus/vocab" fingerprints; "unknown" for runs
+    written before result.json recorded it)."""
+    if not data or not data.get("corpus_fingerprint"):
+        return "unknown"
+    return f"{data['corpus_fingerprint'][:8]}/{(data.get('vocab_sha256') or '')[:8]}"
+
+
+def data_note(rows: list[dict]) -> str:
+    """The data line of summary.md: which cache the runs trained on, and a warning when they differ."""
+    by_id: dict[str, list[str]] = {}
+    for r in rows:
+        by_id.setdefault(r.get("data", "unknown"), []).append(r["run"])
+    if len(by_id) == 1:
+        return f"Data: token cache `{next(iter(by_id))}` (corpus/vocab fingerprints) for every run."
+    parts = "; ".join(f"`{k}`: {', '.join(v)}" for k, v in sorted(by_id.items()))
+    return ("**Warning: these runs trained on different data builds**, so their losses are not comparable "
+            f"({parts}). Rerun the odd ones out on one build (delete their workdirs and rerun the sweep).")
 
 
 def summarise(rows: list[dict], family: Family) -> list[dict]:
@@ -183,7 +205,10 @@ def write_report(family: Family, root: Path) -> Path:
         writer.writerows(rows)
     summary = summarise(rows, family)
     table = markdown_table(summary, family)
-    text = f"# {family.name}\n\n{family.description}\n\n{table}\n"
+    note = data_note(rows)
+    if note.startswith("**Warning"):
+        print(f"moe-jax sweep: {note.replace('**', '')}", file=sys.stderr)
+    text = f"# {family.name}\n\n{family.description}\n\n{table}\n\n{note}\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(root, rows, summary, family, out)

@@ -55,6 +55,14 @@ class TrainResult:
     tokens_per_second: float
     mfu: float
     stopped: str  # "done", "interrupted"
+    data: dict = dataclasses.field(default_factory=dict)  # the token cache trained on: see `data_identity`
+
+
+def data_identity(meta: dict) -> dict:
+    """What identifies a token cache's contents: losses of runs on caches with different identities
+    are not comparable (Debian's package versions move, so a later `moe-jax data build` can differ)."""
+    return {"cache": meta.get("name"), "corpus_fingerprint": meta.get("corpus_fingerprint"),
+            "vocab_sha256": meta.get("vocab_sha256")}
 
 
 def default_cache(cfg: TrainConfig, vocab_size: int) -> Path:
@@ -248,7 +256,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
         if logged:
             train_loss, tokens_per_s, mfu = logged[-1]["ce"], logged[-1]["tokens_per_second"], logged[-1]["mfu"]
     result = TrainResult(workdir=str(workdir), step=int(state.step), train_loss=train_loss, heldout_loss=ho_loss,
-                         tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped)
+                         tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped, data=data_identity(loader.meta))
     if is_main:
         (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result

@@ -83,6 +83,8 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
         assert (report / name).exists(), name
     summary = (report / "summary.md").read_text()
     assert "| dense |" in summary and "2.0600" in summary   # the paper's number beside ours
+    meta = json.loads((train_cache / "meta.json").read_text())
+    assert f"Data: token cache `{meta['corpus_fingerprint'][:8]}/{meta['vocab_sha256'][:8]}`" in summary
     # The report is regenerated from stored results alone.
     for f in report.iterdir():
         f.unlink()
@@ -148,3 +150,21 @@ def test_a_run_linked_from_another_family_is_reported_under_this_family_member(t
     (root / "1s_7of63_s0").symlink_to(other)
     (row,) = collect(root, fam)
     assert (row["member"], row["label"], row["seed"], row["heldout_loss"]) == ("1s_7of63", "1 + 7/63", 0, 5.8)
+
+
+def test_runs_on_different_data_builds_are_flagged_in_the_report(tmp_path):
+    from moe_jax.sweep.report import collect, data_note
+    fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny")))
+    for run, corpus in (("a_s0", "c0ffee00aa"), ("b_s0", "c0ffee00aa"), ("b_s1", "deadbeefbb")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "member.json").write_text(json.dumps({"member": run[0], "seed": int(run[-1]),
+                                                                "model": "x"}))
+        (tmp_path / run / "result.json").write_text(json.dumps(
+            {"stopped": "done", "heldout_loss": 5.5,
+             "data": {"cache": "default_v8192_s512", "corpus_fingerprint": corpus, "vocab_sha256": "0123456789"}}))
+    rows = collect(tmp_path, fam)
+    assert [r["data"] for r in rows] == ["c0ffee00/01234567", "c0ffee00/01234567", "deadbeef/01234567"]
+    note = data_note(rows)
+    assert note.startswith("**Warning") and "`deadbeef/01234567`: b_s1" in note and "a_s0, b_s0" in note
+    (tmp_path / "b_s1" / "result.json").unlink()
+    assert data_note(collect(tmp_path, fam)) == "Data: token cache `c0ffee00/01234567` (corpus/vocab fingerprints) for every run."

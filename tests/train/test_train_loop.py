@@ -50,7 +50,10 @@ def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path)
     assert np.isfinite(heldout[-1]["heldout/bits_per_byte"])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["15", "30"]
-    assert json.loads((tmp_path / "result.json").read_text())["step"] == 30
+    written = json.loads((tmp_path / "result.json").read_text())
+    meta = json.loads((train_cache / "meta.json").read_text())
+    assert written["step"] == 30 and written["data"] == {"cache": meta["name"], "vocab_sha256": meta["vocab_sha256"],
+                                                         "corpus_fingerprint": meta["corpus_fingerprint"]}
 
 
 def test_tensorboard_events_hold_the_metrics(train_cache, tmp_path):
