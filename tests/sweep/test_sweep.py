@@ -75,7 +75,9 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     again = sweep([fam, f"--workdir={root}"])
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    assert "dense_s0: finished, skipped" in out and "[1/1] moe_s0: launched on CPU core" in out
+    assert "dense_s0: finished, skipped" in out
+    # moe_s0 resumes, unless (on a loaded machine) it finished before the interrupt arrived.
+    assert "[1/1] moe_s0: launched on CPU core" in out or "moe_s0: finished, skipped" in out, out[-3000:]
     assert (root / "dense_s0" / "result.json").stat().st_mtime_ns == first     # not retrained
     assert json.loads((root / "moe_s0" / "result.json").read_text())["stopped"] == "done"
     report = root / "report"
