@@ -55,6 +55,7 @@ class TrainResult:
     tokens_per_second: float
     mfu: float
     stopped: str  # "done", "interrupted"
+    heldout_bits_per_byte: float | None = None
     data: dict = dataclasses.field(default_factory=dict)  # the token cache trained on: see `data_identity`
 
 
@@ -189,7 +190,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     base_key = jax.random.key(cfg.seed)
     last_good = start if step0 is not None else None
     train_loss = float("nan")
-    ho_loss = None
+    ho_loss = ho_bpb = None
     tokens_per_s = mfu = 0.0
     window_t, window_steps = time.perf_counter(), 0
     # A live bar on a terminal; plain log lines (steps, loss, tokens/s, MFU, ETA) otherwise.
@@ -256,7 +257,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
         if logged:
             train_loss, tokens_per_s, mfu = logged[-1]["ce"], logged[-1]["tokens_per_second"], logged[-1]["mfu"]
     result = TrainResult(workdir=str(workdir), step=int(state.step), train_loss=train_loss, heldout_loss=ho_loss,
-                         tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped, data=data_identity(loader.meta))
+                         tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped, data=data_identity(loader.meta),
+                         heldout_bits_per_byte=ho_bpb)
     if is_main:
         (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
