@@ -28,11 +28,13 @@ class ModelOutput:
       logits: [B, S, V] float32.
       moe_losses: auxiliary losses summed over all MoE layers (zeros for a dense model).
       stats: RoutingStats with a leading [L_moe] axis over MoE layers (in layer order), or None.
+      expert_ids: [L_moe, B*S, k] int32 routed experts each token used (-1: inactive), or None.
     """
 
     logits: jax.Array
     moe_losses: MoELosses
     stats: RoutingStats | None
+    expert_ids: jax.Array | None = None
 
     @property
     def aux_loss(self) -> jax.Array:
@@ -141,14 +143,16 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         inputs = BlockInputs(positions=positions, segment_ids=segment_ids, token_ids=tokens)
-        losses, stats = MoELosses.zeros(), []
+        losses, stats, expert_ids = MoELosses.zeros(), [], []
         for stack in self.stacks:
             x, aux = stack(x, inputs, rng)
             if aux is not None:
                 aux: MoEAux
                 losses = losses + jax.tree.map(lambda a: a.sum(0), aux.losses)
                 stats.append(aux.stats)
+                expert_ids.append(aux.expert_ids)
         x = self.final_norm(x)
         logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype)).astype(jnp.float32)
         stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
-        return ModelOutput(logits=logits, moe_losses=losses, stats=stacked)
+        ids = jnp.concatenate(expert_ids) if expert_ids else None
+        return ModelOutput(logits=logits, moe_losses=losses, stats=stacked, expert_ids=ids)

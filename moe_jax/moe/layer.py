@@ -43,10 +43,12 @@ class MoELosses:
 
 @struct.dataclass
 class MoEAux:
-    """What a MoE layer returns beside its output: losses for the objective, stats for metrics."""
+    """What a MoE layer returns beside its output: losses for the objective, stats for metrics, and the
+    routing it used: expert_ids [T, k] int32 (best first, -1 for an inactive assignment)."""
 
     losses: MoELosses
     stats: RoutingStats
+    expert_ids: jax.Array
 
 
 def _dtype(name: str):
@@ -83,6 +85,9 @@ class MoELayer(nnx.Module):
         b, s, d = x.shape
         xf = x.reshape(b * s, d)
         y = jnp.zeros_like(xf)
+        shared = None
+        if self.shared is not None and not self.cfg.disable_shared:  # disable_shared: §4.5 analysis
+            shared = self.shared(xf)
         aux = None
         if self.router is not None:
             m = self.cfg
@@ -99,10 +104,12 @@ class MoELayer(nnx.Module):
                 out = get_dispatch(m.dispatch)(xf, routing, experts, capacity_factor=m.capacity_factor,
                                                gmm_backend=m.gmm_backend)
             y = y + out.y
-            aux = MoEAux(losses=self._losses(routing, b, s),
-                         stats=routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs))
-        if self.shared is not None and not self.cfg.disable_shared:  # disable_shared: §4.5 analysis
-            y = y + self.shared(xf)
+            stats = routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs,
+                                  routing.indices, routed_out=out.y, shared_out=shared)
+            aux = MoEAux(losses=self._losses(routing, b, s), stats=stats,
+                         expert_ids=jnp.where(routing.mask, routing.indices, -1))
+        if shared is not None:
+            y = y + shared
         return y.reshape(b, s, d), aux
 
     def _losses(self, routing, b: int, s: int) -> MoELosses:

@@ -99,6 +99,9 @@ class Family:
       description: what the family reproduces (paper section).
       scales: named alternative scales, selected with --scale.
       follow_ups: commands run on each trained member (their metrics join the report).
+      pairs: (member, baseline) comparisons reported with paired seeds: the per-seed difference of
+        every metric (mean ± std over the seeds both have), the held-out curves' difference against
+        tokens, and the first evaluation from which the member stays below the baseline (crossover).
     """
 
     name: str
@@ -111,11 +114,15 @@ class Family:
     description: str = ""
     scales: Mapping[str, Scale] = dataclasses.field(default_factory=dict)
     follow_ups: tuple[FollowUp, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"family {self.name}: duplicate member names {names}")
+        unknown = sorted({n for pair in self.pairs for n in pair} - set(names))
+        if unknown:
+            raise ValueError(f"family {self.name}: pairs name {unknown}, which are not members ({names})")
 
     def runs(self, seeds: Sequence[int] | None = None, scale: str | None = None) -> list[Run]:
         """Every (member, seed) of the family at `scale` (None = the default proxy scale)."""

@@ -2,8 +2,10 @@
 
 Reads each member workdir's `member.json`, `result.json`, optional `eval.json` and `metrics.jsonl`;
 writes `<root>/report/`: `results.csv` (one row per run), `summary.md` (mean and spread over seeds
-per member, with the paper's numbers beside ours), `loss_curves.png` (training loss of every member
-overlaid, mean over seeds) and `bar_<metric>.png`.
+per member, with the paper's numbers beside ours; for a family with `pairs`, the paired per-seed
+differences and where each member's held-out curve overtakes its baseline), `loss_curves.png`
+(training loss of every member overlaid, mean over seeds), `bar_<metric>.png`, and from the periodic
+evaluations `heldout_curves.png` and `router_diagnostics.png` (`moe_jax.sweep.curves`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_jax.sweep import curves
 from moe_jax.sweep.family import Family
 
 
@@ -209,7 +212,17 @@ def write_report(family: Family, root: Path) -> Path:
     if note.startswith("**Warning"):
         print(f"moe-jax sweep: {note.replace('**', '')}", file=sys.stderr)
     text = f"# {family.name}\n\n{family.description}\n\n{table}\n\n{note}\n"
+    heldout = curves.run_curves(root, rows)
+    if family.pairs:
+        diffs = "\n\n".join(curves.paired_table(rows, family, m) for m in family.metrics
+                             if m not in ("tokens_per_second", "mfu"))
+        text += (f"\n## Paired differences (same seeds)\n\n{diffs}\n\n## Held-out curves: where the member "
+                 f"overtakes the baseline\n\n{curves.crossover_table(heldout, family)}\n")
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(root, rows, summary, family, out)
+    import matplotlib
+    matplotlib.use("Agg")
+    curves.plot_heldout(heldout, family, out)
+    curves.plot_diagnostics(root, rows, family, out)
     return out / "summary.md"

@@ -43,8 +43,9 @@ class TrainConfig:
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: how many recent checkpoints to keep.
       async_checkpointing: write checkpoints in the background (orbax).
-      peak_flops_per_device: FLOP/s used for model-FLOPs utilisation; 0 = measure a large matmul at
-        start-up in the compute dtype.
+      peak_flops_per_device: FLOP/s used for model-FLOPs utilisation; 0 = the machine's matmul peak in
+        the compute dtype, measured once per machine and usable core count and then read from a cache
+        (`moe_jax.train.metrics.machine_peak_flops`), so that the MFU of runs on one machine compare.
     """
 
     steps: int = 300

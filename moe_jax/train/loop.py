@@ -35,9 +35,9 @@ from moe_jax.parallel import MeshConfig, ShardingError, build_mesh, describe, sh
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
 from moe_jax.train.checkpoint import Checkpointer, abstract_like
 from moe_jax.train.config import TrainConfig
-from moe_jax.train.metrics import MetricsWriter, measure_peak_flops, read_metrics, scalar_metrics
+from moe_jax.train.metrics import MetricsWriter, RoutingChanges, machine_peak_flops, read_metrics, scalar_metrics
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from moe_jax.train.step import TrainState, make_eval_step, make_train_step
+from moe_jax.train.step import TrainState, make_eval_step, make_routing_probe, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -180,12 +180,22 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     eval_step = jax.jit(make_eval_step(graphdef, rest), out_shardings=replicated)  # totals visible to every process
     counts = count_params(model_cfg, cfg.seq_len)
     flops_per_token = counts.flops / cfg.seq_len
-    peak = cfg.peak_flops_per_device or measure_peak_flops(jnp.dtype(model_cfg.dtype))
+    if cfg.peak_flops_per_device:
+        peak, peak_note = cfg.peak_flops_per_device, "matmul peak from TrainConfig.peak_flops_per_device"
+    else:
+        peak, peak_note = machine_peak_flops(jnp.dtype(model_cfg.dtype))
     moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.is_moe_layer(l)]
     writer = MetricsWriter(workdir, enabled=is_main)
+    probe = jax.jit(make_routing_probe(graphdef, rest), out_shardings=replicated)
+    with jax.set_mesh(mesh):
+        routing_changes = RoutingChanges(workdir, probe, shard_batch(next(heldout_loader(True)), mesh), moe_layers,
+                                         enabled=is_main)
+        if start == 0 and moe_layers:
+            routing_changes.update(state.params)   # the routing at initialisation
     if is_main:
         print(f"mesh {describe(mesh)}; {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M "
-              f"activated); {cfg.batch_size} x {cfg.seq_len} tokens per step; data {cache}", flush=True)
+              f"activated); {cfg.batch_size} x {cfg.seq_len} tokens per step; data {cache}; MFU against the "
+              f"{peak_note}", flush=True)
 
     base_key = jax.random.key(cfg.seed)
     last_good = start if step0 is not None else None
@@ -235,7 +245,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ho = heldout_pass(eval_step, state.params, heldout_loader(True), mesh, cfg.eval_batches)
                 ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
-                writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
+                writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb,
+                                    **routing_changes.update(state.params)})
                 if is_main:
                     bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason:

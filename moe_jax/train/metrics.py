@@ -12,7 +12,8 @@ import numpy as np
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one device on a large square matmul in `dtype` (median of `repeats` after warm-up)."""
+    """FLOP/s of one device on a large square matmul in `dtype`: the best of `repeats` after warm-up
+    (other work on the machine only ever slows a repeat down, so the best is the steadiest estimate)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -21,7 +22,49 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> fl
         t = time.perf_counter()
         f(a).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(times))
+    return 2 * n ** 3 / float(np.min(times))
+
+
+def machine_key(dtype) -> str:
+    """What the matmul peak depends on: backend, device kind, processor and usable cores, dtype."""
+    import os
+    import platform
+    cpu = ""
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    dev = jax.devices()[0]
+    return f"{jax.default_backend()}|{dev.device_kind}|{cpu or platform.machine()}|{cores} cores|{jnp.dtype(dtype).name}"
+
+
+def machine_peak_flops(dtype=jnp.float32, cache: str | Path | None = None) -> tuple[float, str]:
+    """The matmul peak used for MFU, fixed per machine so that runs are comparable: measured once (the
+    best of 20 repeats of a 2048^3 matmul) and kept in `cache` (default
+    $XDG_CACHE_HOME/moe_jax/peak_flops.json) under `machine_key(dtype)`. Returns (FLOP/s, a note)."""
+    import os
+    path = Path(cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe_jax" / "peak_flops.json")
+    key = machine_key(dtype)
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except ValueError:
+            table = {}
+    if key in table:
+        entry = table[key]
+        return float(entry["flops"]), f"matmul peak {entry['flops'] / 1e9:.1f} GFLOP/s ({path}, measured {entry['date']})"
+    flops = measure_peak_flops(dtype, repeats=20)
+    table[key] = {"flops": flops, "date": time.strftime("%Y-%m-%d")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return flops, f"matmul peak {flops / 1e9:.1f} GFLOP/s (measured now, kept in {path})"
 
 
 def scalar_metrics(metrics: Mapping[str, np.ndarray], moe_layers: list[int]) -> dict[str, float]:
@@ -73,3 +116,44 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def topk_changed(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Share of routing choices that changed: [L, T, k] expert ids (-1 = inactive) of one fixed batch at
+    two evaluations -> [L], the fraction of `current`'s active choices that were not among the same
+    token's choices in `previous` (0 = the router's top-k is frozen, about 1 - k/E = random)."""
+    active = current >= 0
+    kept = (current[..., :, None] == previous[..., None, :]).any(-1) & active
+    return 1.0 - kept.sum(axis=(1, 2)) / np.maximum(active.sum(axis=(1, 2)), 1)
+
+
+class RoutingChanges:
+    """Tracks how the routing of one fixed held-out batch moves between evaluations.
+
+    `update(params)` runs `probe(params, batch)` (-> [L_moe, T, k] expert ids, see
+    `moe_jax.train.step.make_routing_probe`) and returns {"moe/layer{l}/topk_changed": share, ...,
+    "moe/mean_topk_changed": mean} against the previous call (empty on the first). The last ids are
+    kept in `<workdir>/routing_probe.npy`, so a resumed run compares with the evaluation before it.
+    """
+
+    def __init__(self, workdir: str | Path, probe, batch, moe_layers: list[int], enabled: bool = True):
+        self.path, self.probe, self.batch, self.layers = Path(workdir) / "routing_probe.npy", probe, batch, moe_layers
+        self.enabled = enabled
+        self.previous = np.load(self.path) if self.path.exists() else None
+
+    def update(self, params) -> dict[str, float]:
+        if not self.layers:
+            return {}
+        ids = self.probe(params, self.batch)
+        if ids is None:
+            return {}
+        ids = np.asarray(jax.device_get(ids))
+        out: dict[str, float] = {}
+        if self.previous is not None and self.previous.shape == ids.shape:
+            changed = topk_changed(self.previous, ids)
+            out = {f"moe/layer{l}/topk_changed": float(c) for l, c in zip(self.layers, changed)}
+            out["moe/mean_topk_changed"] = float(changed.mean())
+        self.previous = ids
+        if self.enabled:
+            np.save(self.path, ids)
+        return out

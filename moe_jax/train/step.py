@@ -8,6 +8,7 @@ state unchanged and reports `finite = False`, so the loop can stop with the last
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -79,11 +80,20 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
                    "device_balance": losses.device_balance, "z_loss": losses.z_loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step), "finite": finite, "tokens": count}
         if stats is not None:
-            metrics.update(max_load=stats.max_load, dropped_fraction=stats.dropped_fraction,
-                           router_entropy=stats.router_entropy, tokens_per_expert=stats.tokens_per_expert)
+            metrics.update({f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)})
         return new_state, metrics
 
     return train_step
+
+
+def make_routing_probe(graphdef, rest) -> Callable:
+    """probe(params, batch) -> [L_moe, B*S, k] int32 routed experts of every token (-1: inactive), or
+    None for a dense model: the routing a fixed batch gets, compared between evaluations."""
+
+    def probe(params, batch):
+        return forward(graphdef, rest, params, batch, None).expert_ids
+
+    return probe
 
 
 def make_eval_step(graphdef, rest) -> Callable:

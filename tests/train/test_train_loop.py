@@ -42,16 +42,24 @@ def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path)
     assert steps[-1]["ce"] < steps[0]["ce"] - 0.3, (steps[0]["ce"], steps[-1]["ce"])
     for key in ("loss", "ce", "expert_balance", "device_balance", "z_loss", "learning_rate", "grad_norm",
                 "tokens_per_second", "mfu", "moe/layer0/max_load", "moe/layer1/max_load",
-                "moe/layer0/dropped_fraction", "moe/layer1/router_entropy"):
+                "moe/layer0/dropped_fraction", "moe/layer1/router_entropy", "moe/mean_router_entropy_norm",
+                "moe/layer0/topk_mass", "moe/layer1/load_cv", "moe/mean_dead_experts", "moe/layer0/routed_norm",
+                "moe/layer0/shared_norm"):
         assert key in steps[-1], key
+    assert 0.0 < steps[-1]["moe/mean_router_entropy_norm"] <= 1.0 and steps[-1]["moe/layer0/shared_norm"] > 0.0
     heldout = [r for r in records if "heldout/loss" in r]
     assert [r["step"] for r in heldout] == [15, 30]
+    # The share of top-k choices of a fixed held-out batch that changed since the previous evaluation
+    # (the first compares with the routing at initialisation).
+    assert 0.0 <= heldout[0]["moe/mean_topk_changed"] <= 1.0 and "moe/layer1/topk_changed" in heldout[0]
+    assert (tmp_path / "routing_probe.npy").exists()
     assert result.heldout_loss == pytest.approx(heldout[-1]["heldout/loss"])
     assert np.isfinite(heldout[-1]["heldout/bits_per_byte"])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["15", "30"]
     written = json.loads((tmp_path / "result.json").read_text())
     meta = json.loads((train_cache / "meta.json").read_text())
+    assert written["heldout_bits_per_byte"] == pytest.approx(heldout[-1]["heldout/bits_per_byte"])
     assert written["step"] == 30 and written["data"] == {"cache": meta["name"], "vocab_sha256": meta["vocab_sha256"],
                                                          "corpus_fingerprint": meta["corpus_fingerprint"]}
 

@@ -1,0 +1,56 @@
+"""Router diagnostics: hand-computed goldens for the statistics and the top-k change share, the
+per-machine matmul peak cache, and the diagnostics reaching metrics.jsonl in a real run."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.moe.stats import routing_stats
+from moe_jax.train import metrics as M
+
+
+def test_routing_stats_goldens():
+    probs = jnp.asarray([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    indices = jnp.asarray([[0, 1], [3, 2]])
+    mask = jnp.asarray([[True, True], [True, False]])
+    counts = jnp.asarray([1, 1, 0, 1])
+    routed = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
+    st = routing_stats(counts, jnp.zeros((2, 2), bool), mask, probs, indices, routed_out=routed)
+    h0 = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))
+    h1 = np.log(4.0)
+    np.testing.assert_allclose(st.router_entropy, (h0 + h1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(st.router_entropy_norm, (h0 + h1) / 2 / np.log(4.0), rtol=1e-6)
+    np.testing.assert_allclose(st.topk_mass, ((0.5 + 0.25) + 0.25) / 2, rtol=1e-6)   # masked choice excluded
+    np.testing.assert_allclose(st.load_cv, np.std([1, 1, 0, 1]) / 0.75, rtol=1e-6)
+    assert float(st.dead_experts) == 1.0
+    np.testing.assert_allclose(st.routed_norm, 2.5, rtol=1e-6)                      # (5 + 0) / 2
+    assert float(st.shared_norm) == 0.0
+
+
+def test_uniform_router_values():
+    e, k, t = 16, 2, 64
+    probs = jnp.full((t, e), 1.0 / e)
+    indices = jnp.tile(jnp.arange(k), (t, 1))
+    st = routing_stats(jnp.full((e,), t * k / e), jnp.zeros((t, k), bool), jnp.ones((t, k), bool), probs, indices)
+    np.testing.assert_allclose(st.router_entropy_norm, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(st.topk_mass, k / e, rtol=1e-6)
+    assert float(st.load_cv) == 0.0 and float(st.dead_experts) == 0.0
+
+
+def test_topk_changed_golden():
+    prev = np.array([[[0, 1], [2, 3]], [[0, 1], [0, 1]]])
+    cur = np.array([[[1, 0], [2, 4]], [[2, -1], [3, 4]]])
+    # layer 0: token 0 same set, token 1 one of two changed -> 1/4; layer 1: 3 active, all new -> 1
+    np.testing.assert_allclose(M.topk_changed(prev, cur), [0.25, 1.0])
+
+
+def test_machine_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(M, "measure_peak_flops", lambda dtype, repeats=5: calls.append(repeats) or 1e11)
+    path = tmp_path / "peak.json"
+    flops, note = M.machine_peak_flops(jnp.float32, cache=path)
+    assert flops == 1e11 and "measured now" in note and calls == [20]
+    flops2, note2 = M.machine_peak_flops(jnp.float32, cache=path)
+    assert flops2 == 1e11 and "measured 20" in note2 and calls == [20]   # read back, not measured again
+    assert M.machine_key(jnp.float32) in json.loads(path.read_text())
