@@ -88,12 +88,13 @@ def make_state_step(model_cfg: ModelConfig, cfg: TrainConfig):
     return step, state, tx
 
 
-def full_step_table(model_cfg: ModelConfig, cfg: TrainConfig, kernels: list[str], steps: int) -> list[dict]:
+def full_step_table(variants: list[tuple[str, ModelConfig, TrainConfig]], steps: int) -> list[dict]:
+    """Each variant's step compiled and warmed up, then all run alternately `steps` times."""
+    model_cfg, cfg = variants[0][1], variants[0][2]
     batch, rng = random_batch(cfg, model_cfg.vocab_size), jax.random.key(1)
     runs = []
-    for name in kernels:
-        mcfg = model_cfg if model_cfg.moe is None else model_cfg.replace_moe(gmm_backend=name)
-        step, state, _ = make_state_step(mcfg, cfg)
+    for name, mcfg, vcfg in variants:
+        step, state, _ = make_state_step(mcfg, vcfg)
         for _ in range(2):
             state, metrics = step(state, batch, rng)
             jax.block_until_ready(metrics["loss"])
@@ -197,19 +198,28 @@ def main(argv=None):
     p.add_argument("--gin_file", default="runs/proxy_cpu.gin")
     p.add_argument("--gin", action="append", default=[], help="extra binding, e.g. MoEConfig.top_k=4")
     p.add_argument("--gmm", default="auto", help="comma-separated grouped-matmul kernels to compare")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:BINDING[;BINDING]",
+                   help="also compare the step with these extra bindings (repeatable), e.g. "
+                        "'xla_attention:ModelConfig.attention_impl=\"xla\"'")
     p.add_argument("--steps", type=int, default=8, help="timed steps per kernel")
     p.add_argument("--profile", action="store_true", help="also time the step's parts alone")
     a = p.parse_args(argv)
-    model_cfg, cfg = load_configs(a.model, a.gin_file, a.gin)
     kernels = [prepare_gmm(k) if k == "auto" else k for k in a.gmm.split(",")]
+    variants = []
+    for kernel in kernels:
+        variants.append((kernel, *load_configs(a.model, a.gin_file, [*a.gin, f"MoEConfig.gmm_backend='{kernel}'"])))
+    for spec in a.variant:
+        name, _, bindings = spec.partition(":")
+        variants.append((name, *load_configs(a.model, a.gin_file, [*a.gin, *filter(None, bindings.split(";"))])))
+    model_cfg, cfg = variants[0][1], variants[0][2]
     counts = count_params(model_cfg, cfg.seq_len)
     tokens = cfg.batch_size * cfg.seq_len
     print(environment())
     print(f"{a.model} ({a.gin_file}): {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated, "
           f"{counts.flops / cfg.seq_len / 1e6:.2f} MFLOP/token; {cfg.batch_size} x {cfg.seq_len} tokens per step\n")
-    runs = full_step_table(model_cfg, cfg, kernels, a.steps)
+    runs = full_step_table(variants, a.steps)
     base = statistics.median(runs[0]["wall"])
-    print("| kernel | step (s) | CPU s/step | tokens/s | vs first | loss after the timed steps |")
+    print("| variant | step (s) | CPU s/step | tokens/s | vs first | loss after the timed steps |")
     print("|---|---|---|---|---|---|")
     for r in runs:
         w, c = statistics.median(r["wall"]), statistics.median(r["cpu"])
@@ -217,9 +227,8 @@ def main(argv=None):
     if a.profile:
         step_wall = statistics.median(runs[0]["wall"])
         step_cpu = statistics.median(runs[0]["cpu"])
-        rows = profile_parts(model_cfg.replace_moe(gmm_backend=kernels[0]) if model_cfg.moe else model_cfg,
-                             cfg, max(3, a.steps // 2))
-        print(f"\nParts of the step ({kernels[0]}), each timed alone, forward + backward:\n")
+        rows = profile_parts(model_cfg, cfg, max(3, a.steps // 2))
+        print(f"\nParts of the step ({runs[0]['name']}), each timed alone, forward + backward:\n")
         print("| part | wall s/step | share of the step | CPU s/step |")
         print("|---|---|---|---|")
         top = [r for r in rows if not r[0].startswith("  ")]
