@@ -194,8 +194,8 @@ class Checkpointer:
             shown = "\n  - ".join(mismatches[:20]) + (f"\n  - and {len(mismatches) - 20} more" if len(mismatches) > 20
                                                      else "")
             raise CheckpointError(
-                f"checkpoint {step_dir} was written by a different model configuration; "
-                f"{len(mismatches)} array(s) do not match the model:\n  - {shown}\n"
+                f"checkpoint {step_dir} was written by a different model configuration; these arrays do not "
+                f"match the model:\n  - {shown}\n"
                 f"Train with the configuration the workdir was trained with (its config.gin, unchanged: "
                 f"leave out the --gin overrides that change the model), or use a new --workdir. Nothing was written.")
 

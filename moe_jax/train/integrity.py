@@ -94,21 +94,31 @@ def _shape_dtype(leaf) -> tuple[tuple, str]:
     return tuple(getattr(leaf, "shape", ())), str(np.dtype(getattr(leaf, "dtype", np.float32)))
 
 
+def _mismatch(name: str, have: dict, want: dict) -> str | None:
+    if name not in want:
+        return f"{name}: in the checkpoint {have[name][0]}, but the model has no such array"
+    if name not in have:
+        return f"{name}: the model has {want[name][0]}, but the checkpoint has no such array"
+    if have[name][0] != want[name][0]:
+        return f"{name}: checkpoint {have[name][0]}, model {want[name][0]}"
+    if have[name][1] != want[name][1]:
+        return f"{name}: checkpoint dtype {have[name][1]}, model {want[name][1]}"
+    return None
+
+
 def shape_mismatches(saved: Any, expected: Any) -> list[str]:
     """Parameter by parameter: arrays of the checkpoint's metadata tree `saved` whose shape or dtype
-    differ from `expected` (the model's abstract train state), and arrays only one side has."""
+    differ from `expected` (the model's abstract train state), and arrays only one side has. Parameters
+    come first; optimizer-state arrays that mirror a listed parameter are counted in one last line."""
     have = {leaf_name(p): _shape_dtype(l) for p, l in jax.tree_util.tree_flatten_with_path(saved)[0]}
     want = {leaf_name(p): _shape_dtype(l) for p, l in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    out = []
-    for name in sorted(set(have) | set(want)):
-        if name not in want:
-            out.append(f"{name}: in the checkpoint {have[name][0]}, but the model has no such array")
-        elif name not in have:
-            out.append(f"{name}: the model has {want[name][0]}, but the checkpoint has no such array")
-        elif have[name][0] != want[name][0]:
-            out.append(f"{name}: checkpoint {have[name][0]}, model {want[name][0]}")
-        elif have[name][1] != want[name][1]:
-            out.append(f"{name}: checkpoint dtype {have[name][1]}, model {want[name][1]}")
+    bad = {n: m for n in sorted(set(have) | set(want)) if (m := _mismatch(n, have, want))}
+    params = [n for n in bad if n.startswith("params/")]
+    suffixes = tuple("/" + n[len("params/"):] for n in params)
+    mirrors = [n for n in bad if not n.startswith("params/") and suffixes and n.endswith(suffixes)]
+    out = [bad[n] for n in params] + [bad[n] for n in bad if n not in params and n not in mirrors]
+    if mirrors:
+        out.append(f"and {len(mirrors)} optimizer-state arrays (AdamW moments) of the parameters above")
     return out
 
 
