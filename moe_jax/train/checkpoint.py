@@ -154,8 +154,8 @@ class Checkpointer:
             others = [s for s in self.all_steps() if s != step]
             raise CheckpointError(
                 f"checkpoint step {step} ({self.directory / str(step)}) is damaged: {err}. Nothing was moved or "
-                f"deleted. Restore another step (--restore_step, available: {others}) or leave out --restore_step "
-                f"to set damaged steps aside and fall back to the latest intact one") from None
+                f"deleted. Restore another step (available: {others}), or let `moe-jax train` (without "
+                f"--restore_step) set damaged steps aside and fall back to the latest intact one") from None
 
     def _checked(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         step_dir = self.directory / str(step)
