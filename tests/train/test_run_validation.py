@@ -91,16 +91,20 @@ def test_restore_step_that_does_not_exist_is_refused(used_workdir, train_cache):
     assert_untouched(used_workdir)
 
 
-def test_a_run_that_drops_most_assignments_says_so(tmp_path, train_cache):
+def test_a_run_that_drops_most_assignments_says_so(used_workdir, train_cache):
     model = tiny_model(dispatch="capacity", capacity_factor=0.02)
     cfg = tiny_train(train_cache, steps=4, warmup_steps=1, log_every=1, eval_every=0, eval_batches=1,
                      checkpoint_every=4)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        train(tmp_path, model, cfg, MeshConfig(data=-1), progress=False)
+        train(used_workdir, model, cfg, MeshConfig(data=-1), progress=False, gin_config="# this run\n")
     assert ("warning: at step 3 the MoE layers have dropped more than half of the token-to-expert assignments "
             "for 3 logged steps running") in out.getvalue()
     assert "capacity_factor=0.02" in out.getvalue() and out.getvalue().count("warning: at step") == 1
+    # The run started, so config.gin is now this run's; the earlier one is kept beside it.
+    assert (used_workdir / "config.gin").read_text() == "# this run\n"
+    kept = list(used_workdir.glob("config.gin.*.prev"))
+    assert len(kept) == 1 and kept[0].read_text() == OLD_CONFIG and f"the previous one is {kept[0]}" in out.getvalue()
 
 
 def test_data_build_refuses_a_vocab_of_another_size(tmp_path, train_cache, capsys):
