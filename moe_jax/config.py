@@ -111,6 +111,9 @@ class MoEConfig:
         _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
         _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
         _check_choice("MoEConfig.expert_parallel", self.expert_parallel, EXPERT_PARALLEL_SCHEMES)
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 (capacity = "
+                             f"ceil(capacity_factor * tokens * top_k / num_experts) slots per expert; 1.0-2.0 is usual)")
         if self.ep_buffer_factor < 0:
             raise ValueError(f"MoEConfig.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = dropless)")
         if self.num_experts < 0 or self.num_shared_experts < 0:

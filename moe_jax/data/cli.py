@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build corpus, vocabulary, token cache (and fetch eval sets)")
     _add_common(b)
+    b.set_defaults(vocab_size=None)   # None: not given (checked against --vocab), then the default
     b.add_argument("--seq_len", default=str(paths.DEFAULT_SEQ_LEN),
                    help="cache sequence length(s), comma-separated (default 512)")
     b.add_argument("--sources", type=_csv, default=None, help="package sources to use (default: all default ones)")
@@ -84,12 +85,32 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_vocab_args(a) -> None:
+    """--vocab with a --vocab_size it does not have is refused before anything is built."""
+    if not a.vocab:
+        return
+    vpath = Path(a.vocab).resolve()
+    if not vpath.exists():
+        raise DataError(f"--vocab {vpath} does not exist")
+    if a.vocab_size is not None:
+        import sentencepiece as spm
+
+        size = spm.SentencePieceProcessor(model_file=str(vpath)).get_piece_size()
+        if size != a.vocab_size:
+            raise DataError(f"--vocab {vpath} has {size} pieces, but --vocab_size {a.vocab_size} was given: leave out "
+                            f"--vocab_size (the vocabulary's own size is used), or leave out --vocab to train a "
+                            f"{a.vocab_size}-piece vocabulary. Nothing was built.")
+
+
 def _build(a) -> int:
     from moe_jax.data import corpus as corpus_mod
     from moe_jax.data.cache import build_cache
     from moe_jax.data.sources import DEFAULT_SOURCES, SOURCES
     from moe_jax.data.vocab import train_vocab
 
+    _check_vocab_args(a)
+    if a.vocab_size is None:
+        a.vocab_size = paths.DEFAULT_VOCAB_SIZE
     t0 = time.time()
     progress = not a.quiet
     root = paths.data_dir(a.data_dir)

@@ -3,7 +3,8 @@
     moe-jax train --model=deepseekmoe_tiny --gin_file=runs/proxy_cpu.gin --workdir=workdirs/ds_tiny \\
         [--gin.KEY=VALUE ...] [--mesh=data:2,expert:4] [--restore_step=N]
 
-The effective gin configuration is written to <workdir>/config.gin. Running the same command again
+The effective gin configuration is written to <workdir>/config.gin once the run has started (after every
+check; a different previous one is kept as config.gin.<time>.prev). Running the same command again
 resumes from the latest checkpoint in the workdir; `moe-jax train --workdir=DIR` alone continues
 with DIR/config.gin (e.g. after `moe-jax import`).
 """
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and config.gin")
     p.add_argument("--mesh", default="", help="mesh axes, e.g. data:2,expert:4 (default: MeshConfig from gin)")
     p.add_argument("--restore_step", type=int, default=None, help="restore this step instead of the latest")
+    p.add_argument("--discard_later_steps", action="store_true",
+                   help="with --restore_step: move later checkpoints to checkpoints/discarded/ (kept) and continue")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     from moe_jax.parallel import add_distributed_args
     add_distributed_args(p)
@@ -45,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                   "file (--gin_file=runs/proxy_cpu.gin), or a --workdir that holds a config.gin", file=sys.stderr)
             return 2
         gin_files = [str(saved)]   # continue a run (or an imported checkpoint) with its own configuration
-    from moe_jax.parallel import distributed_config_from_args, initialize_distributed
-    initialize_distributed(distributed_config_from_args(args))
+    from moe_jax.parallel import DistributedError, distributed_config_from_args, initialize_distributed
+    try:
+        initialize_distributed(distributed_config_from_args(args))
+    except (ValueError, DistributedError) as err:
+        print(f"moe-jax train: {err}", file=sys.stderr)
+        return 2
     try:
         parse_gin(gin_files, gin_args.bindings, modules=TRAIN_MODULES)
         import gin
@@ -62,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from moe_jax.parallel import ShardingError
     from moe_jax.train.checkpoint import CheckpointError
     from moe_jax.train.loop import NonFiniteLossError, train
+    from moe_jax.train.validate import RunConfigError
     try:
         result = train(args.workdir, model_cfg, train_cfg, mesh_cfg, restore_step=args.restore_step,
-                       progress=not args.no_progress, gin_config=gin.config_str())
-    except (DataError, ShardingError, CheckpointError, NonFiniteLossError) as err:
+                       progress=not args.no_progress, gin_config=gin.config_str(),
+                       discard_later_steps=args.discard_later_steps)
+    except (DataError, ShardingError, CheckpointError, NonFiniteLossError, RunConfigError) as err:
         print(f"moe-jax train: {err}", file=sys.stderr)
         return 1
     print(f"done: step {result.step}, train loss {result.train_loss:.4f}, held-out loss "

@@ -84,5 +84,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} does not divide into "
                              f"grad_accum_steps={self.grad_accum_steps} micro-batches")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate} must be > 0 (a negative rate climbs the "
+                             f"loss): set --gin.LEARNING_RATE to a positive value such as 1e-3")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")

@@ -3,8 +3,9 @@
 Order of work (every check that can fail runs before anything is compiled):
   1. mesh from MeshConfig; sizes validated against the model and batch;
   2. data loaders opened (a missing/empty cache or a too-long sequence fails here);
-  3. abstract train state and its shardings; the latest checkpoint (if any) restored onto them,
-     otherwise parameters initialised directly in their shardings;
+  3. abstract train state and its shardings; the latest checkpoint (if any) verified (checksums, shapes,
+     finite values; damaged steps set aside) and restored onto them, otherwise parameters initialised
+     directly in their shardings; only now are config.gin and metrics.jsonl touched (moe_jax.train.workdir);
   4. steps; metrics every `log_every`; held-out loss every `eval_every`; checkpoints every
      `checkpoint_every` (async) and at the end, on Ctrl-C/SIGTERM, never after a non-finite step.
 """
@@ -33,11 +34,14 @@ from moe_jax.evaluate.heldout import heldout_pass
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel import MeshConfig, ShardingError, build_mesh, describe, shard_batch, validate
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
+from moe_jax.train.alerts import DropWatch
 from moe_jax.train.checkpoint import Checkpointer, abstract_like
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.metrics import MetricsWriter, RoutingChanges, machine_peak_flops, read_metrics, scalar_metrics
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.step import TrainState, make_eval_step, make_routing_probe, make_train_step
+from moe_jax.train.validate import validate_run
+from moe_jax.train.workdir import check_restore_step, start_run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,20 +112,37 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _heldout_check(loss: float | None, step: int, ckpt: Checkpointer, writer: MetricsWriter) -> None:
+    """A non-finite held-out loss ends the run with an error (exit status 1 from the CLI)."""
+    if loss is None or math.isfinite(loss):
+        return
+    ckpt.close()
+    writer.close()
+    raise NonFiniteLossError(
+        f"held-out loss is {loss} at step {step}, although every parameter is finite: evaluation overflows "
+        f"(try ModelConfig.dtype='float32') or the held-out data is broken (rebuild the cache with "
+        f"`moe-jax data build --force_cache`). Checkpoints in {ckpt.directory} are kept; no result.json was written.")
+
+
 def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig | None = None, *,
-          restore_step: int | None = None, progress: bool = True, gin_config: str | None = None) -> TrainResult:
-    """Train `model_cfg` as `cfg` says, in `workdir` (resuming from its latest checkpoint)."""
+          restore_step: int | None = None, progress: bool = True, gin_config: str | None = None,
+          discard_later_steps: bool = False) -> TrainResult:
+    """Train `model_cfg` as `cfg` says, in `workdir` (resuming from its latest checkpoint).
+
+    Nothing is written to `workdir` before the configuration, the mesh, the data and the checkpoint to
+    restore are checked; `gin_config` then becomes `workdir/config.gin` (a different previous one is kept).
+    `restore_step` with later checkpoints present is refused unless `discard_later_steps` sets them aside.
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if gin_config is not None and is_main:
-        (workdir / "config.gin").write_text(gin_config)
 
     # 1. Mesh and sizes (before any compile).
     try:
         mesh = build_mesh(mesh_cfg or MeshConfig())
     except ValueError as err:
         raise ShardingError(f"{err}: change --mesh (or MeshConfig) to use exactly the available devices") from err
+    validate_run(model_cfg, cfg, mesh)
+    check_restore_step(workdir, restore_step, discard_later_steps)
     make_model = lambda: Transformer(model_cfg, nnx.Rngs(cfg.seed))
     abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -157,12 +178,21 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     rest = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2],
                    out_shardings=state_shardings(abstract_rest, mesh))()
 
-    ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
-    step0 = restore_step if restore_step is not None else ckpt.latest_step()
-    if step0 is not None:
-        abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                    opt_state=abstract_opt)
-        state, data_state = ckpt.restore(step0, abstract_like(abstract_state, state_sh))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
+                        log=lambda line: print(line, flush=True) if is_main else None)
+    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                                opt_state=abstract_opt)
+    try:  # verified: checksums, shapes against the model, finite values; damaged latest steps set aside
+        restored = ckpt.restore_verified(abstract_like(abstract_state, state_sh), restore_step)
+        if restored is not None and discard_later_steps:
+            ckpt.discard_later_steps(restored[0])
+    except BaseException:
+        ckpt.close()
+        raise
+    step0 = None if restored is None else restored[0]
+    if restored is not None:
+        _, state, data_state = restored
         if data_state:   # an imported checkpoint has no data position: start the data from the beginning
             loader.set_state(data_state)
         print(f"restored checkpoint {ckpt.directory / str(step0)} (step {int(state.step)})", flush=True)
@@ -172,6 +202,8 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         state = jax.jit(init, out_shardings=state_sh)()
     start = int(state.step)
+    if is_main:  # the run starts: metrics rows it will repeat go (backed up), config.gin is written
+        start_run(workdir, start, finished=start >= cfg.steps, gin_config=gin_config)
 
     # 4. Steps.
     train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg.grad_accum_steps),
@@ -206,6 +238,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     # A live bar on a terminal; plain log lines (steps, loss, tokens/s, MFU, ETA) otherwise.
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
+    drops = DropWatch(model_cfg, log=bar.write if is_main else lambda line: None)
     stopped = "done"
     with _StopFlag() as stop, jax.set_mesh(mesh):
         step = start
@@ -213,13 +246,14 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             batch = shard_batch(next(loader), mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
             if not bool(metrics["finite"]):
-                ckpt.wait()
+                ckpt.close()
                 where = (f"the last good checkpoint is {ckpt.directory / str(last_good)} (step {last_good}); "
                          f"it is intact and the run resumes from it" if last_good is not None else
                          "no checkpoint was written yet")
                 writer.close()
+                what = "loss" if not math.isfinite(float(metrics["loss"])) else "parameters or optimizer state"
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} (loss={float(metrics['loss'])}, "
+                    f"non-finite {what} at step {step + 1} (loss={float(metrics['loss'])}, "
                     f"grad_norm={float(metrics['grad_norm'])}): stopping; {where}. Lower "
                     f"TrainConfig.learning_rate or check the data.")
             step += 1
@@ -236,6 +270,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                 hist = ({f"moe/layer{l}/tokens_per_expert": row for l, row in zip(moe_layers, host["tokens_per_expert"])}
                         if "tokens_per_expert" in host else {})
                 writer.write(step, scalars, hist)
+                drops.update(step, scalars)
                 train_loss = scalars["ce"]
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 if bar.disable and is_main:
@@ -247,6 +282,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                 ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
                 writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb,
                                     **routing_changes.update(state.params)})
+                _heldout_check(ho_loss, step, ckpt, writer)
                 if is_main:
                     bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason:
@@ -262,6 +298,7 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             ho = heldout_pass(eval_step, state.params, heldout_loader(False), mesh)
             ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
         writer.write(int(state.step), {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb})
+        _heldout_check(ho_loss, int(state.step), ckpt, writer)
     writer.close()
     if math.isnan(train_loss):  # no step ran now (the run had finished): report its last logged step
         logged = [r for r in read_metrics(workdir) if "ce" in r]

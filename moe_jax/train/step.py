@@ -3,8 +3,9 @@
     state, metrics = train_step(state, batch, rng)
 
 `batch` holds the seqio decoder features ([B, S] int32): decoder_input_tokens, decoder_target_tokens,
-decoder_loss_weights, decoder_segment_ids, decoder_positions. A non-finite loss or gradient leaves the
-state unchanged and reports `finite = False`, so the loop can stop with the last good state intact.
+decoder_loss_weights, decoder_segment_ids, decoder_positions. A non-finite loss, gradient, updated parameter
+or optimizer state leaves the state unchanged and reports `finite = False`, so the loop can stop with the
+last good state intact.
 """
 from __future__ import annotations
 
@@ -72,7 +73,11 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The updated parameters and optimizer state too: a damaged moment (e.g. negative) turns finite
+        # gradients into NaN updates.
+        all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                                                     if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params) & all_finite(opt_state)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state))

@@ -73,11 +73,18 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(train_cache, 
                   env={"MOE_JAX_KILL_DURING_SAVE": "6"})
     assert crashed.returncode == -signal.SIGKILL
     ckpts = wd / "checkpoints"
-    assert (ckpts / "3").is_dir()
+    assert (ckpts / "3").is_dir() and (ckpts / "3" / "moe_jax_sha256.json").is_file()   # checksummed
+    before = {p: p.read_bytes() for p in sorted((ckpts / "3").rglob("*")) if p.is_file()}
+    config = (wd / "config.gin").read_text()
     resumed = run(train_cmd(wd, train_cache, 6, "--gin.TrainConfig.checkpoint_every=3"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"restored checkpoint {ckpts / '3'}" in resumed.stdout
+    assert f"restored checkpoint {ckpts / '3'}" in resumed.stdout and "damaged" not in resumed.stdout
     assert "done: step 6" in resumed.stdout
+    # Nothing lost: step 3 byte-identical, config.gin as it was, one metrics row per step.
+    assert {p: p.read_bytes() for p in sorted((ckpts / "3").rglob("*")) if p.is_file()} == before
+    assert (wd / "config.gin").read_text() == config and not list(wd.glob("config.gin.*"))
+    rows = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert rows == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoint_moves_between_one_and_eight_devices(train_cache, tmp_path):
