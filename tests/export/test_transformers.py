@@ -55,9 +55,12 @@ def _our_logits(workdir, tokens: np.ndarray) -> np.ndarray:
 
 
 def _load(path, **kwargs):
+    """AutoModelForCausalLM.from_pretrained (eval mode); (model, loading info) with output_loading_info."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    out = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    (out[0] if isinstance(out, tuple) else out).eval()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +116,9 @@ def test_logits_parity_both_directions(kind, exported, text_tokens, tmp_path):
     cfg = json.loads((ex.out / "config.json").read_text())
     assert cfg["architectures"] == [ARCHITECTURES[kind]] and "auto_map" not in cfg
     assert ex.result.architecture == ARCHITECTURES[kind]
-    model = _load(ex.out, dtype="float32")
+    model, info = _load(ex.out, dtype="float32", output_loading_info=True)
     assert type(model).__name__ == ARCHITECTURES[kind]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     theirs = _torch_logits(model, text_tokens)
     ours = _our_logits(ex.workdir, text_tokens)
     err = max_rel_err(theirs, ours)
@@ -157,6 +161,40 @@ def test_qwen2moe_layout_details(exported):
     assert g["shared_expert_intermediate_size"] == 0 and g["mlp_only_layers"] == [0]
     sw = json.loads((exported("switch").out / "config.json").read_text())
     assert sw["mlp_only_layers"] == [1] and sw["head_dim"] == 8 and sw["num_experts_per_tok"] == 1
+
+
+def test_16b_config_describes_the_planned_tensors():
+    """DeepSeekMoE 16B as Qwen2Moe: transformers builds (on the meta device) a model with exactly the
+    parameters of our plan: per-layer names and shapes, and the 16.376B total plus the zero gates."""
+    import math
+
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from moe_jax.configs.gin_utils import model_config_from_gin, model_gin_path
+    from moe_jax.export.hf import abstract_param_shapes
+    from moe_jax.export.layout import QWEN2_MOE, plan
+    from moe_jax.export.transformers_config import to_transformers_config
+
+    cfg = model_config_from_gin([model_gin_path("deepseekmoe_16b")])
+    entries = plan(cfg, abstract_param_shapes(cfg), QWEN2_MOE)
+    names = {e.hf_name: e.hf_shape for e in entries}
+    assert names["model.layers.1.mlp.shared_expert.gate_proj.weight"] == (2816, 2048)
+    assert names["model.layers.1.mlp.shared_expert_gate.weight"] == (1, 2048)
+    assert names["model.layers.0.mlp.gate_proj.weight"] == (10944, 2048)
+    config = to_transformers_config(cfg, dtype="bfloat16", max_position_embeddings=4096, bos_token_id=0,
+                                    eos_token_id=1, pad_token_id=0)
+    config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "moe_jax", "torch_dtype")}
+    with torch.device("meta"):
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**config))
+    theirs = dict(model.named_parameters())
+    ours_total = sum(math.prod(s) for s in names.values())
+    assert sum(p.numel() for p in theirs.values()) == ours_total
+    assert abs((ours_total - 27 * 2048) / 1e9 - 16.376) < 0.01
+    for n, p in theirs.items():   # transformers fuses the routed experts of a layer in memory
+        if ".mlp.experts." not in n:
+            assert tuple(p.shape) == names[n], n
+    assert tuple(theirs["model.layers.5.mlp.experts.gate_up_proj"].shape) == (64, 2 * 1408, 2048)
 
 
 @pytest.mark.parametrize("kind", ["deepseekmoe"])
