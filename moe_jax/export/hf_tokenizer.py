@@ -9,7 +9,9 @@ prefix, no whitespace folding and byte fallback. That maps onto a `tokenizers` B
   - merges: every split (a, b) of a piece p = a + b with a, b pieces, ranked by p's id (SentencePiece
     orders BPE pieces by score, and BPE merges the highest-scored adjacent pair first), then by a's
     and b's ids;
-  - byte fallback to the <0xNN> pieces; control pieces (<pad>, </s>) and <unk> as special tokens;
+  - byte fallback to the <0xNN> pieces; control pieces (<pad>, </s>) and <unk> as special tokens,
+    which a text cannot produce (`split_special_tokens`: "</s>" in a text is encoded as characters,
+    as SentencePiece does);
   - a post-processor that prepends BOS = <pad> (id 0): our models were trained on seqio decoder inputs,
     which start every sequence with id 0 (the project has no BOS piece).
 `tests/export/test_transformers.py` checks `AutoTokenizer(out)(text).input_ids == [0] + sp.encode(text)`.
@@ -106,7 +108,9 @@ def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int) -> No
     sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     pad, eos, unk = (sp.id_to_piece(ids[k]) for k in ("pad_id", "eos_id", "unk_id"))
     special = {"bos_token": pad, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+    # split_special_tokens: "</s>" in a text is text (SentencePiece encodes control pieces only by id).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, "add_bos_token": True,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False, **special}
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "split_special_tokens": True,
+              **special}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -224,13 +224,15 @@ def test_greedy_generate_matches_ours(kind, exported, corpus):
 
 def test_tokenizer_parity(exported, corpus):
     """AutoTokenizer(out) = BOS (id 0, what training prepends) + the SentencePiece ids, on the corpus and
-    on text with digits, unicode, byte fallback and odd whitespace; decoding gives the text back."""
+    on text with digits, unicode, byte fallback, odd whitespace and special-token strings (text, as for
+    SentencePiece); decoding gives the text back."""
     from transformers import AutoTokenizer
 
     ex = exported("dense")
     tok = AutoTokenizer.from_pretrained(ex.out)
     docs, sp = corpus
-    samples = docs + ["Hello  World 12345 ünïcödé 日本語 🙂\n\ttabs   end ", " leading space", "a\n\nb", "x"]
+    samples = docs + ["Hello  World 12345 ünïcödé 日本語 🙂\n\ttabs   end ", " leading space", "a\n\nb", "x",
+                      "perlre: modifier C</s>. <pad> and <unk> are text here"]
     assert tok.bos_token_id == 0 and tok.eos_token_id == 1 and tok.pad_token_id == 0
     for text in samples:
         ids = tok(text).input_ids
