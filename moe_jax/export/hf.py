@@ -37,9 +37,9 @@ import numpy as np
 from moe_jax.config import ModelConfig
 from moe_jax.export import layout
 from moe_jax.export.hf_config import gin_from_hf_config, to_hf_config
-from moe_jax.export.hf_tokenizer import write_tokenizer
+from moe_jax.export.hf_tokenizer import tokenizer_json, write_tokenizer
 from moe_jax.export.layout import DEEPSEEK, Layout, LayoutError, TensorEntry
-from moe_jax.export.transformers_config import (MODEL_TYPES, gin_from_transformers_config,
+from moe_jax.export.transformers_config import (MODEL_TYPES, gin_from_transformers_config, grouped_mm_aligned,
                                                 to_transformers_config)
 from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
 from moe_jax.export.safetensors_io import DTYPES, ShardFile, dtype_code, load_tensor, read_header
@@ -171,6 +171,10 @@ def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]
         if m.second_expert_policy == "random":
             out.append("second_expert_policy='random' (GShard) is a training-time policy; transformers keeps all "
                        "top-k choices, as our model does without an rng")
+        if lay.name == "qwen2_moe" and not grouped_mm_aligned(model_cfg):
+            out.append(f"d_model={model_cfg.d_model} / expert width {m.expert_dim} are not multiples of 8: torch's "
+                       f"grouped_mm (transformers' default MoE kernel) cannot run them, so config.json sets "
+                       f"experts_implementation='eager' (same results, slower on GPU)")
         if lay.name == "llama":
             out.append(f"Dense-x{m.num_shared_experts} (shared experts only) is written as LlamaForCausalLM with "
                        f"intermediate_size {m.num_shared_experts * m.expert_dim}; an import gives a dense model")
@@ -279,11 +283,40 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
         raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
     entries = layout.plan(model_cfg, expected, lay)
     shards = plan_shards(entries, np_dtype.itemsize, shard_size)
-    names = shard_file_names(len(shards))
+
+    spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
+    tok_json = None if tok_warning else tokenizer_json(spm_path, ids["pad_id"])   # may refuse: before writing
+    if tok_warning:
+        _warn(notes, tok_warning)
 
     _prepare_out(out, overwrite)
-    code = dtype_code(np_dtype)
+    max_block = _stream_shards(reader, entries, expected, out, shards, np_dtype, step, progress)
+    if tok_json is not None:
+        write_tokenizer(out, spm_path, ids, train_cfg.seq_len, tok_json=tok_json)
+    special = dict(max_position_embeddings=train_cfg.seq_len, bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"],
+                   pad_token_id=ids["pad_id"], extra={"step": step, "source_workdir": str(workdir.resolve())})
+    config = (to_hf_config(model_cfg, torch_dtype=dtype, **special) if lay is DEEPSEEK
+              else to_transformers_config(model_cfg, dtype=dtype, **special))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    names = shard_file_names(len(shards))
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
+    weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
+    index = {"metadata": {"total_size": total, "format": "pt"},
+             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
+    return ExportResult(out=out, step=step, dtype=dtype, architecture=lay.architecture, files=names,
+                        num_tensors=len(entries), total_bytes=total,
+                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+
+
+def _stream_shards(reader: OrbaxParamReader, entries: Sequence[TensorEntry], expected: dict, out: Path,
+                   shards: list[list[TensorEntry]], np_dtype, step: int, progress: bool) -> int:
+    """Lay out the shard files of `shards`, then read each checkpoint chunk once and write every part of
+    every HF tensor it holds (scaled, cast to `np_dtype`), then the constants. On success the files
+    appear under their names; on any error none does. Returns the largest chunk read (bytes)."""
+    names = shard_file_names(len(shards))
+    code = dtype_code(np_dtype)
     files = {name: ShardFile(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
                              metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
              for name, shard in zip(names, shards)}
@@ -294,6 +327,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
             by_array.setdefault(e.ours, []).append(e)
     written = dict.fromkeys(file_of, 0)
     max_block = 0
+    total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     try:
         with _bar(total, f"export step {step}", progress) as bar:
             for path, array_entries in by_array.items():
@@ -322,26 +356,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
         for f in files.values():
             f.abort()
         raise
-    weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
-
-    spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
-    if tok_warning:
-        _warn(notes, tok_warning)
-    else:
-        write_tokenizer(out, spm_path, ids, train_cfg.seq_len)
-    extra = {"step": step, "source_workdir": str(workdir.resolve())}
-    special = dict(max_position_embeddings=train_cfg.seq_len, bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"],
-                   pad_token_id=ids["pad_id"], extra=extra)
-    config = (to_hf_config(model_cfg, torch_dtype=dtype, **special) if lay is DEEPSEEK
-              else to_transformers_config(model_cfg, dtype=dtype, **special))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    index = {"metadata": {"total_size": total, "format": "pt"},
-             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    return ExportResult(out=out, step=step, dtype=dtype, architecture=lay.architecture, files=names,
-                        num_tensors=len(entries), total_bytes=total,
-                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+    return max_block
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -478,6 +493,27 @@ def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]
     return loader.get_state()
 
 
+def _read_arrays(entries: Sequence[TensorEntry], infos: dict, shapes: dict, pdtype, progress: bool) -> dict:
+    """{our path: array [shape] of `pdtype`} filled from the HF tensors of `entries` (host memory), each
+    piece transposed back and divided by its row's scale."""
+    arrays = {path: np.zeros(shape, pdtype) for path, shape in shapes.items()}
+    filled = dict.fromkeys(shapes, 0)
+    entries = [e for e in entries if e.ours is not None]
+    with _bar(sum(infos[e.hf_name].nbytes for e in entries), "import", progress) as bar:
+        for e in entries:
+            info = infos[e.hf_name]
+            piece = e.spec.from_hf(load_tensor(info), shapes[e.ours]).astype(pdtype)
+            if e.scale != 1:
+                piece = piece * np.asarray(1 / e.scale, pdtype)   # a power of two: exact
+            arrays[e.ours][e.index] = piece
+            filled[e.ours] += piece.size
+            bar.update(info.nbytes)
+    unfilled = [p for p, n in filled.items() if n != math.prod(shapes[p])]
+    if unfilled:  # a layout-table bug, not a user error
+        raise LayoutError(f"the layout did not fill our arrays {unfilled}")
+    return arrays
+
+
 def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[str] = ("runs/proxy_cpu.gin",),
               bindings: Sequence[str] = (), step: int | None = None, progress: bool = True) -> ImportResult:
     """Read an HF directory into a new `moe-jax train` workdir.
@@ -526,23 +562,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[st
     if step is None:
         step = int((config.get("moe_jax") or {}).get("step", 0))
 
-    # Parameters in host memory, filled tensor by tensor.
-    pdtype = np.dtype(jnp.dtype(model_cfg.param_dtype))
-    arrays = {path: np.zeros(shape, pdtype) for path, shape in shapes.items()}
-    filled = dict.fromkeys(shapes, 0)
-    entries = [e for e in entries if e.ours is not None]
-    with _bar(sum(infos[e.hf_name].nbytes for e in entries), "import", progress) as bar:
-        for e in entries:
-            info = infos[e.hf_name]
-            piece = e.spec.from_hf(load_tensor(info), shapes[e.ours]).astype(pdtype)
-            if e.scale != 1:
-                piece = piece * np.asarray(1 / e.scale, pdtype)   # a power of two: exact
-            arrays[e.ours][e.index] = piece
-            filled[e.ours] += piece.size
-            bar.update(info.nbytes)
-    unfilled = [p for p, n in filled.items() if n != math.prod(shapes[p])]
-    if unfilled:  # a layout-table bug, not a user error
-        raise LayoutError(f"the layout did not fill our arrays {unfilled}")
+    arrays = _read_arrays(entries, infos, shapes, np.dtype(jnp.dtype(model_cfg.param_dtype)), progress)
 
     def value(path, leaf):
         return jnp.asarray(arrays.pop(layout.path_str(path)))

@@ -93,18 +93,19 @@ def tokenizer_json(spm_path: Path, bos_id: int) -> dict:
     }
 
 
-def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int) -> None:
+def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int, tok_json: dict | None = None) -> None:
     """tokenizer.json + tokenizer.model (the SentencePiece model as is) + tokenizer_config.json +
     special_tokens_map.json.
 
     `<pad>` is declared as the BOS token and prepended (see the module docstring); `ids` holds
-    pad_id, eos_id, unk_id.
+    pad_id, eos_id, unk_id. `tok_json`: `tokenizer_json(spm_path, ids["pad_id"])` if already built.
     """
     import sentencepiece as spm
 
     out = Path(out)
+    tok_json = tok_json or tokenizer_json(spm_path, ids["pad_id"])
     shutil.copyfile(spm_path, out / "tokenizer.model")
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(spm_path, ids["pad_id"]), ensure_ascii=False))
+    (out / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
     sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     pad, eos, unk = (sp.id_to_piece(ids[k]) for k in ("pad_id", "eos_id", "unk_id"))
     special = {"bos_token": pad, "eos_token": eos, "unk_token": unk, "pad_token": pad}

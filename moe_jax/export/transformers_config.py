@@ -23,6 +23,15 @@ from moe_jax.export.layout import LLAMA, QWEN2_MOE, Layout, LayoutError, check_e
 MODEL_TYPES = {"qwen2_moe": QWEN2_MOE, "llama": LLAMA}
 
 
+def grouped_mm_aligned(cfg: ModelConfig) -> bool:
+    """Whether transformers' default MoE kernel (`experts_implementation="grouped_mm"`) can run the
+    routed experts: torch's grouped_mm needs 16-byte row strides, i.e. d_model and the expert width f
+    multiples of 8 (bfloat16). Otherwise config.json selects transformers' "eager" expert loop (same
+    result, one matmul pair per expert); torch 2.13's CPU kernel raises "strides should be multiple of
+    16 bytes" for e.g. the 2B-family width f = 853 / 86."""
+    return cfg.moe is None or (cfg.d_model % 8 == 0 and cfg.moe.expert_dim % 8 == 0)
+
+
 def _common(cfg: ModelConfig, lay: Layout, **ids_and_more) -> dict:
     return {
         "architectures": [lay.architecture],
@@ -67,6 +76,8 @@ def to_transformers_config(cfg: ModelConfig, *, dtype: str, max_position_embeddi
             decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
             router_aux_loss_coef=m.expert_balance_alpha, output_router_logits=False, qkv_bias=False,
             use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+        if not grouped_mm_aligned(cfg):
+            out["experts_implementation"] = "eager"
     out["moe_jax"] = moe_jax_block(cfg, extra)
     return out
 

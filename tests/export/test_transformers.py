@@ -28,9 +28,10 @@ KINDS = {
     "deepseekmoe": (MOE, TINY + ["NUM_EXPERTS=6", "NUM_SHARED=2", "TOP_K=3", "EXPERT_DIM=16"]),
     # GShard: 4 experts of the dense width, top-2, no shared expert (Qwen2Moe's has width 0).
     "gshard": (MOE, TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=64"]),
-    # Switch: top-1; MoE every other layer (mlp_only_layers [1]) and head_dim 8 != d / heads.
+    # Switch: top-1; MoE every other layer (mlp_only_layers [1]), head_dim 8 != d / heads, and an expert
+    # width (18) that torch's grouped_mm cannot run (72-byte rows): config.json selects the eager kernel.
     "switch": (MOE, TINY + ["FIRST_K_DENSE=0", "ModelConfig.moe_layer_freq=2", "NUM_EXPERTS=4", "TOP_K=1",
-                            "EXPERT_DIM=64", "HEAD_DIM=8"]),
+                            "EXPERT_DIM=18", "HEAD_DIM=8"]),
     "dense": ("architectures/dense.gin", TINY),
     # Dense x4 (shared experts only): LlamaForCausalLM of width 4 x 16 = ffn_dim.
     "dense_x4": (MOE, TINY + ["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=0", "EXPERT_DIM=16"]),
@@ -161,6 +162,7 @@ def test_qwen2moe_layout_details(exported):
     assert g["shared_expert_intermediate_size"] == 0 and g["mlp_only_layers"] == [0]
     sw = json.loads((exported("switch").out / "config.json").read_text())
     assert sw["mlp_only_layers"] == [1] and sw["head_dim"] == 8 and sw["num_experts_per_tok"] == 1
+    assert sw["experts_implementation"] == "eager" and "experts_implementation" not in cfg
 
 
 def test_16b_config_describes_the_planned_tensors():
