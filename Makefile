@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,data]'
+	$(VENV)/bin/pip install -q -e '.[test,data,hf]'
 	touch $(STAMP)
 
 # The offline corpus, vocabulary and token cache (idempotent: seconds when already built).

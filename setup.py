@@ -25,6 +25,8 @@ setup(
         "test": ["pytest", "pytest-xdist", "tensorboard"],
         # seqio (and with it TensorFlow) is only needed to *build* the token cache.
         "data": ["seqio"],
+        # torch (CPU build) + transformers: the `--format=transformers` export's tests load it with the real library.
+        "hf": ["torch==2.13.0", "transformers>=5,<6"],
     },
     entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
 )

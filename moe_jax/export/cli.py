@@ -1,7 +1,12 @@
-"""`moe-jax export` and `moe-jax import`: DeepSeek's Hugging Face layout <-> a `moe-jax train` workdir.
+"""`moe-jax export` and `moe-jax import`: Hugging Face layouts <-> a `moe-jax train` workdir.
 
-    moe-jax export --workdir=workdirs/ds_tiny [--step=N] --format=hf --out=hf/ds_tiny \\
+    moe-jax export --workdir=workdirs/ds_tiny [--step=N] --format=transformers --out=hf/ds_tiny \\
         [--dtype=bfloat16] [--shard_size=2GB] [--overwrite]
+
+--format=transformers writes transformers' native Qwen2MoeForCausalLM (MoE) or LlamaForCausalLM (dense):
+AutoModelForCausalLM / AutoTokenizer load it without remote code. --format=hf (the default) writes
+DeepSeek's DeepseekForCausalLM layout (loaded with DeepSeek's remote code). Import reads all three:
+
     moe-jax import --hf=hf/ds_tiny --workdir=workdirs/ds_tiny_imported \\
         [--gin_file=runs/proxy_cpu.gin] [--gin.KEY=VALUE ...] [--step=N]
 
@@ -34,7 +39,9 @@ def export_main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a `moe-jax train` workdir (config.gin + checkpoints)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output layout (hf: DeepseekForCausalLM)")
+    p.add_argument("--format", default="hf", choices=["hf", "transformers"],
+                   help="output layout: hf = DeepSeek's DeepseekForCausalLM (remote code); transformers = native "
+                        "Qwen2MoeForCausalLM (MoE) / LlamaForCausalLM (dense)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="tensor dtype (default: the model's param_dtype, i.e. lossless)")
@@ -44,16 +51,17 @@ def export_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from moe_jax.export.hf import ExportError, export_hf
+    from moe_jax.export.hf_tokenizer import TokenizerExportError
     from moe_jax.export.layout import LayoutError
     from moe_jax.export.orbax_reader import CheckpointReadError
     from moe_jax.train.checkpoint import CheckpointError
     try:
         res = export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype, shard_size=args.shard_size,
-                        overwrite=args.overwrite, progress=not args.no_progress)
-    except (ExportError, LayoutError, CheckpointReadError, CheckpointError) as err:
+                        overwrite=args.overwrite, progress=not args.no_progress, fmt=args.format)
+    except (ExportError, LayoutError, CheckpointReadError, CheckpointError, TokenizerExportError) as err:
         print(f"moe-jax export: {err}", file=sys.stderr)
         return 1
-    print(f"exported step {res.step} of {args.workdir} to {res.out}: {res.num_tensors} tensors, "
+    print(f"exported step {res.step} of {args.workdir} to {res.out} as {res.architecture}: {res.num_tensors} tensors, "
           f"{res.total_bytes / 1e6:,.1f} MB {res.dtype} in {len(res.files)} shard(s); tokenizer "
           f"{'copied' if res.tokenizer else 'not found'}")
     for w in res.warnings:
@@ -71,7 +79,8 @@ def import_main(argv: list[str] | None = None) -> int:
         return 2
     p = argparse.ArgumentParser(prog="moe-jax import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", required=True, help="HF directory (config.json + safetensors [+ index])")
+    p.add_argument("--hf", required=True, help="HF directory (config.json + safetensors [+ index]) of a "
+                                               "DeepseekForCausalLM, Qwen2MoeForCausalLM or LlamaForCausalLM")
     p.add_argument("--workdir", required=True, help="new workdir to create")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step (default: the step our export recorded, else 0)")

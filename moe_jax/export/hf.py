@@ -1,7 +1,12 @@
-"""Export a `moe-jax train` workdir to DeepSeek's Hugging Face layout, and import one back.
+"""Export a `moe-jax train` workdir to a Hugging Face layout, and import one back.
 
-    export_hf("workdirs/ds_tiny", "hf/ds_tiny", dtype="bfloat16", shard_size=2 * 10**9)
+    export_hf("workdirs/ds_tiny", "hf/ds_tiny", dtype="bfloat16", shard_size=2 * 10**9)   # DeepSeek's layout
+    export_hf("workdirs/ds_tiny", "hf/ds_tiny_tf", fmt="transformers")   # Qwen2MoeForCausalLM / LlamaForCausalLM
     import_hf("hf/ds_tiny", "workdirs/ds_tiny_again")      # -> config.gin + an orbax checkpoint
+
+Formats (`FORMATS`): "hf" is DeepSeek's `DeepseekForCausalLM` (remote code); "transformers" is
+transformers' native `Qwen2MoeForCausalLM` for softmax-routed MoE models and `LlamaForCausalLM` for
+dense ones (`layout.transformers_layout`). Import recognises all three by config.json's model_type.
 
 Export streams: the parameters are read from the orbax checkpoint one stored chunk at a time through
 tensorstore (`orbax_reader`), never restored as a whole. Shard files are laid out first (names, shapes
@@ -32,7 +37,10 @@ import numpy as np
 from moe_jax.config import ModelConfig
 from moe_jax.export import layout
 from moe_jax.export.hf_config import gin_from_hf_config, to_hf_config
-from moe_jax.export.layout import LayoutError, TensorEntry
+from moe_jax.export.hf_tokenizer import tokenizer_json, write_tokenizer
+from moe_jax.export.layout import DEEPSEEK, Layout, LayoutError, TensorEntry
+from moe_jax.export.transformers_config import (MODEL_TYPES, gin_from_transformers_config, grouped_mm_aligned,
+                                                to_transformers_config)
 from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
 from moe_jax.export.safetensors_io import DTYPES, ShardFile, dtype_code, load_tensor, read_header
 
@@ -40,6 +48,8 @@ DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": DTYPES["BF16"]}
 TRAIN_MODULES = ("moe_jax.train.config", "moe_jax.parallel.mesh")
+# --format: "hf" = DeepSeek's DeepseekForCausalLM (remote code), "transformers" = native Qwen2Moe / Llama.
+FORMATS = ("hf", "transformers")
 # Buffers some HF checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -85,6 +95,7 @@ class ExportResult:
       out: the output directory.
       step: the checkpoint step exported.
       dtype: dtype of the tensors ("float32" or "bfloat16").
+      architecture: the HF class of config.json (DeepseekForCausalLM, Qwen2MoeForCausalLM, LlamaForCausalLM).
       files: shard file names, in order.
       num_tensors, total_bytes: over all shards.
       max_block_bytes: the largest checkpoint chunk held at once (the read unit).
@@ -96,6 +107,7 @@ class ExportResult:
     out: Path
     step: int
     dtype: str
+    architecture: str
     files: list[str]
     num_tensors: int
     total_bytes: int
@@ -149,11 +161,23 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def export_warnings(model_cfg: ModelConfig) -> list[str]:
-    """Settings of `model_cfg` that DeepseekForCausalLM does not reproduce (export proceeds)."""
+def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]:
+    """Settings of `model_cfg` that the `lay` architecture does not reproduce (export proceeds)."""
     out = []
     m = model_cfg.moe
     if m is None:
+        return out
+    if lay is not DEEPSEEK:
+        if m.second_expert_policy == "random":
+            out.append("second_expert_policy='random' (GShard) is a training-time policy; transformers keeps all "
+                       "top-k choices, as our model does without an rng")
+        if lay.name == "qwen2_moe" and not grouped_mm_aligned(model_cfg):
+            out.append(f"d_model={model_cfg.d_model} / expert width {m.expert_dim} are not multiples of 8: torch's "
+                       f"grouped_mm (transformers' default MoE kernel) cannot run them, so config.json sets "
+                       f"experts_implementation='eager' (same results, slower on GPU)")
+        if lay.name == "llama":
+            out.append(f"Dense-x{m.num_shared_experts} (shared experts only) is written as LlamaForCausalLM with "
+                       f"intermediate_size {m.num_shared_experts * m.expert_dim}; an import gives a dense model")
         return out
     if m.dispatch == "capacity":
         out.append("the model uses dispatch='capacity' (token dropping); DeepseekForCausalLM is dropless, so its "
@@ -187,41 +211,48 @@ def find_tokenizer(train_cfg, vocab_size: int) -> tuple[Path | None, dict, str |
     return path, ids, None
 
 
-def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int) -> None:
-    """tokenizer.model (the SentencePiece model as is) + tokenizer_config.json + special_tokens_map.json.
-
-    Our models were trained with seqio's decoder inputs, which start every sequence with id 0 (<pad>)
-    and have no BOS piece: `<pad>` is therefore declared as bos_token and prepended (add_bos_token).
-    """
-    import sentencepiece as spm
-
-    shutil.copyfile(spm_path, out / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
-    pad, eos, unk = (sp.id_to_piece(ids[k]) for k in ("pad_id", "eos_id", "unk_id"))
-    special = {"bos_token": pad, "eos_token": eos, "unk_token": unk, "pad_token": pad}
-    config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": max_length, "add_bos_token": True,
-              "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
-              "sp_model_kwargs": {}, **special}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if any(out.glob("*.safetensors")) or (out / "config.json").exists():
+    """Refuse a non-empty `out` unless `overwrite` (then drop an earlier export's shards and index)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out={out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ExportError(f"{out} already holds an export (config.json / *.safetensors); pass --overwrite or "
-                              f"choose another --out")
+            raise ExportError(f"{out} is not empty; pass --overwrite to write into it (an earlier export's shards are "
+                              f"replaced) or choose another --out")
         for p in list(out.glob("model*.safetensors")) + list(out.glob("*.partial")) + [out / INDEX_FILE]:
             p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
+def layout_of_export(fmt: str, model_cfg: ModelConfig) -> Layout:
+    """The layout `--format=fmt` writes `model_cfg` in (LayoutError if the model has none)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format={fmt!r} is not one of {FORMATS}")
+    lay = DEEPSEEK if fmt == "hf" else layout.transformers_layout(model_cfg)
+    layout.check_exportable(model_cfg, lay)
+    return lay
+
+
+def _write_consts(entries: Sequence[TensorEntry], file_of: dict, np_dtype, written: dict) -> None:
+    """Fill the constant tensors (no counterpart among our arrays), e.g. Qwen2Moe's zero shared-expert gate."""
+    for e in entries:
+        if e.const is not None:
+            file_of[e.hf_name].write(e.hf_name, tuple(slice(None) for _ in e.hf_shape),
+                                     np.full(e.hf_shape, e.const.value, np_dtype))
+            written[e.hf_name] = math.prod(e.hf_shape)
+
+
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
               shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool = True,
-              bindings: Sequence[str] = ()) -> ExportResult:
-    """Write `workdir`'s checkpoint `step` (default: latest) to `out` in DeepSeek's HF layout.
+              bindings: Sequence[str] = (), fmt: str = "hf") -> ExportResult:
+    """Write `workdir`'s checkpoint `step` (default: latest) to `out` in the layout of `fmt`.
+
+    Everything that can refuse (the format, the dtype, the checkpoint's shapes, a non-empty `out`)
+    is checked before the first file is written.
 
     Args:
+      fmt: "hf" (DeepSeek's DeepseekForCausalLM) or "transformers" (Qwen2MoeForCausalLM for MoE models,
+        LlamaForCausalLM for dense ones; loads without remote code).
       workdir: a `moe-jax train` workdir (config.gin + checkpoints/).
       out: output directory: safetensors shards, model.safetensors.index.json, config.json, tokenizer.
       step: checkpoint step; None = latest.
@@ -234,13 +265,13 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
 
     workdir, out = Path(workdir), Path(out)
     model_cfg, train_cfg = parse_workdir_config(workdir, bindings)
-    layout.check_exportable(model_cfg)
+    lay = layout_of_export(fmt, model_cfg)
     dtype = dtype or model_cfg.param_dtype
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     np_dtype = EXPORT_DTYPES[dtype]
     notes = []
-    for msg in export_warnings(model_cfg):
+    for msg in export_warnings(model_cfg, lay):
         _warn(notes, msg)
 
     directory, step = state_dir(workdir, step)
@@ -250,22 +281,53 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
              if reader.shape(p) != s]
     if wrong:
         raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
-    entries = layout.plan(model_cfg, expected)
+    entries = layout.plan(model_cfg, expected, lay)
     shards = plan_shards(entries, np_dtype.itemsize, shard_size)
-    names = shard_file_names(len(shards))
+
+    spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
+    tok_json = None if tok_warning else tokenizer_json(spm_path, ids["pad_id"])   # may refuse: before writing
+    if tok_warning:
+        _warn(notes, tok_warning)
 
     _prepare_out(out, overwrite)
-    code = dtype_code(np_dtype)
+    max_block = _stream_shards(reader, entries, expected, out, shards, np_dtype, step, progress)
+    if tok_json is not None:
+        write_tokenizer(out, spm_path, ids, train_cfg.seq_len, tok_json=tok_json)
+    special = dict(max_position_embeddings=train_cfg.seq_len, bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"],
+                   pad_token_id=ids["pad_id"], extra={"step": step, "source_workdir": str(workdir.resolve())})
+    config = (to_hf_config(model_cfg, torch_dtype=dtype, **special) if lay is DEEPSEEK
+              else to_transformers_config(model_cfg, dtype=dtype, **special))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    names = shard_file_names(len(shards))
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
+    weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
+    index = {"metadata": {"total_size": total, "format": "pt"},
+             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
+    return ExportResult(out=out, step=step, dtype=dtype, architecture=lay.architecture, files=names,
+                        num_tensors=len(entries), total_bytes=total,
+                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+
+
+def _stream_shards(reader: OrbaxParamReader, entries: Sequence[TensorEntry], expected: dict, out: Path,
+                   shards: list[list[TensorEntry]], np_dtype, step: int, progress: bool) -> int:
+    """Lay out the shard files of `shards`, then read each checkpoint chunk once and write every part of
+    every HF tensor it holds (scaled, cast to `np_dtype`), then the constants. On success the files
+    appear under their names; on any error none does. Returns the largest chunk read (bytes)."""
+    names = shard_file_names(len(shards))
+    code = dtype_code(np_dtype)
     files = {name: ShardFile(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
                              metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
              for name, shard in zip(names, shards)}
     file_of = {e.hf_name: files[name] for name, shard in zip(names, shards) for e in shard}
     by_array: dict[str, list[TensorEntry]] = {}
     for e in entries:
-        by_array.setdefault(e.ours, []).append(e)
+        if e.ours is not None:
+            by_array.setdefault(e.ours, []).append(e)
     written = dict.fromkeys(file_of, 0)
     max_block = 0
+    total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     try:
         with _bar(total, f"export step {step}", progress) as bar:
             for path, array_entries in by_array.items():
@@ -277,12 +339,14 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
                     block = reader.read(path, box)  # one checkpoint chunk: the only large allocation
                     max_block = max(max_block, block.nbytes)
                     for e, (src, dst) in hits:
-                        piece = e.spec.to_hf_view(block[src]).astype(np_dtype)
+                        piece = e.spec.to_hf_view(block[src])
+                        piece = (piece * np.asarray(e.scale, piece.dtype) if e.scale != 1 else piece).astype(np_dtype)
                         file_of[e.hf_name].write(e.hf_name, dst, piece, e.spec.hf_view_shape(shape))
                         written[e.hf_name] += piece.size
                         bar.update(piece.nbytes)
                         del piece
                     del block
+        _write_consts(entries, file_of, np_dtype, written)
         holes = [e.hf_name for e in entries if written[e.hf_name] != math.prod(e.hf_shape)]
         if holes:  # a layout or chunk-grid bug, never silently zeros
             raise ExportError(f"export wrote {len(holes)} tensor(s) incompletely, e.g. {holes[:3]}")
@@ -292,23 +356,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
         for f in files.values():
             f.abort()
         raise
-    weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
-
-    spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
-    if tok_warning:
-        _warn(notes, tok_warning)
-    else:
-        write_tokenizer(out, spm_path, ids, train_cfg.seq_len)
-    config = to_hf_config(model_cfg, torch_dtype=dtype, max_position_embeddings=train_cfg.seq_len,
-                          bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"],
-                          extra={"step": step, "source_workdir": str(workdir.resolve())})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    index = {"metadata": {"total_size": total, "format": "pt"},
-             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    return ExportResult(out=out, step=step, dtype=dtype, files=names, num_tensors=len(entries), total_bytes=total,
-                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+    return max_block
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -372,6 +420,36 @@ def validate_tensors(entries: Sequence[TensorEntry], infos: dict, problems: list
     return sorted(n for n in infos if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
 
 
+def check_consts(entries: Sequence[TensorEntry], infos: dict) -> None:
+    """Raise HFImportError naming every checked constant tensor (e.g. Qwen2Moe's shared_expert_gate of a
+    layer with shared experts) that does not hold its value: our model has no such parameter."""
+    bad = []
+    for e in entries:
+        if e.const is not None and e.const.checked:
+            values = load_tensor(infos[e.hf_name]).astype(np.float32)
+            if not np.all(values == e.const.value):
+                bad.append(f"{e.hf_name}: max |value - {e.const.value:g}| = "
+                           f"{float(np.max(np.abs(values - e.const.value))):.3g}")
+    if bad:
+        raise HFImportError(
+            f"{len(bad)} tensor(s) do not hold the constant our model needs to express the checkpoint; "
+            f"nothing was written:\n  " + "\n  ".join(bad[:25]) + "\nQwen2Moe's shared expert is "
+            f"scaled by sigmoid(shared_expert_gate(x)); our shared experts are always on (gate weight 1), which "
+            f"a zero gate weight (factor 1/2, undone by the down projection) expresses exactly. An input-"
+            f"dependent gate has no equivalent here.")
+
+
+def config_layout(config: dict) -> tuple[Layout, str, list[str]]:
+    """(layout, architecture gin file, bindings) of an HF config.json, by its model_type."""
+    kind = config.get("model_type")
+    if kind == "deepseek":
+        return (DEEPSEEK, *gin_from_hf_config(config))
+    if kind in MODEL_TYPES:
+        return (MODEL_TYPES[kind], *gin_from_transformers_config(config))
+    raise LayoutError(f"config.json has model_type {kind!r}; import reads 'deepseek' (DeepseekForCausalLM), "
+                      f"'qwen2_moe' (Qwen2MoeForCausalLM) and 'llama' (LlamaForCausalLM)")
+
+
 @dataclasses.dataclass
 class ImportResult:
     """What `import_hf` wrote.
@@ -415,12 +493,35 @@ def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]
     return loader.get_state()
 
 
+def _read_arrays(entries: Sequence[TensorEntry], infos: dict, shapes: dict, pdtype, progress: bool) -> dict:
+    """{our path: array [shape] of `pdtype`} filled from the HF tensors of `entries` (host memory), each
+    piece transposed back and divided by its row's scale."""
+    arrays = {path: np.zeros(shape, pdtype) for path, shape in shapes.items()}
+    filled = dict.fromkeys(shapes, 0)
+    entries = [e for e in entries if e.ours is not None]
+    with _bar(sum(infos[e.hf_name].nbytes for e in entries), "import", progress) as bar:
+        for e in entries:
+            info = infos[e.hf_name]
+            piece = e.spec.from_hf(load_tensor(info), shapes[e.ours]).astype(pdtype)
+            if e.scale != 1:
+                piece = piece * np.asarray(1 / e.scale, pdtype)   # a power of two: exact
+            arrays[e.ours][e.index] = piece
+            filled[e.ours] += piece.size
+            bar.update(info.nbytes)
+    unfilled = [p for p, n in filled.items() if n != math.prod(shapes[p])]
+    if unfilled:  # a layout-table bug, not a user error
+        raise LayoutError(f"the layout did not fill our arrays {unfilled}")
+    return arrays
+
+
 def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[str] = ("runs/proxy_cpu.gin",),
               bindings: Sequence[str] = (), step: int | None = None, progress: bool = True) -> ImportResult:
-    """Read an HF DeepSeekMoE directory into a new `moe-jax train` workdir.
+    """Read an HF directory into a new `moe-jax train` workdir.
 
     Args:
-      hf_dir: config.json + safetensors (+ index) in DeepSeek's layout.
+      hf_dir: config.json + safetensors (+ index): DeepSeek's layout (model_type "deepseek"), or
+        transformers' Qwen2MoeForCausalLM ("qwen2_moe") / LlamaForCausalLM ("llama"), as our export or
+        transformers' `save_pretrained` writes them (one expert per tensor).
       workdir: the new workdir; must not hold checkpoints yet.
       gin_files: run file(s) giving the training setup (TrainConfig) of the workdir.
       bindings: gin bindings applied last (e.g. "TRAIN_STEPS=1000").
@@ -442,17 +543,18 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[st
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     notes: list[str] = []
     config, infos, problems = read_hf_dir(hf_dir)
-    arch, hf_bindings = gin_from_hf_config(config)
+    lay, arch, hf_bindings = config_layout(config)
     parse_gin([arch, *gin_files], [*hf_bindings, *bindings], modules=TRAIN_MODULES)
     model_cfg, train_cfg = ModelConfig(), TrainConfig()
     gin_text = gin.config_str()
-    layout.check_exportable(model_cfg)
+    layout.check_exportable(model_cfg, lay)
 
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed)))
     abstract_params = nnx.state(abstract, nnx.Param)
     shapes = layout.flat_param_shapes(abstract_params)
-    entries = layout.plan(model_cfg, shapes)
+    entries = layout.plan(model_cfg, shapes, lay)
     extra = validate_tensors(entries, infos, problems)
+    check_consts(entries, infos)
     if extra:
         _warn(notes, f"{len(extra)} tensor(s) of {hf_dir} are not part of the model and were ignored, e.g. {extra[:3]}")
     if checkpoint_steps(workdir):
@@ -460,20 +562,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[st
     if step is None:
         step = int((config.get("moe_jax") or {}).get("step", 0))
 
-    # Parameters in host memory, filled tensor by tensor.
-    pdtype = np.dtype(jnp.dtype(model_cfg.param_dtype))
-    arrays = {path: np.zeros(shape, pdtype) for path, shape in shapes.items()}
-    filled = dict.fromkeys(shapes, 0)
-    with _bar(sum(infos[e.hf_name].nbytes for e in entries), "import", progress) as bar:
-        for e in entries:
-            info = infos[e.hf_name]
-            piece = e.spec.from_hf(load_tensor(info), shapes[e.ours])
-            arrays[e.ours][e.index] = piece
-            filled[e.ours] += piece.size
-            bar.update(info.nbytes)
-    unfilled = [p for p, n in filled.items() if n != math.prod(shapes[p])]
-    if unfilled:  # a layout-table bug, not a user error
-        raise LayoutError(f"the layout did not fill our arrays {unfilled}")
+    arrays = _read_arrays(entries, infos, shapes, np.dtype(jnp.dtype(model_cfg.param_dtype)), progress)
 
     def value(path, leaf):
         return jnp.asarray(arrays.pop(layout.path_str(path)))

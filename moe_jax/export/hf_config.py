@@ -50,12 +50,7 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: str, max_position_embeddings:
                         num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim,
                         first_k_dense_replace=cfg.first_k_dense, norm_topk_prob=m.renormalize_topk,
                         aux_loss_alpha=m.expert_balance_alpha, seq_aux=m.balance_loss_scope == "sequence")
-    ours = dict(head_dim=cfg.head_dim, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
-    if m is not None:
-        ours.update(second_expert_policy=m.second_expert_policy, device_balance_alpha=m.device_balance_alpha,
-                    num_device_groups=m.num_device_groups, router_z_loss_alpha=m.router_z_loss_alpha,
-                    dispatch=m.dispatch, capacity_factor=m.capacity_factor)
-    ours.update(extra or {})
+    ours = moe_jax_block(cfg, extra)
     return {
         "architectures": [ARCHITECTURE],
         "auto_map": AUTO_MAP,
@@ -86,6 +81,35 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: str, max_position_embeddings:
         "torch_dtype": torch_dtype,
         "moe_jax": ours,
     }
+
+
+def moe_jax_block(cfg: ModelConfig, extra: Mapping[str, Any] | None = None) -> dict:
+    """config.json's "moe_jax" block: what an HF config cannot say but a round trip needs."""
+    ours = dict(head_dim=cfg.head_dim, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+    m = cfg.moe
+    if m is not None:
+        ours.update(second_expert_policy=m.second_expert_policy, device_balance_alpha=m.device_balance_alpha,
+                    num_device_groups=m.num_device_groups, router_z_loss_alpha=m.router_z_loss_alpha,
+                    dispatch=m.dispatch, capacity_factor=m.capacity_factor,
+                    balance_loss_scope=m.balance_loss_scope)
+    ours.update(extra or {})
+    return ours
+
+
+def moe_jax_bindings(ours: Mapping[str, Any]) -> list[str]:
+    """Gin bindings restoring the MoE settings of a "moe_jax" block (those present)."""
+    out = []
+    if "second_expert_policy" in ours:
+        out.append(f"SECOND_EXPERT_POLICY='{ours['second_expert_policy']}'")
+    for key in ("device_balance_alpha", "router_z_loss_alpha", "capacity_factor"):
+        if key in ours:
+            out.append(f"MoEConfig.{key}={float(ours[key])!r}")
+    if "num_device_groups" in ours:
+        out.append(f"MoEConfig.num_device_groups={int(ours['num_device_groups'])}")
+    for key in ("dispatch", "balance_loss_scope"):
+        if key in ours:
+            out.append(f"MoEConfig.{key}='{ours[key]}'")
+    return out
 
 
 def _get(config: Mapping[str, Any], key: str):
@@ -160,13 +184,4 @@ def gin_from_hf_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
         f"MoEConfig.expert_balance_alpha={float(_get(config, 'aux_loss_alpha'))!r}",
         f"MoEConfig.balance_loss_scope='{'sequence' if _get(config, 'seq_aux') else 'global'}'",
     ]
-    if "second_expert_policy" in ours:
-        bindings.append(f"SECOND_EXPERT_POLICY='{ours['second_expert_policy']}'")
-    for key in ("device_balance_alpha", "router_z_loss_alpha", "capacity_factor"):
-        if key in ours:
-            bindings.append(f"MoEConfig.{key}={float(ours[key])!r}")
-    if "num_device_groups" in ours:
-        bindings.append(f"MoEConfig.num_device_groups={int(ours['num_device_groups'])}")
-    if "dispatch" in ours:
-        bindings.append(f"MoEConfig.dispatch='{ours['dispatch']}'")
-    return "architectures/moe.gin", bindings
+    return "architectures/moe.gin", bindings + moe_jax_bindings(ours)

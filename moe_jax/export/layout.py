@@ -1,6 +1,9 @@
-"""THE table between our parameter tree and DeepSeek's Hugging Face layout (`DeepseekForCausalLM`).
+"""THE tables between our parameter tree and the Hugging Face layouts: DeepSeek's `DeepseekForCausalLM`
+(`DEEPSEEK`, remote code) and transformers' native `Qwen2MoeForCausalLM` (`QWEN2_MOE`) and
+`LlamaForCausalLM` (`LLAMA`). The three share most rows (same tensor names); a `Layout` lists which
+rows a layer of each kind gets.
 
-Export (`moe_jax.export.hf.export_hf`) and import (`import_hf`) both read this table; nothing else
+Export (`moe_jax.export.hf.export_hf`) and import (`import_hf`) both read these tables; nothing else
 knows a Hugging Face name. Each `Rule` says which of our arrays one HF tensor is cut from and how:
 
     Rule("ffn.wi", "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "[l] [e] d [0] f -> f d")
@@ -132,24 +135,44 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One row of the table: HF tensor `hf` (a name template) is `spec` applied to our array `ours`.
+    """One row of a table: HF tensor `hf` (a name template) is `scale` x `spec` applied to our array `ours`.
 
     `ours` is a dotted path: top-level (`embed`) for global rules, relative to a layer stack's
-    `blocks` (`attn.wq`) for per-layer rules.
+    `blocks` (`attn.wq`) for per-layer rules. `scale` is a power of two (exact in any float format):
+    export multiplies by it, import divides.
     """
 
     ours: str
     hf: str
     spec: TensorSpec
+    scale: float = 1.0
 
     @classmethod
-    def of(cls, ours: str, hf: str, spec: str) -> "Rule":
-        return cls(ours=ours, hf=hf, spec=TensorSpec.parse(spec))
+    def of(cls, ours: str, hf: str, spec: str, scale: float = 1.0) -> "Rule":
+        return cls(ours=ours, hf=hf, spec=TensorSpec.parse(spec), scale=scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """An HF tensor with no counterpart among our arrays: export writes `value` everywhere; import checks
+    it holds `value` when `checked` (else the tensor only has to be present with its shape).
+
+    `shape` names its axes: "d" (d_model), "s" (the layer's shared-expert width K_s * f) or ints.
+    """
+
+    hf: str
+    shape: tuple[str | int, ...]
+    value: float = 0.0
+    checked: bool = True
+
+    def shape_for(self, cfg: ModelConfig) -> tuple[int, ...]:
+        sizes = {"d": cfg.d_model, "s": cfg.moe.num_shared_experts * cfg.moe.expert_dim if cfg.moe else 0}
+        return tuple(sizes[a] if isinstance(a, str) else a for a in self.shape)
 
 
 R = Rule.of
 
-# Model-level tensors.
+# Model-level tensors (every format).
 GLOBAL_RULES = (
     R("embed", "model.embed_tokens.weight", "v d -> v d"),
     R("final_norm.scale", "model.norm.weight", "d -> d"),
@@ -164,18 +187,18 @@ LAYER_RULES = (
     R("attn.wo", "model.layers.{l}.self_attn.o_proj.weight", "[l] h k d -> d (h k)"),
     R("ffn_norm.scale", "model.layers.{l}.post_attention_layernorm.weight", "[l] d -> d"),
 )
-# Dense FFN layers (l < first_k_dense_replace, or off the moe_layer_freq grid): DeepseekMLP of
-# width intermediate_size. Ours: wi [d, 2, F] (0 = gate, 1 = up), wo [F, d].
+# Dense FFN layers (l < first_k_dense_replace, or off the moe_layer_freq grid): an MLP of width
+# intermediate_size. Ours: wi [d, 2, F] (0 = gate, 1 = up), wo [F, d].
 DENSE_FFN_RULES = (
     R("ffn.wi", "model.layers.{l}.mlp.gate_proj.weight", "[l] d [0] f -> f d"),
     R("ffn.wi", "model.layers.{l}.mlp.up_proj.weight", "[l] d [1] f -> f d"),
     R("ffn.wo", "model.layers.{l}.mlp.down_proj.weight", "[l] f d -> d f"),
 )
-# MoE layers: MoEGate weight [E, d] (ours [d, E]) ...
+# MoE layers: the router weight [E, d] (ours [d, E]) ...
 ROUTER_RULES = (
     R("ffn.router.kernel", "model.layers.{l}.mlp.gate.weight", "[l] d n -> n d"),  # n: routed experts
 )
-# ... routed experts, stacked [E, d, 2, f] / [E, f, d] here, one DeepseekMLP per expert there ...
+# ... routed experts, stacked [E, d, 2, f] / [E, f, d] here, one MLP per expert there ...
 ROUTED_EXPERT_RULES = (
     R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "[l] [e] d [0] f -> f d"),
     R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.up_proj.weight", "[l] [e] d [1] f -> f d"),
@@ -187,26 +210,121 @@ SHARED_EXPERT_RULES = (
     R("ffn.shared.wi", "model.layers.{l}.mlp.shared_experts.up_proj.weight", "[l] d [1] f -> f d"),
     R("ffn.shared.wo", "model.layers.{l}.mlp.shared_experts.down_proj.weight", "[l] f d -> d f"),
 )
+# Qwen2MoeSparseMoeBlock: one shared expert of width shared_expert_intermediate_size whose output is
+# multiplied by sigmoid(shared_expert_gate(x)). A zero gate weight fixes that factor at 1/2, which the
+# down projection scaled by exactly 2 undoes (both powers of two: bitwise in float32 and bfloat16).
+QWEN2_MOE_SHARED_RULES = (
+    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_expert.gate_proj.weight", "[l] d [0] f -> f d"),
+    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_expert.up_proj.weight", "[l] d [1] f -> f d"),
+    R("ffn.shared.wo", "model.layers.{l}.mlp.shared_expert.down_proj.weight", "[l] f d -> d f", scale=2.0),
+    Const("model.layers.{l}.mlp.shared_expert_gate.weight", (1, "d"), 0.0, checked=True),
+)
+# Qwen2MoeSparseMoeBlock always has a shared expert: without shared experts (GShard, Switch) it has
+# width 0 (empty tensors, output 0) and its gate is irrelevant (any value is accepted on import).
+QWEN2_MOE_NO_SHARED = (
+    Const("model.layers.{l}.mlp.shared_expert.gate_proj.weight", (0, "d")),
+    Const("model.layers.{l}.mlp.shared_expert.up_proj.weight", (0, "d")),
+    Const("model.layers.{l}.mlp.shared_expert.down_proj.weight", ("d", 0)),
+    Const("model.layers.{l}.mlp.shared_expert_gate.weight", (1, "d"), 0.0, checked=False),
+)
+# Dense-xN MoE layers (shared experts only, no router) are a dense MLP of width K_s * f.
+SHARED_AS_DENSE_RULES = (
+    R("ffn.shared.wi", "model.layers.{l}.mlp.gate_proj.weight", "[l] d [0] f -> f d"),
+    R("ffn.shared.wi", "model.layers.{l}.mlp.up_proj.weight", "[l] d [1] f -> f d"),
+    R("ffn.shared.wo", "model.layers.{l}.mlp.down_proj.weight", "[l] f d -> d f"),
+)
 
-ALL_RULES = GLOBAL_RULES + LAYER_RULES + DENSE_FFN_RULES + ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One Hugging Face architecture's tensor table.
+
+    Attributes:
+      name: "deepseek", "qwen2_moe" or "llama" (config.json's model_type).
+      architecture: the class transformers instantiates (config.json `architectures`).
+      moe: rows of a MoE layer with a router (after LAYER_RULES) when it has shared experts / has none.
+        None: the architecture has no routed MoE layer.
+      shared_only: rows of a MoE layer without routed experts (Dense-xN), or None if not expressible.
+    """
+
+    name: str
+    architecture: str
+    moe_shared: tuple | None
+    moe_unshared: tuple | None
+    shared_only: tuple | None
+
+    def rows(self) -> tuple:
+        """Every distinct row (for docs/export.md)."""
+        out = GLOBAL_RULES + LAYER_RULES + DENSE_FFN_RULES
+        for group in (self.moe_shared, self.moe_unshared, self.shared_only):
+            out += tuple(r for r in group or () if r not in out)
+        return out
 
 
-def layout_table() -> list[tuple[str, str, str]]:
-    """(our path, HF name, spec) for every rule: the table as printed in docs/export.md."""
+DEEPSEEK = Layout("deepseek", "DeepseekForCausalLM",
+                  moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES,
+                  moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES, shared_only=None)
+QWEN2_MOE = Layout("qwen2_moe", "Qwen2MoeForCausalLM",
+                   moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_SHARED_RULES,
+                   moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_NO_SHARED, shared_only=None)
+LLAMA = Layout("llama", "LlamaForCausalLM", moe_shared=None, moe_unshared=None, shared_only=SHARED_AS_DENSE_RULES)
+LAYOUTS = {lay.name: lay for lay in (DEEPSEEK, QWEN2_MOE, LLAMA)}
+ALL_RULES = DEEPSEEK.rows()
+
+
+def layout_table(lay: Layout = DEEPSEEK) -> list[tuple[str, str, str]]:
+    """(our path, HF name, spec) for every row of `lay`: the table as printed in docs/export.md
+    (constants: our path "-", spec "= value")."""
     out = []
-    for rule in ALL_RULES:
+    for rule in lay.rows():
+        if isinstance(rule, Const):
+            out.append(("-", rule.hf, f"= {rule.value:g} {list(rule.shape)}"))
+            continue
         ours = rule.ours if rule in GLOBAL_RULES else f"stacks.{{s}}.blocks.{rule.ours}"
-        out.append((ours, rule.hf, rule.spec.text))
+        out.append((ours, rule.hf, rule.spec.text + (f" (x {rule.scale:g})" if rule.scale != 1 else "")))
     return out
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-    """Raise LayoutError (saying why) for models DeepseekForCausalLM cannot express."""
+def transformers_layout(cfg: ModelConfig) -> Layout:
+    """The native transformers architecture of a model: Llama for dense (and Dense-xN) models,
+    Qwen2Moe for softmax-routed MoE models."""
+    return LLAMA if cfg.moe is None or cfg.moe.num_experts == 0 else QWEN2_MOE
+
+
+def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
+    """Raise LayoutError (saying why and what to do) for models `lay` cannot express."""
+    if lay is DEEPSEEK:
+        return _check_deepseek(cfg)
+    m = cfg.moe
+    fix = "Export it with --format=hf (DeepSeek's layout, loaded with DeepSeek's remote code) instead."
+    if m is not None and m.router == "hash":
+        raise LayoutError("hash-routed MoE layers (router='hash') have no native transformers equivalent (Qwen2Moe's "
+                          "router is a learned softmax over the routed experts): Hash models cannot be exported to "
+                          "--format=transformers (nor to DeepSeek's layout); keep the workdir's orbax checkpoint")
+    if m is not None and m.dispatch == "capacity":
+        raise LayoutError("dispatch='capacity' drops tokens over an expert's capacity; transformers' "
+                          "Qwen2MoeSparseMoeBlock is dropless, so its logits would differ. " + fix +
+                          " (Or bind MoEConfig.dispatch='dropless' if the model should run dropless.)")
+    if m is not None and (m.disable_top_experts or m.disable_shared):
+        raise LayoutError(f"MoEConfig.disable_top_experts={m.disable_top_experts} / disable_shared={m.disable_shared} "
+                          f"are inference-time analyses with no transformers equivalent; unbind them to export")
+    if lay is LLAMA and m is not None:
+        width = m.num_shared_experts * m.expert_dim
+        dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+        if dense and width != cfg.ffn_dim:
+            raise LayoutError(f"a Dense-x{m.num_shared_experts} model (shared experts only) is a LlamaForCausalLM "
+                              f"only when every FFN has one width; its dense layers {dense} have ffn_dim="
+                              f"{cfg.ffn_dim}, its MoE layers {m.num_shared_experts} x {m.expert_dim} = {width} "
+                              f"(DeepSeek's layout refuses Dense-xN models too); bind FFN_DIM={width} or "
+                              f"FIRST_K_DENSE=0 for a model that exports")
+
+
+def _check_deepseek(cfg: ModelConfig) -> None:
     if cfg.num_heads * cfg.head_dim != cfg.d_model:
         raise LayoutError(
             f"num_heads * head_dim = {cfg.num_heads} * {cfg.head_dim} = {cfg.num_heads * cfg.head_dim} differs from "
             f"d_model = {cfg.d_model}; DeepSeek's HF code derives head_dim = hidden_size / num_attention_heads, so "
-            f"this model has no DeepseekForCausalLM equivalent")
+            f"this model has no DeepseekForCausalLM equivalent (--format=transformers has a free head_dim)")
     m = cfg.moe
     if m is None:
         return
@@ -216,7 +334,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     if m.num_experts == 0:
         raise LayoutError(f"MoE layers without routed experts (Dense x{m.num_shared_experts}: only "
                           f"{m.num_shared_experts} shared experts) have no DeepseekForCausalLM equivalent (its MoE "
-                          f"layer always has a gate over n_routed_experts). Export refuses Dense-xN models.")
+                          f"layer always has a gate over n_routed_experts). Export refuses Dense-xN models "
+                          f"(--format=transformers writes them as LlamaForCausalLM).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,47 +345,58 @@ class TensorEntry:
     Attributes:
       hf_name: e.g. "model.layers.3.mlp.experts.17.up_proj.weight".
       hf_shape: its shape.
-      ours: dotted path of our array, e.g. "stacks.1.blocks.ffn.wi".
-      index: index into our array (ints, and slice(None) for kept axes).
-      spec: the rule's TensorSpec.
+      ours: dotted path of our array, e.g. "stacks.1.blocks.ffn.wi"; None for a constant.
+      index: index into our array (ints, and slice(None) for kept axes); () for a constant.
+      spec: the rule's TensorSpec; None for a constant.
+      scale: HF tensor = scale x our values (a power of two).
+      const: for a tensor with no counterpart among our arrays, its `Const` row.
     """
 
     hf_name: str
     hf_shape: tuple[int, ...]
-    ours: str
+    ours: str | None
     index: tuple[int | slice, ...]
-    spec: TensorSpec
+    spec: TensorSpec | None
+    scale: float = 1.0
+    const: Const | None = None
 
 
-def layer_rules(cfg: ModelConfig, layer: int) -> tuple[Rule, ...]:
-    """The rules of global layer `layer`."""
+def layer_rules(cfg: ModelConfig, layer: int, lay: Layout = DEEPSEEK) -> tuple:
+    """The rows of global layer `layer` in layout `lay`."""
     if not cfg.is_moe_layer(layer):
         return LAYER_RULES + DENSE_FFN_RULES
-    rules = LAYER_RULES + ROUTER_RULES + ROUTED_EXPERT_RULES
-    if cfg.moe.num_shared_experts:
-        rules += SHARED_EXPERT_RULES
-    return rules
+    m = cfg.moe
+    group = lay.shared_only if m.num_experts == 0 else lay.moe_shared if m.num_shared_experts else lay.moe_unshared
+    if group is None:
+        raise LayoutError(f"layer {layer} (MoE: {m.num_experts} routed, {m.num_shared_experts} shared experts) has no "
+                          f"{lay.architecture} equivalent")
+    return LAYER_RULES + group
 
 
-def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]]) -> list[TensorEntry]:
-    """Every HF tensor of the model, in HF order (embed, layers 0..L-1, norm, lm_head).
+def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]], lay: Layout = DEEPSEEK) -> list[TensorEntry]:
+    """Every HF tensor of the model in layout `lay`, in HF order (embed, layers 0..L-1, norm, lm_head).
 
     Args:
       cfg: the model (already `check_exportable`).
       our_shapes: {dotted path: shape} of every parameter array (the abstract model's or a
         checkpoint's). Every array must be used by some rule and every rule's array must exist.
+      lay: the layout (DeepSeek's by default).
     """
-    check_exportable(cfg)
+    check_exportable(cfg, lay)
     entries: list[TensorEntry] = []
     used: set[str] = set()
 
-    def add(rule: Rule, ours: str, name_vars: dict, index_vars: dict) -> None:
+    def add(rule, ours: str, name_vars: dict, index_vars: dict) -> None:
+        name = rule.hf.format(**name_vars)
+        if isinstance(rule, Const):
+            entries.append(TensorEntry(hf_name=name, hf_shape=rule.shape_for(cfg), ours=None, index=(), spec=None,
+                                       const=rule))
+            return
         if ours not in our_shapes:
-            raise LayoutError(f"the layout needs our array {ours!r} (for {rule.hf.format(**name_vars)}), which the "
-                              f"model does not have")
+            raise LayoutError(f"the layout needs our array {ours!r} (for {name}), which the model does not have")
         shape = tuple(our_shapes[ours])
-        entries.append(TensorEntry(hf_name=rule.hf.format(**name_vars), hf_shape=rule.spec.hf_shape(shape), ours=ours,
-                                   index=rule.spec.index(**index_vars), spec=rule.spec))
+        entries.append(TensorEntry(hf_name=name, hf_shape=rule.spec.hf_shape(shape), ours=ours,
+                                   index=rule.spec.index(**index_vars), spec=rule.spec, scale=rule.scale))
         used.add(ours)
 
     embed, norm, head = GLOBAL_RULES
@@ -274,9 +404,9 @@ def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]]) -> list[Te
     for s, (_, first, count) in enumerate(cfg.layer_segments()):
         for local in range(count):
             layer = first + local
-            for rule in layer_rules(cfg, layer):
-                ours = f"stacks.{s}.blocks.{rule.ours}"
-                if "e" in rule.spec.picks:
+            for rule in layer_rules(cfg, layer, lay):
+                ours = None if isinstance(rule, Const) else f"stacks.{s}.blocks.{rule.ours}"
+                if isinstance(rule, Rule) and "e" in rule.spec.picks:
                     for e in range(cfg.moe.num_experts):
                         add(rule, ours, {"l": layer, "e": e}, {"l": local, "e": e})
                 else:
@@ -285,7 +415,7 @@ def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]]) -> list[Te
     add(head, head.ours, {}, {})
     unused = sorted(set(our_shapes) - used)
     if unused:
-        raise LayoutError(f"the HF layout has no place for our array(s) {unused}")
+        raise LayoutError(f"the {lay.architecture} layout has no place for our array(s) {unused}")
     return entries
 
 
