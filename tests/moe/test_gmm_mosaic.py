@@ -184,7 +184,7 @@ def test_dropless_dispatch_with_emulated_mosaic_matches_reference(t, e, k):
     assert_tree_close(g, g_ref, 1e-5)
 
 
-def test_auto_on_gpu_takes_the_first_usable_in_preference_order(monkeypatch):
+def test_auto_for_a_gpu_takes_the_first_usable_in_preference_order(monkeypatch):
     usable = {"mosaic_gpu": True, "ragged_dot_triton": True}
     monkeypatch.setattr(G, "_USABLE", {name: (lambda name=name: usable[name]) for name in usable})
     assert G.resolve_gmm("auto", "gpu") == "mosaic_gpu" == G.resolve_gmm("auto", "cuda")
