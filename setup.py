@@ -25,6 +25,9 @@ setup(
         "test": ["pytest", "pytest-xdist", "tensorboard"],
         # seqio (and with it TensorFlow) is only needed to *build* the token cache.
         "data": ["seqio"],
+        # NVIDIA GPUs: jax's CUDA 12 plugin (with the CUDA libraries), at the jax version that was tested
+        # (constraints.txt). `pip install -c constraints.txt -e '.[gpu]'`.
+        "gpu": ["jax[cuda12]==0.10.2"],
     },
     entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
 )
