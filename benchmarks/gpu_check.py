@@ -12,7 +12,8 @@ Sections, in order (each has a share of the budget; see SECTION_SHARE):
   peak      a bfloat16 square matmul's FLOP/s measured now: the peak every MFU divides by;
   layers    the MoE layer table (benchmarks/moe_layer.py: DeepSeekMoE 2B layer, GShard, Switch, Hash,
             each forward+backward vs the dense FFN of equal activated compute), bfloat16, 32K tokens,
-            for each grouped-matmul backend usable here (gmm.GPU_PREFERENCE), plus which "auto" picks;
+            for each grouped-matmul backend usable here (gmm.GPU_PREFERENCE, then the Mosaic kernels
+            with the chunked weight gradient), and which one "auto" picks;
   train     the 2B DeepSeekMoE and Dense training step (gin/models/{deepseekmoe,dense}_2b.gin, bfloat16
             compute, benchmarks/train_step.py): tokens/s, MFU, peak memory.
 A section stops between its items when the next one would not fit in what is left of its budget
@@ -196,7 +197,8 @@ def layer_backends(a) -> list[str]:
         return list(a.backends)
     if a.dry_run:
         return ["chunked", EMULATED]
-    return [name for name in G.GPU_PREFERENCE if G.gmm_usable(name)]
+    usable = [name for name in G.GPU_PREFERENCE if G.gmm_usable(name)]
+    return usable + (["mosaic_gpu_chunked_dw"] if "mosaic_gpu" in usable else [])   # measured last
 
 
 def _select(backend: str) -> str:

@@ -80,6 +80,18 @@ def test_wrapper_with_emulated_kernels_matches_per_expert_loop(case):
     assert not np.any(np.asarray(got[0])[sum(sizes):]) and not np.any(np.asarray(got[1])[sum(sizes):])
 
 
+@pytest.mark.parametrize("case", ["padded_everywhere", "one_group_last"])
+def test_chunked_weight_gradient_fallback_matches_per_expert_loop(case):
+    m, k, n, sizes, cfg = CASES[case]
+    lhs, rhs, dy = _problem(m, k, n, sizes)
+    cfg = KM.MosaicConfig(**{**cfg.__dict__, "weight_grad": "chunked"})
+    got = _run(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes)
+    for g, ref in zip(got, _reference(lhs, rhs, sizes, dy)):
+        assert max_rel_err(g, ref) <= 1e-5
+    with pytest.raises(ValueError, match="weight_grad"):
+        KM.MosaicConfig(weight_grad="xla")
+
+
 def test_nan_and_inf_past_the_groups_never_leak():
     m, k, n, sizes, cfg = CASES["padded_everywhere"]
     lhs, rhs, dy = _problem(m, k, n, sizes, seed=1)
@@ -207,13 +219,14 @@ def test_usability_checks_here():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "mosaic_gpu_chunked_dw"])
 @pytest.mark.parametrize("k,n,sizes", [(256, 192, [100, 0, 37, 500, 20]), (200, 100, [1, 600, 0, 80]),
                                        (1280, 1728, [4000, 0, 3000, 1000])])
-def test_mosaic_kernels_on_gpu_match_per_expert_loop(k, n, sizes):
+def test_mosaic_kernels_on_gpu_match_per_expert_loop(backend, k, n, sizes):
     assert G.resolve_gmm("auto") == "mosaic_gpu"
     m = sum(sizes) + 37                                      # rows past the groups
     lhs, rhs, dy = _problem(m, k, n, sizes)
-    got = _run(G.get_gmm("mosaic_gpu"), lhs, rhs, dy, sizes, jnp.bfloat16)
+    got = _run(G.get_gmm(backend), lhs, rhs, dy, sizes, jnp.bfloat16)
     lb, rb, db = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (lhs, rhs, dy))
     for g, ref, what in zip(got, _reference(lb, rb, sizes, db), ("out", "dlhs", "drhs")):
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), what

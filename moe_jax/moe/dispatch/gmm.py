@@ -10,6 +10,7 @@ Kernels are registered by name; `get_gmm("auto")` picks the best one for the pla
   name                 backend     how                                                   module
   "chunked"            CPU         loop over experts, static-size row chunks, custom VJP   kernels_cpu
   "mosaic_gpu"         GPU (H100)  Pallas Mosaic-GPU kernels (wgmma), custom VJP            kernels_mosaic
+  "mosaic_gpu_chunked_dw"          the same, weight gradient as chunked XLA dots (fallback) kernels_mosaic
   "ragged_dot_triton"  GPU         jax.lax.ragged_dot with the Pallas/Triton lowering      kernels_gpu
   "ragged_dot"         TPU         jax.lax.ragged_dot (XLA:CPU: dense fallback, E x FLOPs;  here
                                    XLA:GPU: its default lowering, ~15% of the matmul peak)
@@ -22,6 +23,7 @@ usable one and prints which "auto" chose. Measurements behind the choices: bench
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -56,9 +58,14 @@ def ragged_dot_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
 register_gmm("chunked")(kernels_cpu.chunked_gmm)
 register_gmm("ragged_dot_triton")(kernels_gpu.triton_ragged_dot_gmm)
 register_gmm("mosaic_gpu")(kernels_mosaic.mosaic_gmm)
+# The same with the weight gradient as XLA dots over row chunks (not chosen by "auto"; measured by
+# benchmarks/gpu_check.py next to "mosaic_gpu", in case jax's transposed Mosaic kernel misbehaves).
+register_gmm("mosaic_gpu_chunked_dw")(functools.partial(
+    kernels_mosaic.mosaic_gmm, config=kernels_mosaic.MosaicConfig(weight_grad="chunked")))
 
 # Whether a GPU kernel can run in this process (a name not listed here always can).
-_USABLE = {"mosaic_gpu": kernels_mosaic.available, "ragged_dot_triton": kernels_gpu.triton_lowering_available}
+_USABLE = {"mosaic_gpu": kernels_mosaic.available, "mosaic_gpu_chunked_dw": kernels_mosaic.available,
+           "ragged_dot_triton": kernels_gpu.triton_lowering_available}
 
 
 def gmm_usable(name: str) -> bool:
