@@ -297,7 +297,8 @@ def section_train(a, budget: Budget, state: dict) -> None:
 
 
 SECTIONS = {"tests": ("GPU-only tests", section_tests), "versions": ("Versions", section_versions),
-            "peak": ("Matmul peak", section_peak), "layers": ("MoE layer vs dense FFN (forward + backward)", section_layers),
+            "peak": ("Matmul peak", section_peak),
+            "layers": ("MoE layer vs dense FFN (forward + backward)", section_layers),
             "train": ("2B training step", section_train)}
 
 

@@ -100,7 +100,8 @@ def print_models(runs: dict[str, dict], batch: int, seq: int, peak: float, out=s
         c, t = r["counts"], statistics.median(r["times"])
         flops = c.flops * batch
         mem = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 30:.2f}"
-        print(f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | {statistics.median(r['cpu']):.2f} | "
+        print(f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | "
+              f"{statistics.median(r['cpu']):.2f} | "
               f"{batch * (seq - 1) / t:,.0f} | {flops / 1e12:.3f} | {flops / t / 1e9:.1f} | {flops / t / peak:.1%} | "
               f"{mem} |", file=out, flush=True)
 

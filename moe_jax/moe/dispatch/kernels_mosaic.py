@@ -8,6 +8,8 @@ The jax wheel ships two grouped-matmul kernels for Hopper (wgmma + TMA, sm_90a) 
     dlhs [M, K]    = ragged_dot_mgpu.ragged_dot(g, rhs, transpose_rhs=True)   rows of e: g_e @ rhs[e]^T
     drhs [E, K, N] = transposed_ragged_dot_mgpu.transposed_ragged_dot(lhs, g)  [e] = lhs_e^T @ g_e
 The input gradient reads rhs [E, K, N] as the transposed weights in place (no transpose copy).
+`MosaicConfig(weight_grad="chunked")` computes drhs with kernels_cpu's loop of row-chunk XLA dots
+instead (registered as "mosaic_gpu_chunked_dw"). As for every gmm kernel, sum(group_sizes) <= M.
 
 Why a custom VJP: a Mosaic-GPU kernel is opaque to autodiff (it has no JVP or transpose rule), so
 the backward pass is stated as the two other kernels.
@@ -19,8 +21,9 @@ What the kernels accept, and what `mosaic_gmm` does about the rest (all decided 
   * divisibility: every contracted dimension a multiple of block_k (64), every output dimension a
     multiple of its block (the configured 128, or 64 when that divides and 128 does not), the rows
     a multiple of block_m and block_k. A dimension that is not is zero-padded up to one (zeros add
-    nothing) and the result sliced back: free when it divides (d_model 1280, 2 x 864 = 1728), one
-    copy of the operand when it does not (the 2B expert width 853 or 864 -> 896, the wo products).
+    nothing) and the result sliced back: free when it divides (d_model 1280, 2 x 864 = 1728), a
+    copy of the operand and of the result when it does not (expert width 864 -> 896 in the wo
+    products; the paper's 2B width 853: 853 -> 896 and 2 x 853 = 1706 -> 1792).
   * rows past sum(group_sizes): the forward kernel never writes them (their memory is
     uninitialised), so the output and the input gradient are zeroed there (a select XLA fuses into
     the consumer); the weight-gradient kernel reads whole block_k-row blocks and masks the rows of
