@@ -16,9 +16,10 @@ Sections, in order (each has a share of the budget; see SECTION_SHARE):
             with the chunked weight gradient), and which one "auto" picks;
   train     the 2B DeepSeekMoE and Dense training step (gin/models/{deepseekmoe,dense}_2b.gin, bfloat16
             compute, benchmarks/train_step.py): tokens/s, MFU, peak memory.
-A section stops between its items when the next one would not fit in what is left of its budget
-(judged by the slowest item so far) and says what it skipped; an alarm at the overall budget stops
-whatever runs then (between Python calls) and the script still prints what it has.
+A section gets its share of the time left among the sections still to run; it stops between its
+items when the next one would not fit in what is left (judged by the last item of the same backend,
+else the slowest so far) and says what it skipped; an alarm at the overall budget stops whatever
+runs then (between Python calls) and the script still prints what it has.
 
 --dry_run: CPU, d=64, 512 tokens, the 2B models shrunk to one tiny layer; the layer table and the
 training step also run "mosaic_gpu_emulated", the Mosaic wrapper on `kernels_mosaic.emulated_kernels()`.
@@ -52,15 +53,22 @@ class Deadline(BaseException):
 
 
 class Budget:
-    """Seconds left overall and in the current section; `fits(item_s)`: may another item start."""
+    """Seconds left overall and in the current section; `fits(item_s)`: may another item start.
+
+    A section gets its share of what is left when it starts, among the sections still to run, so
+    time one section leaves unused goes to the later ones."""
 
     def __init__(self, total_s: float):
         self.t0, self.total = time.monotonic(), total_s
         self.section_end = self.t0 + total_s
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, pending: list[str] | None = None) -> None:
+        """Start section `name`; `pending`: it and the sections after it (default: all of them)."""
         now = time.monotonic()
-        self.section_end = min(now + SECTION_SHARE[name] * self.total, self.t0 + self.total)
+        pending = pending or list(SECTION_SHARE)
+        shares = sum(SECTION_SHARE[s] for s in pending)
+        share = SECTION_SHARE[name] / shares if shares > 0 else 0.0
+        self.section_end = now + share * max(self.t0 + self.total - now, 0.0)
 
     def left(self) -> float:
         return self.section_end - time.monotonic()
@@ -75,7 +83,7 @@ class Budget:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes, every code path (~1-2 minutes)")
-    p.add_argument("--budget_s", type=float, default=None, help="overall time budget (default 450; dry run 150)")
+    p.add_argument("--budget_s", type=float, default=None, help="overall time budget (default 450; dry run 300)")
     p.add_argument("--sections", nargs="+", default=list(SECTION_SHARE), choices=list(SECTION_SHARE))
     p.add_argument("--tokens", type=int, default=None, help="tokens of the layer table (default 32768; dry 512)")
     p.add_argument("--d", type=int, default=None, help="hidden size of the layer table (default 1280; dry 64)")
@@ -89,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5; dry 2)")
     a = p.parse_args(argv)
     dry = a.dry_run
-    defaults = dict(budget_s=(150 if dry else 450), tokens=(512 if dry else 32768), d=(64 if dry else 1280),
+    defaults = dict(budget_s=(300 if dry else 450), tokens=(512 if dry else 32768), d=(64 if dry else 1280),
                     repeats=(2 if dry else 5), batch=(2 if dry else 16), seq=(64 if dry else 2048),
                     steps=(2 if dry else 5), train_gmm=(EMULATED if dry else "auto"))
     for name, value in defaults.items():
@@ -221,11 +229,11 @@ def section_layers(a, budget: Budget, state: dict) -> None:
     print(f"gmm `auto` on this device: **{G.resolve_gmm('auto')}** (GPU preference {', '.join(G.GPU_PREFERENCE)}; "
           f"usable: {', '.join(n for n in G.GPU_PREFERENCE if G.gmm_usable(n)) or 'none'}). "
           f"d={a.d}, {a.tokens} tokens, bfloat16, {a.repeats} timed repeats; MFU vs the measured peak.", flush=True)
-    cfgs, rows, notes, slowest = ML.layer_configs(a.d), {b: [] for b in backends}, [], 0.0
+    cfgs, rows, notes, took = ML.layer_configs(a.d), {b: [] for b in backends}, [], {}
     try:
         for name in a.layers:
             for b in backends:
-                if not budget.fits(slowest):
+                if not budget.fits(took.get(b, max(took.values(), default=0.0))):
                     notes.append(f"skipped {name} with `{b}` (section budget: {budget.left():.0f} s left)")
                     continue
                 t0 = time.monotonic()
@@ -235,7 +243,7 @@ def section_layers(a, budget: Budget, state: dict) -> None:
                     print(f"  {name} / {b}: MoE/dense {r.ratio:.3f}", file=sys.stderr, flush=True)
                 except Exception as err:  # noqa: BLE001 (one backend failing must not stop the others)
                     notes.append(f"{name} with `{b}` failed: {_first_line(err)}")
-                slowest = max(slowest, time.monotonic() - t0)
+                took[b] = time.monotonic() - t0
     finally:
         for b in backends:
             print(f"\n#### gmm backend `{b}`\n")
@@ -320,8 +328,9 @@ def main(argv=None) -> int:
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`", flush=True)
     done, state = [], {}
     try:
-        for name in [s for s in SECTION_SHARE if s in a.sections]:
-            budget.start(name)
+        order = [s for s in SECTION_SHARE if s in a.sections]
+        for i, name in enumerate(order):
+            budget.start(name, order[i:])
             print(f"\n### {SECTIONS[name][0]}\n", flush=True)
             SECTIONS[name][1](a, budget, state)
             done.append(name)

@@ -31,6 +31,8 @@ def test_budget_sections_share_the_total():
     b = gpu_check.Budget(100.0)
     b.start("layers")
     assert 41.0 < b.left() <= 42.0 and b.fits(10.0) and not b.fits(45.0)
+    b.start("layers", ["layers", "train"])                   # earlier sections' unused time is shared out
+    assert 58.0 < b.left() <= 58.34 and not b.fits(59.0)
 
 
 def test_constraints_diff_names_mismatches(tmp_path):
