@@ -117,7 +117,8 @@ def section_tests(a, budget: Budget, state: dict) -> None:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env["JAX_PLATFORMS"] = "cpu" if a.dry_run else (os.environ.get("JAX_PLATFORMS") or "cuda")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-rs", "-p", "no:cacheprovider", "-k", "on_gpu", *GPU_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-rfEs", "--tb=line", "-p", "no:cacheprovider",
+           "-k", "on_gpu", *GPU_TESTS]
     print(f"`JAX_PLATFORMS={env['JAX_PLATFORMS']} python -m {' '.join(cmd[2:])}`\n", flush=True)
     t0 = time.monotonic()
     try:

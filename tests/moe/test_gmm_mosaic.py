@@ -165,7 +165,7 @@ def test_real_kernels_accept_the_wrapper_shapes(monkeypatch, k, n, sizes):
     gs = jnp.asarray(sizes, jnp.int32)
 
     def fwd_bwd(a, b, g):
-        out, vjp = jax.vjp(lambda a, b: KM.mosaic_gmm(a, b, gs), a, b)
+        out, vjp = jax.vjp(lambda a, b: KM.mosaic_gmm(a, b, gs, kernels=KM.mosaic_kernels()), a, b)
         return (out,) + vjp(g)
 
     out, dlhs, drhs = jax.eval_shape(fwd_bwd, sds(m, k), sds(len(sizes), k, n), sds(m, n))
@@ -205,6 +205,15 @@ def test_auto_for_a_gpu_takes_the_first_usable_in_preference_order(monkeypatch):
     usable["ragged_dot_triton"] = False
     assert G.resolve_gmm("auto", "gpu") == "ragged_dot"
     assert G.resolve_gmm("auto", "cpu") != "mosaic_gpu" and G.resolve_gmm("mosaic_gpu", "cpu") == "mosaic_gpu"
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the error raised where there is no Hopper GPU")
+def test_mosaic_backend_without_a_hopper_gpu_names_the_fix():
+    lhs, rhs = jnp.ones((8, 64), jnp.bfloat16), jnp.ones((2, 64, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs a Hopper GPU.*gmm_backend='auto'"):
+        G.get_gmm("mosaic_gpu")(lhs, rhs, jnp.asarray([4, 4]))
+    out = G.get_gmm("mosaic_gpu")(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray([4, 4]))
+    np.testing.assert_allclose(out, 64.0)                     # float32: the ragged_dot fallback runs anywhere
 
 
 def test_usability_checks_here():

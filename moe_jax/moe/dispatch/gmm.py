@@ -7,13 +7,13 @@ sum(group_sizes) are zero (in the output and in every gradient).
 
 Kernels are registered by name; `get_gmm("auto")` picks the best one for the platform:
 
-  name                 backend     how                                                   module
-  "chunked"            CPU         loop over experts, static-size row chunks, custom VJP   kernels_cpu
-  "mosaic_gpu"         GPU (H100)  Pallas Mosaic-GPU kernels (wgmma), custom VJP            kernels_mosaic
-  "mosaic_gpu_chunked_dw"          the same, weight gradient as chunked XLA dots (fallback) kernels_mosaic
-  "ragged_dot_triton"  GPU         jax.lax.ragged_dot with the Pallas/Triton lowering      kernels_gpu
-  "ragged_dot"         TPU         jax.lax.ragged_dot (XLA:CPU: dense fallback, E x FLOPs;  here
-                                   XLA:GPU: its default lowering, ~15% of the matmul peak)
+  name                     backend     how                                                module
+  "chunked"                CPU         loop over experts, static-size row chunks, custom VJP  kernels_cpu
+  "mosaic_gpu"             GPU (H100)  Pallas Mosaic-GPU kernels (wgmma), custom VJP          kernels_mosaic
+  "mosaic_gpu_chunked_dw"  GPU (H100)  the same, weight gradient as chunked XLA dots          kernels_mosaic
+  "ragged_dot_triton"      GPU         jax.lax.ragged_dot with the Pallas/Triton lowering     kernels_gpu
+  "ragged_dot"             TPU         jax.lax.ragged_dot (XLA:CPU: dense fallback, E x the   here
+                                       FLOPs; XLA:GPU: its default lowering, ~15% of peak)
 
 On a GPU, "auto" is the first of GPU_PREFERENCE that can run here (`gmm_usable`): "mosaic_gpu" if
 the kernels import and the device is a Hopper (sm_90), else "ragged_dot_triton" if this jax has the

@@ -227,10 +227,16 @@ def mosaic_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, config
     `kernels`: default the Mosaic-GPU ones (`mosaic_kernels()`); `emulated_kernels()` on CPU."""
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"mosaic_gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
-    kern = kernels or mosaic_kernels()
+    kern = kernels or Kernels(None, None)
     group_sizes = group_sizes.astype(jnp.int32)
     if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype) not in tuple(map(jnp.dtype, kern.dtypes)):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+    if kernels is None:
+        if not hopper_visible():
+            raise ValueError(f"gmm backend mosaic_gpu needs a Hopper GPU (compute capability 9.x) as the default "
+                             f"device, not {jax.devices()[0].device_kind}: use gmm_backend='auto' (it picks what "
+                             f"runs here) or 'ragged_dot'")
+        kern = mosaic_kernels()
     if lhs.shape[0] == 0:
         return jnp.zeros((0, rhs.shape[2]), lhs.dtype)
     lhs, rhs = _varying_like(lhs, rhs, group_sizes), _varying_like(rhs, lhs, group_sizes)
