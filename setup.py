@@ -28,6 +28,7 @@ setup(
         # NVIDIA GPUs: jax's CUDA 12 plugin (with the CUDA libraries), at the jax version that was tested
         # (constraints.txt). `pip install -c constraints.txt -e '.[gpu]'`.
         "gpu": ["jax[cuda12]==0.10.2"],
+        "gpu-cuda13": ["jax[cuda13]==0.10.2"],   # the same for a CUDA 13 driver stack
     },
     entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
 )

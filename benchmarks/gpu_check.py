@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 SECTION_SHARE = {"tests": 0.22, "versions": 0.02, "peak": 0.04, "layers": 0.42, "train": 0.30}
 GPU_TESTS = ["tests/moe/test_gmm.py", "tests/moe/test_gmm_mosaic.py"]
 LAYERS = ("deepseekmoe", "gshard", "switch", "hash")
-PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "flax", "optax",
-            "orbax-checkpoint", "numpy")
+PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+            "flax", "optax", "orbax-checkpoint", "numpy")
 EMULATED = "mosaic_gpu_emulated"
 
 

@@ -195,6 +195,7 @@ def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, kern: Ke
     return out[:, :k, :n]
 
 
+# Custom VJP: the Mosaic kernels have no autodiff rules, so the backward is the two other products.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _mosaic_gmm(lhs, rhs, group_sizes, kern, cfg):
     return _grouped_rows(lhs, rhs, group_sizes, kern, cfg, transpose_w=False)
