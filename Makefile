@@ -8,10 +8,10 @@ PYTEST_ARGS ?= -n 2 -q
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,data,hf]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,data,hf]'
 	touch $(STAMP)
 
 # The offline corpus, vocabulary and token cache (idempotent: seconds when already built).

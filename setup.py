@@ -27,6 +27,10 @@ setup(
         "data": ["seqio"],
         # torch (CPU build) + transformers: the `--format=transformers` export's tests load it with the real library.
         "hf": ["torch==2.13.0", "transformers>=5,<6"],
+        # NVIDIA GPUs: jax's CUDA 12 plugin (with the CUDA libraries), at the jax version that was tested
+        # (constraints.txt). `pip install -c constraints.txt -e '.[gpu]'`.
+        "gpu": ["jax[cuda12]==0.10.2"],
+        "gpu-cuda13": ["jax[cuda13]==0.10.2"],   # the same for a CUDA 13 driver stack
     },
     entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
 )

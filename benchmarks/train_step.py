@@ -6,7 +6,8 @@ One full step (forward, backward, AdamW update) of `moe_jax.model.transformer.Tr
 donated. Each model is compiled and warmed up, then the two alternate for `--steps` steps and each
 reports its median step time (wall, and process CPU time: the steadier one on a shared machine). Model FLOPs follow paper §3.4 (`moe_jax.configs.params`):
 6 x activated non-embedding parameters x tokens + attention 12 L T^2 (heads x head_dim); MFU divides
-the achieved model FLOP rate by a large square matmul's rate measured in the same run.
+the achieved model FLOP rate by a large square matmul's rate measured in the same run. Peak memory
+is XLA's buffer assignment of the compiled step (arguments + outputs + temporaries - aliased).
 
     python benchmarks/train_step.py --quick       # d=256, 2 layers, 4 x 512 tokens
     python benchmarks/train_step.py               # d=512, 4 layers, 8 x 1024 tokens (8K per step)
@@ -29,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.moe_layer import environment, matmul_peak, standard_ffn_dim  # noqa: E402
+from benchmarks.moe_layer import compile_step, environment, matmul_peak, standard_ffn_dim  # noqa: E402
 from moe_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from moe_jax.configs.params import count_params  # noqa: E402
 from moe_jax.model.transformer import Transformer  # noqa: E402
@@ -63,6 +64,48 @@ def make_step(cfg: ModelConfig, lr: float = 1e-3):
     return jax.jit(step, donate_argnums=(0, 1)), params, opt.init(params), rest
 
 
+def measure_models(cfgs: dict[str, ModelConfig], batch: int, seq: int, steps: int) -> dict[str, dict]:
+    """Compile each model's step ahead of time (its peak memory: XLA's buffer assignment, as
+    `moe_layer.compile_step`), warm it up twice, then alternate `steps` timed steps over the models.
+
+    Returns name -> dict(times, cpu: seconds per step, counts: `count_params`, peak_bytes, loss)."""
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, min(c.vocab_size for c in cfgs.values()))
+    runs = {}
+    for name, cfg in cfgs.items():
+        step, params, opt_state, rest = make_step(cfg)
+        compiled, peak_bytes = compile_step(step, (params, opt_state, rest, tokens))
+        runs[name] = dict(step=compiled, state=[params, opt_state], rest=rest, counts=count_params(cfg, seq - 1),
+                          peak_bytes=peak_bytes, times=[], cpu=[])
+        for _ in range(2):                                            # warm-up
+            params, opt_state, loss = compiled(*runs[name]["state"], rest, tokens)
+            jax.block_until_ready(loss)
+            runs[name]["state"] = [params, opt_state]
+    for _ in range(steps):
+        for r in runs.values():
+            t0, c0 = time.perf_counter(), time.process_time()
+            params, opt_state, loss = r["step"](*r["state"], r["rest"], tokens)
+            jax.block_until_ready(loss)
+            r["times"].append(time.perf_counter() - t0)
+            r["cpu"].append(time.process_time() - c0)
+            r["state"], r["loss"] = [params, opt_state], float(loss)
+    return runs
+
+
+def print_models(runs: dict[str, dict], batch: int, seq: int, peak: float, out=sys.stdout) -> None:
+    """The table of `measure_models`: median step time, tokens/s, model FLOPs, MFU vs `peak` FLOP/s."""
+    print("| model | total params | activated params | step (s) | CPU s/step | tokens/s | model TFLOP/step | "
+          "achieved GFLOP/s | MFU | peak memory (GiB) |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for name, r in runs.items():
+        c, t = r["counts"], statistics.median(r["times"])
+        flops = c.flops * batch
+        mem = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 30:.2f}"
+        print(f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | "
+              f"{statistics.median(r['cpu']):.2f} | "
+              f"{batch * (seq - 1) / t:,.0f} | {flops / 1e12:.3f} | {flops / t / 1e9:.1f} | {flops / t / peak:.1%} | "
+              f"{mem} |", file=out, flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -84,34 +127,8 @@ def main(argv=None):
     peak = matmul_peak(a.dtype)
     print(f"gmm kernel: {gmm} | dtype {a.dtype} | matmul peak {peak / 1e9:.1f} GFLOP/s (measured now) | "
           f"d={d} layers={layers} batch={batch} seq={seq} | {steps} timed steps\n", flush=True)
-
-    tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, 8192)
-    runs = {}
-    for name, cfg in model_configs(d, layers, a.dtype, gmm).items():
-        step, params, opt_state, rest = make_step(cfg)
-        counts = count_params(cfg, seq - 1)
-        runs[name] = dict(step=step, state=[params, opt_state], rest=rest, counts=counts, times=[], cpu=[])
-        for _ in range(2):                                            # compile + warm-up
-            params, opt_state, loss = step(*runs[name]["state"], rest, tokens)
-            jax.block_until_ready(loss)
-            runs[name]["state"] = [params, opt_state]
-    for _ in range(steps):
-        for r in runs.values():
-            t0, c0 = time.perf_counter(), time.process_time()
-            params, opt_state, loss = r["step"](*r["state"], r["rest"], tokens)
-            jax.block_until_ready(loss)
-            r["times"].append(time.perf_counter() - t0)
-            r["cpu"].append(time.process_time() - c0)
-            r["state"], r["loss"] = [params, opt_state], float(loss)
-
-    print("| model | total params | activated params | step (s) | CPU s/step | tokens/s | model TFLOP/step | "
-          "achieved GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
-        c, t = r["counts"], statistics.median(r["times"])
-        flops = c.flops * batch
-        print(f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | {statistics.median(r['cpu']):.2f} | "
-              f"{batch * (seq - 1) / t:,.0f} | {flops / 1e12:.3f} | {flops / t / 1e9:.1f} | {flops / t / peak:.1%} |")
+    runs = measure_models(model_configs(d, layers, a.dtype, gmm), batch, seq, steps)
+    print_models(runs, batch, seq, peak)
     med = {n: (statistics.median(r["times"]), statistics.median(r["cpu"])) for n, r in runs.items()}
     print(f"\nstep time DeepSeekMoE / dense = {med['deepseekmoe'][0] / med['dense'][0]:.3f} "
           f"(CPU time {med['deepseekmoe'][1] / med['dense'][1]:.3f}) | {environment()}")
