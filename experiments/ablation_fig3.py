@@ -18,5 +18,6 @@ FAMILY = Family(
            "1s_7of63": {"hellaswag_norm": 1.000, "triviaqa_norm": 1.000}},
     metrics=("heldout_loss", "train_loss"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )

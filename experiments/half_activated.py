@@ -14,5 +14,6 @@ FAMILY = Family(
                                                                                      "arc_e": 48.0}},
     metrics=("heldout_loss", "train_loss"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )

@@ -13,5 +13,6 @@ FAMILY = Family(
     paper={"1s_7of63": {"pile_loss": 1.808}, "2s_6of62": {"pile_loss": 1.806}, "4s_4of60": {"pile_loss": 1.811}},
     metrics=("heldout_loss", "train_loss"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )

@@ -26,5 +26,6 @@ FAMILY = Family(
                                                       zip(_RATIOS, (5.586, 7.518, 7.627, 7.721))}}},
     metrics=("heldout_loss", "analysis_plain", *(f"disable_top_{r}" for r in _RATIOS), "shared_disabled"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )

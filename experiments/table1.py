@@ -19,5 +19,6 @@ FAMILY = Family(
            "deepseekmoe": {"pile_loss": 1.808, "hellaswag": 54.8}},
     metrics=("heldout_loss", "train_loss", "tokens_per_second"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )

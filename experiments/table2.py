@@ -15,5 +15,6 @@ FAMILY = Family(
            "dense_x16": {"pile_loss": 1.806}, "deepseekmoe": {"pile_loss": 1.808}},
     metrics=("heldout_loss", "train_loss", "tokens_per_second"),
     scales={"small": Scale(model_suffix=("_tiny", "_small")),
+            "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
             "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
 )
