@@ -126,7 +126,7 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     text = f"{mean:.4f}" if abs(mean) < 100 else f"{mean:,.0f}"
-    return text + (f" ± {std:.4f}" if std else "")
+    return text + ((f" ± {std:.4f}" if abs(mean) < 100 else f" ± {std:,.0f}") if std else "")
 
 
 def markdown_table(summary: list[dict], family: Family) -> str:
