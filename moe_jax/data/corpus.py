@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from moe_jax.data.errors import CorpusMissingError, DataError, EmptyCorpusError, FetchError
+from moe_jax.data.vocab import file_sha256
 from moe_jax.data.textutil import doc_key, group_records, normalise, read_text, split_documents, stable_hash
 
 RECIPE_VERSION = 2
@@ -78,12 +79,7 @@ def corpus_fingerprint(manifest: dict) -> str:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256   # one chunked SHA-256 for every file the project checks (moe_jax.data.vocab)
 
 
 def heldout_indices(docs: Sequence[str], frac: float, min_bytes: int) -> set[int]:

@@ -24,8 +24,13 @@ VOCAB_VERSION = 1
 MAX_PIECE_CHARS = 2000
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_sha256(path: Path, bufsize: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks (vocabularies, corpus splits, checkpoint files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _sentences(corpus_dir: Path, manifest: dict) -> Iterator[str]:

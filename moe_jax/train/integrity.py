@@ -9,7 +9,6 @@ is restored unverified, and still checked for non-finite values.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,17 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.data.vocab import file_sha256
+
 MANIFEST = "moe_jax_sha256.json"
 CORRUPT_DIR = "corrupt"        # checkpoints/corrupt/<step>: steps that failed verification
 DISCARDED_DIR = "discarded"    # checkpoints/discarded/<step>: later steps set aside by --discard_later_steps
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(step_dir: Path) -> list[Path]:
