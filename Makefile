@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup data main test clean
+.PHONY: setup data main test lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ main: data
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+# Lint and format check (settings in pyproject.toml). `$(VENV)/bin/ruff format .` applies the format.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,4 +1,5 @@
 """moe_jax: DeepSeekMoE and its baselines in JAX/Flax NNX."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -22,7 +23,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "tensorboard"],
+        "test": ["pytest", "pytest-xdist", "tensorboard", "ruff", "import-linter"],
         # seqio (and with it TensorFlow) is only needed to *build* the token cache.
         "data": ["seqio"],
         # torch (CPU build) + transformers: the `--format=transformers` export's tests load it with the real library.
@@ -30,7 +31,7 @@ setup(
         # NVIDIA GPUs: jax's CUDA 12 plugin (with the CUDA libraries), at the jax version that was tested
         # (constraints.txt). `pip install -c constraints.txt -e '.[gpu]'`.
         "gpu": ["jax[cuda12]==0.10.2"],
-        "gpu-cuda13": ["jax[cuda13]==0.10.2"],   # the same for a CUDA 13 driver stack
+        "gpu-cuda13": ["jax[cuda13]==0.10.2"],  # the same for a CUDA 13 driver stack
     },
     entry_points={"console_scripts": ["moe-jax=moe_jax.cli:main"]},
 )

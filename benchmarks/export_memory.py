@@ -13,6 +13,7 @@
    and the shard size, then spot-checks tensors against the checkpoint.
 3. Everything written is deleted unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,11 @@ def _rss_kib(field: str) -> int:
 
 
 def write_checkpoint(workdir: Path) -> dict:
-    import gin
     import numpy as np
     import tensorstore as ts
     from flax import nnx
 
+    import gin
     from moe_jax.config import ModelConfig
     from moe_jax.configs.gin_utils import model_gin_path, parse_gin
     from moe_jax.export.hf import chunk_boxes
@@ -48,8 +49,10 @@ def write_checkpoint(workdir: Path) -> dict:
     from moe_jax.model.transformer import Transformer
     from moe_jax.parallel import MeshConfig, build_mesh, state_shardings
 
-    parse_gin([model_gin_path("deepseekmoe_2b"), "runs/pretrain_2b.gin"],
-              modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    parse_gin(
+        [model_gin_path("deepseekmoe_2b"), "runs/pretrain_2b.gin"],
+        modules=("moe_jax.train.config", "moe_jax.parallel.mesh"),
+    )
     cfg = ModelConfig()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(gin.config_str())
@@ -64,11 +67,20 @@ def write_checkpoint(workdir: Path) -> dict:
     for path, leaf in flat_params(abstract).items():
         shape = tuple(leaf.shape)
         chunk = tuple(shardings[path].shard_shape(shape))
-        arr = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{state}/",
-                                                       "path": f"params.{path}.value"},
-                       "metadata": {"shape": list(shape), "chunks": list(chunk), "dtype": "<f4",
-                                    "compressor": {"id": "zstd", "level": 1}}},
-                      create=True, context=context).result()
+        arr = ts.open(
+            {
+                "driver": "zarr",
+                "kvstore": {"driver": "ocdbt", "base": f"file://{state}/", "path": f"params.{path}.value"},
+                "metadata": {
+                    "shape": list(shape),
+                    "chunks": list(chunk),
+                    "dtype": "<f4",
+                    "compressor": {"id": "zstd", "level": 1},
+                },
+            },
+            create=True,
+            context=context,
+        ).result()
         for box in chunk_boxes(shape, chunk):
             block_shape = tuple(b.stop - b.start for b in box)
             values = 0.006 * rng.standard_normal(block_shape, dtype=np.float32)
@@ -82,16 +94,15 @@ def write_checkpoint(workdir: Path) -> dict:
 
 
 def export_and_measure(workdir: Path, out: Path, dtype: str, shard_size: int) -> dict:
+    import jax  # noqa: F401  (the export imports it; count it in the baseline)
     import numpy as np
+    from flax import nnx  # noqa: F401
 
     from moe_jax.export.hf import abstract_param_shapes, export_hf, read_hf_dir
     from moe_jax.export.layout import plan
     from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
     from moe_jax.export.safetensors_io import load_tensor
     from moe_jax.train.restore import parse_workdir_config
-
-    import jax  # noqa: F401  (the export imports it; count it in the baseline)
-    from flax import nnx  # noqa: F401
 
     baseline = _rss_kib("VmRSS")
     t0 = time.time()
@@ -106,16 +117,29 @@ def export_and_measure(workdir: Path, out: Path, dtype: str, shard_size: int) ->
     entries = {e.hf_name: e for e in plan(model_cfg, abstract_param_shapes(model_cfg))}
     _, infos, _ = read_hf_dir(out)
     checked = []
-    for name in ("model.layers.4.mlp.experts.37.up_proj.weight", "model.layers.8.self_attn.q_proj.weight",
-                 "model.layers.0.mlp.shared_experts.down_proj.weight", "lm_head.weight"):
+    for name in (
+        "model.layers.4.mlp.experts.37.up_proj.weight",
+        "model.layers.8.self_attn.q_proj.weight",
+        "model.layers.0.mlp.shared_experts.down_proj.weight",
+        "lm_head.weight",
+    ):
         e = entries[name]
         want = e.spec.to_hf(reader.read(e.ours, e.index)).astype(infos[name].dtype)
         assert np.array_equal(load_tensor(infos[name]), want), name
         checked.append(name)
-    return {"dtype": dtype, "shard_size": shard_size, "files": len(res.files), "largest_file": max(sizes),
-            "total_bytes": res.total_bytes, "max_chunk_bytes": res.max_block_bytes,
-            "max_tensor_bytes": res.max_tensor_bytes, "baseline_rss": baseline * 1024, "peak_rss": peak * 1024,
-            "seconds": round(seconds, 1), "spot_checked": checked}
+    return {
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "files": len(res.files),
+        "largest_file": max(sizes),
+        "total_bytes": res.total_bytes,
+        "max_chunk_bytes": res.max_block_bytes,
+        "max_tensor_bytes": res.max_tensor_bytes,
+        "baseline_rss": baseline * 1024,
+        "peak_rss": peak * 1024,
+        "seconds": round(seconds, 1),
+        "spot_checked": checked,
+    }
 
 
 def main(argv=None) -> int:
@@ -138,8 +162,13 @@ def main(argv=None) -> int:
         return 0
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    me = [sys.executable, str(Path(__file__).resolve()), f"--dir={root}", f"--dtype={args.dtype}",
-          f"--shard_size={args.shard_size}"]
+    me = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--dir={root}",
+        f"--dtype={args.dtype}",
+        f"--shard_size={args.shard_size}",
+    ]
     try:
         if not (workdir / "checkpoints" / "0" / "state").exists():
             shutil.rmtree(root, ignore_errors=True)
@@ -147,19 +176,24 @@ def main(argv=None) -> int:
             subprocess.run(me + ["--step=write"], env=env, check=True)
         shutil.rmtree(out, ignore_errors=True)
         print(f"exporting to {out} ...")
-        proc = subprocess.run(me + ["--step=export"], env={**env, "XLA_FLAGS": ""}, check=True,
-                              stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            me + ["--step=export"], env={**env, "XLA_FLAGS": ""}, check=True, stdout=subprocess.PIPE, text=True
+        )
         result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     gb = lambda n: f"{n / 1e9:.2f} GB"
     print(json.dumps(result, indent=2))
-    print(f"\nDeepSeekMoE 2B -> {result['dtype']} safetensors: {result['files']} shards of <= {gb(result['shard_size'])} "
-          f"(largest file {gb(result['largest_file'])}), {gb(result['total_bytes'])} in {result['seconds']} s")
-    print(f"peak RSS {gb(result['peak_rss'])} = baseline after imports {gb(result['baseline_rss'])} "
-          f"+ {gb(result['peak_rss'] - result['baseline_rss'])}; largest stored chunk {gb(result['max_chunk_bytes'])}, "
-          f"largest tensor {gb(result['max_tensor_bytes'])}")
+    print(
+        f"\nDeepSeekMoE 2B -> {result['dtype']} safetensors: {result['files']} shards of <= {gb(result['shard_size'])} "
+        f"(largest file {gb(result['largest_file'])}), {gb(result['total_bytes'])} in {result['seconds']} s"
+    )
+    print(
+        f"peak RSS {gb(result['peak_rss'])} = baseline after imports {gb(result['baseline_rss'])} "
+        f"+ {gb(result['peak_rss'] - result['baseline_rss'])}; largest stored chunk {gb(result['max_chunk_bytes'])}, "
+        f"largest tensor {gb(result['max_tensor_bytes'])}"
+    )
     return 0
 
 

@@ -25,6 +25,7 @@ script still prints what it has.
 --dry_run: CPU, d=64, 512 tokens, the 2B models shrunk to one tiny layer; the layer table and the
 training step also run "mosaic_gpu_emulated", the Mosaic wrapper on `kernels_mosaic.emulated_kernels()`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,18 @@ sys.path.insert(0, str(ROOT))
 SECTION_SHARE = {"tests": 0.22, "versions": 0.02, "peak": 0.04, "layers": 0.42, "train": 0.30}
 GPU_TESTS = ["tests/moe/test_gmm.py", "tests/moe/test_gmm_mosaic.py"]
 LAYERS = ("deepseekmoe", "gshard", "switch", "hash")
-PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
-            "flax", "optax", "orbax-checkpoint", "numpy")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda12-pjrt",
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+)
 EMULATED = "mosaic_gpu_emulated"
 
 
@@ -90,17 +101,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=None, help="hidden size of the layer table (default 1280; dry 64)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per layer step (default 5; dry 2)")
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
-    p.add_argument("--backends", nargs="+", default=None,
-                   help="gmm backends of the layer table (default: every usable one of gmm.GPU_PREFERENCE)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="gmm backends of the layer table (default: every usable one of gmm.GPU_PREFERENCE)",
+    )
     p.add_argument("--train_gmm", default=None, help="gmm backend of the training step (default auto)")
     p.add_argument("--batch", type=int, default=None, help="sequences per training step (default 16; dry 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048; dry 64)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5; dry 2)")
     a = p.parse_args(argv)
     dry = a.dry_run
-    defaults = dict(budget_s=(300 if dry else 450), tokens=(512 if dry else 32768), d=(64 if dry else 1280),
-                    repeats=(2 if dry else 5), batch=(2 if dry else 16), seq=(64 if dry else 2048),
-                    steps=(2 if dry else 5), train_gmm=(EMULATED if dry else "auto"))
+    defaults = dict(
+        budget_s=(300 if dry else 450),
+        tokens=(512 if dry else 32768),
+        d=(64 if dry else 1280),
+        repeats=(2 if dry else 5),
+        batch=(2 if dry else 16),
+        seq=(64 if dry else 2048),
+        steps=(2 if dry else 5),
+        train_gmm=(EMULATED if dry else "auto"),
+    )
     for name, value in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, value)
@@ -113,13 +135,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Sections
 # ------------------------------------------------------------------------------------------------
 
+
 def section_tests(a, budget: Budget, state: dict) -> None:
     """pytest -k on_gpu in a child process (JAX_PLATFORMS=cuda, or cpu for the dry run: all skipped)."""
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        XLA_PYTHON_CLIENT_PREALLOCATE="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     env["JAX_PLATFORMS"] = "cpu" if a.dry_run else (os.environ.get("JAX_PLATFORMS") or "cuda")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-rfEs", "--tb=line", "-p", "no:cacheprovider",
-           "-k", "on_gpu", *GPU_TESTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-rfEs",
+        "--tb=line",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "on_gpu",
+        *GPU_TESTS,
+    ]
     print(f"`JAX_PLATFORMS={env['JAX_PLATFORMS']} python -m {' '.join(cmd[2:])}`\n", flush=True)
     t0 = time.monotonic()
     try:
@@ -139,8 +178,12 @@ def _cuda_versions() -> dict[str, str]:
     except ImportError:
         return {}
     out = {}
-    for what, fn in (("CUDA runtime", "cuda_runtime_get_version"), ("cuDNN", "cudnn_get_version"),
-                     ("cuBLAS", "cublas_get_version"), ("cuSOLVER", "cusolver_get_version")):
+    for what, fn in (
+        ("CUDA runtime", "cuda_runtime_get_version"),
+        ("cuDNN", "cudnn_get_version"),
+        ("cuBLAS", "cublas_get_version"),
+        ("cuSOLVER", "cusolver_get_version"),
+    ):
         try:
             v = int(getattr(cuda_versions, fn)())
         except Exception:  # noqa: BLE001 (a version the plugin does not report)
@@ -181,40 +224,59 @@ def constraints_diff(path: Path = ROOT / "constraints.txt") -> list[str] | None:
 
 def section_versions(a, budget: Budget, state: dict) -> None:
     import jax
+
     dev = jax.devices()[0]
     cc = getattr(dev, "compute_capability", None)
-    print(f"device: **{dev.device_kind}**" + (f" (compute capability {cc})" if cc else "")
-          + f", {jax.device_count()} device(s), platform {dev.platform}")
+    print(
+        f"device: **{dev.device_kind}**"
+        + (f" (compute capability {cc})" if cc else "")
+        + f", {jax.device_count()} device(s), platform {dev.platform}"
+    )
     print("packages: " + ", ".join(f"{k} {v}" for k, v in installed_versions().items()))
     cuda = _cuda_versions()
     print("CUDA: " + (", ".join(f"{k} {v}" for k, v in cuda.items()) if cuda else "none (no CUDA plugin)"))
     diffs = constraints_diff()
-    print("constraints.txt: " + ("missing" if diffs is None else "DIFFERS: " + ", ".join(diffs) if diffs
-                                 else "every pinned package that is installed has its pinned version"))
+    print(
+        "constraints.txt: "
+        + (
+            "missing"
+            if diffs is None
+            else "DIFFERS: " + ", ".join(diffs)
+            if diffs
+            else "every pinned package that is installed has its pinned version"
+        )
+    )
 
 
 def section_peak(a, budget: Budget, state: dict) -> None:
     from benchmarks.moe_layer import matmul_peak
+
     state["peak"] = matmul_peak("bfloat16", n=512 if a.dry_run else None)
-    print(f"bfloat16 matmul peak, measured now: **{state['peak'] / 1e12:.1f} TFLOP/s** "
-          f"({'512' if a.dry_run else '8192'}^3, best of 5)")
+    print(
+        f"bfloat16 matmul peak, measured now: **{state['peak'] / 1e12:.1f} TFLOP/s** "
+        f"({'512' if a.dry_run else '8192'}^3, best of 5)"
+    )
 
 
 def layer_backends(a) -> list[str]:
     """--backends, else every usable GPU kernel in preference order (dry run: chunked + emulated Mosaic)."""
     from moe_jax.moe.dispatch import gmm as G
+
     if a.backends:
         return list(a.backends)
     if a.dry_run:
         return ["chunked", EMULATED]
     usable = [name for name in G.GPU_PREFERENCE if G.gmm_usable(name)]
-    return usable + (["mosaic_gpu_chunked_dw"] if "mosaic_gpu" in usable else [])   # measured last
+    return usable + (["mosaic_gpu_chunked_dw"] if "mosaic_gpu" in usable else [])  # measured last
 
 
 def _select(backend: str) -> str:
     """prepare_gmm(backend), and the Triton-lowering flag (process-wide) on only for its own backend."""
     import jax
-    from moe_jax.moe.dispatch import gmm as G, kernels_gpu
+
+    from moe_jax.moe.dispatch import gmm as G
+    from moe_jax.moe.dispatch import kernels_gpu
+
     if hasattr(jax.config, kernels_gpu.FLAG):
         jax.config.update(kernels_gpu.FLAG, False)
     return G.prepare_gmm(backend)
@@ -227,10 +289,14 @@ def _first_line(err: Exception) -> str:
 def section_layers(a, budget: Budget, state: dict) -> None:
     from benchmarks import moe_layer as ML
     from moe_jax.moe.dispatch import gmm as G
+
     backends = layer_backends(a)
-    print(f"gmm `auto` on this device: **{G.resolve_gmm('auto')}** (GPU preference {', '.join(G.GPU_PREFERENCE)}; "
-          f"usable: {', '.join(n for n in G.GPU_PREFERENCE if G.gmm_usable(n)) or 'none'}). "
-          f"d={a.d}, {a.tokens} tokens, bfloat16, {a.repeats} timed repeats; MFU vs the measured peak.", flush=True)
+    print(
+        f"gmm `auto` on this device: **{G.resolve_gmm('auto')}** (GPU preference {', '.join(G.GPU_PREFERENCE)}; "
+        f"usable: {', '.join(n for n in G.GPU_PREFERENCE if G.gmm_usable(n)) or 'none'}). "
+        f"d={a.d}, {a.tokens} tokens, bfloat16, {a.repeats} timed repeats; MFU vs the measured peak.",
+        flush=True,
+    )
     cfgs, rows, notes, took = ML.layer_configs(a.d), {b: [] for b in backends}, [], {}
     try:
         for name in a.layers:
@@ -264,6 +330,7 @@ def train_configs(a) -> dict:
     """The paper's 2B DeepSeekMoE and Dense (gin/models/*_2b.gin) in bfloat16 compute, MoE on --train_gmm."""
     import gin
     from moe_jax.configs.gin_utils import model_config_from_gin
+
     cfgs = {}
     for name in ("deepseekmoe", "dense"):
         try:
@@ -277,11 +344,16 @@ def train_configs(a) -> dict:
 
 def section_train(a, budget: Budget, state: dict) -> None:
     import jax
+
     from benchmarks import train_step as TS
+
     cfgs = train_configs(a)
     gmm = _select(a.train_gmm)
-    print(f"gmm `{a.train_gmm}` = **{gmm}** | batch {a.batch} x seq {a.seq} = {a.batch * a.seq} tokens/step | "
-          f"bfloat16 compute, float32 params, AdamW | {a.steps} timed steps each", flush=True)
+    print(
+        f"gmm `{a.train_gmm}` = **{gmm}** | batch {a.batch} x seq {a.seq} = {a.batch * a.seq} tokens/step | "
+        f"bfloat16 compute, float32 params, AdamW | {a.steps} timed steps each",
+        flush=True,
+    )
     # The last section: a model starts while time is left (the dense one needs far less than the MoE
     # one measured first); the overall alarm stops one that overruns, and the table keeps the others.
     runs, notes = {}, []
@@ -293,7 +365,7 @@ def section_train(a, budget: Budget, state: dict) -> None:
             t0 = time.monotonic()
             try:
                 r = TS.measure_models({name: cfg}, a.batch, a.seq, a.steps)[name]
-                r.pop("state"), r.pop("step")                            # free the model before the next
+                r.pop("state"), r.pop("step")  # free the model before the next
                 runs[name] = r
             except Exception as err:  # noqa: BLE001
                 notes.append(f"{name} failed: {_first_line(err)}")
@@ -303,15 +375,18 @@ def section_train(a, budget: Budget, state: dict) -> None:
             TS.print_models(runs, a.batch, a.seq, state.get("peak") or float("nan"))
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
-            print(f"\ndevice peak bytes in use (whole process so far): {stats['peak_bytes_in_use'] / 2 ** 30:.2f} GiB")
+            print(f"\ndevice peak bytes in use (whole process so far): {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
         for note in notes:
             print(f"- {note}")
 
 
-SECTIONS = {"tests": ("GPU-only tests", section_tests), "versions": ("Versions", section_versions),
-            "peak": ("Matmul peak", section_peak),
-            "layers": ("MoE layer vs dense FFN (forward + backward)", section_layers),
-            "train": ("2B training step", section_train)}
+SECTIONS = {
+    "tests": ("GPU-only tests", section_tests),
+    "versions": ("Versions", section_versions),
+    "peak": ("Matmul peak", section_peak),
+    "layers": ("MoE layer vs dense FFN (forward + backward)", section_layers),
+    "train": ("2B training step", section_train),
+}
 
 
 def _on_alarm(signum, frame):
@@ -323,13 +398,18 @@ def main(argv=None) -> int:
     if a.dry_run:
         os.environ["JAX_PLATFORMS"] = "cpu"
     if a.dry_run or EMULATED in (a.backends or []) or a.train_gmm == EMULATED:
-        from moe_jax.moe.dispatch import gmm as G, kernels_mosaic as KM
+        from moe_jax.moe.dispatch import gmm as G
+        from moe_jax.moe.dispatch import kernels_mosaic as KM
+
         G.register_gmm(EMULATED)(functools.partial(KM.mosaic_gmm, kernels=KM.emulated_kernels()))
     budget = Budget(a.budget_s)
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, a.budget_s)
-    print(f"## GPU check{' (dry run on CPU)' if a.dry_run else ''}: `python benchmarks/gpu_check.py "
-          f"{' '.join(argv if argv is not None else sys.argv[1:])}`", flush=True)
+    print(
+        f"## GPU check{' (dry run on CPU)' if a.dry_run else ''}: `python benchmarks/gpu_check.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`",
+        flush=True,
+    )
     done, state = [], {}
     try:
         order = [s for s in SECTION_SHARE if s in a.sections]
@@ -339,12 +419,15 @@ def main(argv=None) -> int:
             SECTIONS[name][1](a, budget, state)
             done.append(name)
     except Deadline:
-        print(f"\n**stopped at the overall budget ({a.budget_s:.0f} s)**; not finished: "
-              f"{', '.join(s for s in a.sections if s not in done)}")
+        print(
+            f"\n**stopped at the overall budget ({a.budget_s:.0f} s)**; not finished: "
+            f"{', '.join(s for s in a.sections if s not in done)}"
+        )
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     from benchmarks.moe_layer import environment
+
     print(f"\ngpu_check: {budget.elapsed():.0f} s (budget {a.budget_s:.0f} s) | {environment()}", flush=True)
     return 0
 

@@ -9,6 +9,7 @@ Tokens/s counts every position of every batch (B x S per step, padding included:
 consumes); the non-padding rate is printed as well. Each setting reads `--steps` batches after a short warm-up.
 The last line is a JSON summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,25 +40,52 @@ def synthetic_cache(folder: Path, n_tokens: int = 20_000_000, seq_len: int = 512
         lengths = chunk_lengths(doc_lens, seq_len)
         toks = rng.integers(3, vocab, size=int(lengths.sum()), dtype=np.uint16)
         t, s = pack(toks, lengths, seq_len, np.uint16)
-        st = {"docs": len(doc_lens), "rows": t.shape[0], "tokens": int(lengths.sum()),
-              "utf8_bytes": int(table[toks].sum()), "token_bytes": int(table[toks].sum())}
+        st = {
+            "docs": len(doc_lens),
+            "rows": t.shape[0],
+            "tokens": int(lengths.sum()),
+            "utf8_bytes": int(table[toks].sum()),
+            "token_bytes": int(table[toks].sum()),
+        }
         split_meta = write_split(folder, split, [("synthetic", t, s, st)], seq_len, np.uint16, table)
         if split == "train":
             train = split_meta
         else:
             held = split_meta
     write_array(folder / "token_bytes", table)
-    meta = {"format_version": FORMAT_VERSION, "seq_len": seq_len, "corpus_fingerprint": "synthetic",
-            "vocab_sha256": "0" * 64, "vocab": {"path": "", "sha256": "0" * 64, "size": vocab},
-            "splits": {"train": train, "heldout": held}, "builder": "benchmarks/loader.py --synthetic"}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "corpus_fingerprint": "synthetic",
+        "vocab_sha256": "0" * 64,
+        "vocab": {"path": "", "sha256": "0" * 64, "size": vocab},
+        "splits": {"train": train, "heldout": held},
+        "builder": "benchmarks/loader.py --synthetic",
+    }
     (folder / META).write_text(json.dumps(meta))
     return folder
 
 
-def run(cache: Path, batch_size: int, seq_len: int, steps: int, split: str = "train", process_count: int = 1,
-        prefetch: int = 8) -> dict:
-    loader = TokenLoader(cache, split=split, batch_size=batch_size, seq_len=seq_len, seed=0,
-                         process_index=0, process_count=process_count, repeat=True, prefetch=prefetch)
+def run(
+    cache: Path,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    split: str = "train",
+    process_count: int = 1,
+    prefetch: int = 8,
+) -> dict:
+    loader = TokenLoader(
+        cache,
+        split=split,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=0,
+        process_index=0,
+        process_count=process_count,
+        repeat=True,
+        prefetch=prefetch,
+    )
     for _ in range(20):  # warm-up: fills the prefetch queue, first-touch of the files
         next(loader)
     nonpad = 0
@@ -67,9 +95,18 @@ def run(cache: Path, batch_size: int, seq_len: int, steps: int, split: str = "tr
         nonpad += int(b["decoder_loss_weights"].sum())
     dt = time.perf_counter() - t
     n = steps * loader.local_batch_size * seq_len
-    return {"split": split, "batch": batch_size, "seq_len": seq_len, "hosts": process_count, "prefetch": prefetch,
-            "steps": steps, "seconds": round(dt, 3), "tokens_per_s": round(n / dt),
-            "nonpad_tokens_per_s": round(nonpad / dt), "ms_per_batch": round(1000 * dt / steps, 3)}
+    return {
+        "split": split,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "hosts": process_count,
+        "prefetch": prefetch,
+        "steps": steps,
+        "seconds": round(dt, 3),
+        "tokens_per_s": round(n / dt),
+        "nonpad_tokens_per_s": round(nonpad / dt),
+        "ms_per_batch": round(1000 * dt / steps, 3),
+    }
 
 
 def main(argv=None) -> int:
@@ -90,16 +127,25 @@ def main(argv=None) -> int:
             print(f"no token cache at {cache}: run `moe-jax data build`, or pass --synthetic", file=sys.stderr)
             return 2
     L = json.loads((cache / "meta.json").read_text())["seq_len"]
-    settings = [(8, L // 2, "train", 1, 8), (32, L // 2, "train", 1, 8), (8, L, "train", 1, 8),
-                (32, L, "train", 1, 8), (32, L, "train", 1, 0), (32, L, "train", 2, 8), (32, L, "heldout", 1, 8)]
+    settings = [
+        (8, L // 2, "train", 1, 8),
+        (32, L // 2, "train", 1, 8),
+        (8, L, "train", 1, 8),
+        (32, L, "train", 1, 8),
+        (32, L, "train", 1, 0),
+        (32, L, "train", 2, 8),
+        (32, L, "heldout", 1, 8),
+    ]
     results = []
     print(f"cache {cache}")
     print(f"{'split':8s} {'B':>4s} {'S':>5s} {'hosts':>5s} {'pref':>4s} {'ms/batch':>9s} {'Mtok/s':>8s} {'nonpad':>8s}")
     for b, s, split, hosts, pf in settings:
         r = run(cache, b, s, a.steps, split, hosts, pf)
         results.append(r)
-        print(f"{split:8s} {b:4d} {s:5d} {hosts:5d} {pf:4d} {r['ms_per_batch']:9.3f} "
-              f"{r['tokens_per_s'] / 1e6:8.2f} {r['nonpad_tokens_per_s'] / 1e6:8.2f}")
+        print(
+            f"{split:8s} {b:4d} {s:5d} {hosts:5d} {pf:4d} {r['ms_per_batch']:9.3f} "
+            f"{r['tokens_per_s'] / 1e6:8.2f} {r['nonpad_tokens_per_s'] / 1e6:8.2f}"
+        )
     worst = min(r["tokens_per_s"] for r in results)
     print(json.dumps({"cache": str(cache), "min_tokens_per_s": worst, "results": results}))
     if tmp is not None:

@@ -1,7 +1,7 @@
 """One MoE layer against the dense SwiGLU FFN of the same activated parameters: time and memory.
 
 Forward + backward (gradients of every parameter and of the input) of `moe_jax.moe.layer.MoELayer`
-(router, dropless dispatch, shared experts, balance loss) and of `moe_jax.model.mlp.MLP` with
+(router, dropless dispatch, shared experts, balance loss) and of `moe_jax.layers.mlp.MLP` with
 intermediate width (K_s + K') * f, compiled ahead of time in the same process on the same inputs.
 Each runs once to warm up, then MoE and dense alternate `--repeats` times (so slow phases of a shared
 machine hit both) and each reports the median wall time; the median process CPU time is reported
@@ -21,6 +21,7 @@ Layers (F = the standard FFN width 8d/3 rounded up to 64; 3456 at d=1280):
   hash         16 experts of width F, hash routing (top-1)         dense width F
 Granularity sweep: 16m experts of width F/m, top-2m (equal activated and total parameters), m=1,2,4,8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,10 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.model.mlp import MLP
+from moe_jax.layers.mlp import MLP
 from moe_jax.moe.dispatch.gmm import prepare_gmm
 from moe_jax.moe.layer import MoELayer
 
@@ -70,10 +70,20 @@ def granularity_configs(d: int, ms=(1, 2, 4, 8)) -> dict[str, MoEConfig]:
 # Steps
 # ------------------------------------------------------------------------------------------------
 
+
 def _model_cfg(d: int, moe: MoEConfig, dtype: str, gmm: str) -> ModelConfig:
     moe = MoEConfig(**{**moe.__dict__, "gmm_backend": gmm})
-    return ModelConfig(vocab_size=VOCAB, d_model=d, num_layers=1, num_heads=1, head_dim=64, ffn_dim=moe.activated_dim,
-                       moe=moe, dtype=dtype, param_dtype=dtype)
+    return ModelConfig(
+        vocab_size=VOCAB,
+        d_model=d,
+        num_layers=1,
+        num_heads=1,
+        head_dim=64,
+        ffn_dim=moe.activated_dim,
+        moe=moe,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
 
 
 def _grad_step(module: nnx.Module, is_moe: bool):
@@ -114,6 +124,7 @@ def layer_flops(d: int, moe: MoEConfig, tokens: int) -> float:
 # ------------------------------------------------------------------------------------------------
 # Measurement
 # ------------------------------------------------------------------------------------------------
+
 
 def compile_step(step, args):
     """AOT-compile `step` for `args`: (compiled executable, peak bytes or None).
@@ -157,7 +168,7 @@ def matmul_peak(dtype: str, n: int | None = None, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(f(a))
         ts.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / min(ts)
+    return 2.0 * n**3 / min(ts)
 
 
 @dataclass
@@ -183,8 +194,15 @@ class Row:
         return self.moe_cpu / self.dense_cpu
 
 
-def measure_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, repeats: int, dtype: str, gmm: str,
-                 shared_dense: bool = False) -> list[Row]:
+def measure_many(
+    named_cfgs: dict[str, MoEConfig],
+    d: int,
+    tokens: int,
+    repeats: int,
+    dtype: str,
+    gmm: str,
+    shared_dense: bool = False,
+) -> list[Row]:
     """Time the MoE layers of `named_cfgs` and their dense FFNs, all interleaved in one round robin.
 
     shared_dense: the configurations have equal activated width, so one dense FFN serves them all.
@@ -199,9 +217,22 @@ def measure_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, repeats:
         dense_of[name] = dense_name
     times = time_interleaved(runs, repeats)
     med = {n: (statistics.median(w), statistics.median(c)) for n, (w, c) in times.items()}
-    return [Row(name, d, tokens, med[name][0], med[dense_of[name]][0], med[name][1], med[dense_of[name]][1],
-                peaks[name], peaks[dense_of[name]], layer_flops(d, cfg, tokens), cfg)
-            for name, cfg in named_cfgs.items()]
+    return [
+        Row(
+            name,
+            d,
+            tokens,
+            med[name][0],
+            med[dense_of[name]][0],
+            med[name][1],
+            med[dense_of[name]][1],
+            peaks[name],
+            peaks[dense_of[name]],
+            layer_flops(d, cfg, tokens),
+            cfg,
+        )
+        for name, cfg in named_cfgs.items()
+    ]
 
 
 def memory_many(named_cfgs: dict[str, MoEConfig], d: int, tokens: int, dtype: str, gmm: str) -> list[tuple]:
@@ -220,59 +251,82 @@ def _compiled(step, args):
 
 
 def _gib(b):
-    return "-" if b is None else f"{b / 2 ** 30:.2f}"
+    return "-" if b is None else f"{b / 2**30:.2f}"
 
 
 def print_table(rows: list[Row], peak: float | None, out=sys.stdout):
-    head = ("| layer | d | tokens | MoE fwd+bwd (s) | dense fwd+bwd (s) | MoE/dense | MoE/dense (CPU time) | "
-            "MoE peak (GiB) | dense peak (GiB) | mem ratio |")
+    head = (
+        "| layer | d | tokens | MoE fwd+bwd (s) | dense fwd+bwd (s) | MoE/dense | MoE/dense (CPU time) | "
+        "MoE peak (GiB) | dense peak (GiB) | mem ratio |"
+    )
     if peak:
         head += " MoE MFU | dense MFU |"
     print(head, file=out)
     print("|" + "---|" * (head.count("|") - 1), file=out)
     for r in rows:
         mem = "-" if not (r.moe_bytes and r.dense_bytes) else f"{r.moe_bytes / r.dense_bytes:.2f}"
-        line = (f"| {r.name} | {r.d} | {r.tokens} | {r.moe_s:.3f} | {r.dense_s:.3f} | **{r.ratio:.3f}** | "
-                f"{r.cpu_ratio:.3f} | {_gib(r.moe_bytes)} | {_gib(r.dense_bytes)} | {mem} |")
+        line = (
+            f"| {r.name} | {r.d} | {r.tokens} | {r.moe_s:.3f} | {r.dense_s:.3f} | **{r.ratio:.3f}** | "
+            f"{r.cpu_ratio:.3f} | {_gib(r.moe_bytes)} | {_gib(r.dense_bytes)} | {mem} |"
+        )
         if peak:
             line += f" {r.flops / r.moe_s / peak:.1%} | {r.flops / r.dense_s / peak:.1%} |"
         print(line, file=out, flush=True)
 
 
 def print_granularity(rows: list[Row], out=sys.stdout):
-    print("| m | experts | top-k | width | MoE fwd+bwd (s) | vs m=1 | vs m=1 (CPU time) | MoE/dense | "
-          "MoE peak (GiB) | vs m=1 |", file=out)
+    print(
+        "| m | experts | top-k | width | MoE fwd+bwd (s) | vs m=1 | vs m=1 (CPU time) | MoE/dense | "
+        "MoE peak (GiB) | vs m=1 |",
+        file=out,
+    )
     print("|---|---|---|---|---|---|---|---|---|---|", file=out)
     base = rows[0]
     for r in rows:
         mem = "-" if not (r.moe_bytes and base.moe_bytes) else f"{r.moe_bytes / base.moe_bytes:.2f}"
-        print(f"| {r.name.split('=')[-1]} | {r.cfg.num_experts} | {r.cfg.top_k} | {r.cfg.expert_dim} | {r.moe_s:.3f} | "
-              f"**{r.moe_s / base.moe_s:.3f}** | {r.moe_cpu / base.moe_cpu:.3f} | {r.ratio:.3f} | "
-              f"{_gib(r.moe_bytes)} | {mem} |", file=out, flush=True)
-    print(f"\n(dense FFN of the same activated width: {base.dense_s:.3f} s, peak {_gib(base.dense_bytes)} GiB)",
-          file=out)
+        print(
+            f"| {r.name.split('=')[-1]} | {r.cfg.num_experts} | {r.cfg.top_k} | {r.cfg.expert_dim} | {r.moe_s:.3f} | "
+            f"**{r.moe_s / base.moe_s:.3f}** | {r.moe_cpu / base.moe_cpu:.3f} | {r.ratio:.3f} | "
+            f"{_gib(r.moe_bytes)} | {mem} |",
+            file=out,
+            flush=True,
+        )
+    print(
+        f"\n(dense FFN of the same activated width: {base.dense_s:.3f} s, peak {_gib(base.dense_bytes)} GiB)", file=out
+    )
 
 
 def environment() -> str:
     dev = jax.devices()[0]
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"{datetime.date.today()} | jax {jax.__version__} | backend {jax.default_backend()} ({dev.device_kind}, "
-            f"{jax.device_count()} device(s)) | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
-            f"load average {load[0]:.2f}")
+    return (
+        f"{datetime.date.today()} | jax {jax.__version__} | backend {jax.default_backend()} ({dev.device_kind}, "
+        f"{jax.device_count()} device(s)) | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+        f"load average {load[0]:.2f}"
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="d=512, 8K tokens, 3 repeats, m sweep at 8K")
     p.add_argument("--d", type=int, nargs="+", help="hidden sizes (default 1280; quick: 512)")
-    p.add_argument("--tokens", type=int, nargs="*",
-                   help="tokens per batch timed (default 8192 32768; quick: 8192; none: skip the timed table)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="*",
+        help="tokens per batch timed (default 8192 32768; quick: 8192; none: skip the timed table)",
+    )
     p.add_argument("--layers", nargs="+", default=["deepseekmoe", "gshard", "switch", "hash"])
     p.add_argument("--granularity", type=int, nargs="*", default=[1, 2, 4, 8], help="m values; none to skip")
     p.add_argument("--granularity-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5; quick: 3)")
-    p.add_argument("--memory_tokens", type=int, nargs="*", default=None,
-                   help="token counts measured for peak memory only (compiled, never run: cheap), e.g. 32768")
+    p.add_argument(
+        "--memory_tokens",
+        type=int,
+        nargs="*",
+        default=None,
+        help="token counts measured for peak memory only (compiled, never run: cheap), e.g. 32768",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gmm", default="auto", help="grouped-matmul kernel (moe_jax.moe.dispatch.gmm)")
     a = p.parse_args(argv)
@@ -283,8 +337,11 @@ def main(argv=None):
     t_start = time.perf_counter()
     print(environment())
     peak = matmul_peak(a.dtype)
-    print(f"gmm kernel: {gmm} | dtype {a.dtype} | repeats {repeats} | matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"({a.dtype}, measured now)\n", flush=True)
+    print(
+        f"gmm kernel: {gmm} | dtype {a.dtype} | repeats {repeats} | matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"({a.dtype}, measured now)\n",
+        flush=True,
+    )
 
     rows = []
     for d in ds:
@@ -293,8 +350,12 @@ def main(argv=None):
             for name in a.layers:
                 rows += measure_many({name: cfgs[name]}, d, t, repeats, a.dtype, gmm)
                 r = rows[-1]
-                print(f"  {name} d={d} T={t}: MoE {r.moe_s:.3f}s dense {r.dense_s:.3f}s ratio {r.ratio:.3f} "
-                      f"(CPU time {r.cpu_ratio:.3f})", file=sys.stderr, flush=True)
+                print(
+                    f"  {name} d={d} T={t}: MoE {r.moe_s:.3f}s dense {r.dense_s:.3f}s ratio {r.ratio:.3f} "
+                    f"(CPU time {r.cpu_ratio:.3f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if rows:
         print("## MoE layer vs equal-active dense FFN (forward + backward)\n")
         print_table(rows, peak)
@@ -309,8 +370,15 @@ def main(argv=None):
 
     if a.granularity:
         d = ds[0]
-        grows = measure_many(granularity_configs(d, tuple(a.granularity)), d, a.granularity_tokens, repeats,
-                             a.dtype, gmm, shared_dense=True)
+        grows = measure_many(
+            granularity_configs(d, tuple(a.granularity)),
+            d,
+            a.granularity_tokens,
+            repeats,
+            a.dtype,
+            gmm,
+            shared_dense=True,
+        )
         print(f"\n## Granularity at equal activated and total parameters (d={d}, {a.granularity_tokens} tokens)\n")
         print_granularity(grows)
     print(f"\nwall time {time.perf_counter() - t_start:.0f} s | {environment()}")

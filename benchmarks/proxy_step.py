@@ -15,6 +15,7 @@ schedule) on the gin-configured model, fed a random batch of the run's shape. Tw
     python benchmarks/proxy_step.py --model deepseekmoe_tiny --profile
     python benchmarks/proxy_step.py --model deepseekmoe_cpu --gin_file runs/cpu_regime.gin --gmm chunked,blocked
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ from moe_jax.configs.gin_utils import parse_gin  # noqa: E402
 from moe_jax.configs.params import count_params  # noqa: E402
 from moe_jax.model.transformer import Transformer  # noqa: E402
 from moe_jax.moe import balance  # noqa: E402
-from moe_jax.moe.dispatch.dropless import grouped_swiglu  # noqa: E402
 from moe_jax.moe.dispatch.base import ExpertParams  # noqa: E402
+from moe_jax.moe.dispatch.dropless import grouped_swiglu  # noqa: E402
 from moe_jax.moe.dispatch.gmm import get_gmm, prepare_gmm  # noqa: E402
 from moe_jax.moe.routing import router_logits, softmax_topk  # noqa: E402
 from moe_jax.train.config import TrainConfig  # noqa: E402
@@ -46,17 +47,24 @@ from moe_jax.train.step import TrainState, make_train_step  # noqa: E402
 
 
 def load_configs(model: str, gin_file: str, bindings: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    parse_gin([f"models/proxy/{model}.gin" if "/" not in model else model, gin_file], bindings,
-              modules=("moe_jax.train.config",))
+    parse_gin(
+        [f"models/proxy/{model}.gin" if "/" not in model else model, gin_file],
+        bindings,
+        modules=("moe_jax.train.config",),
+    )
     return ModelConfig(), TrainConfig()
 
 
 def random_batch(cfg: TrainConfig, vocab: int, seed: int = 0) -> dict:
     tokens = jax.random.randint(jax.random.key(seed), (cfg.batch_size, cfg.seq_len + 1), 0, vocab)
     ones = jnp.ones((cfg.batch_size, cfg.seq_len), jnp.int32)
-    return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
-            "decoder_loss_weights": ones, "decoder_segment_ids": ones,
-            "decoder_positions": jnp.broadcast_to(jnp.arange(cfg.seq_len, dtype=jnp.int32), ones.shape)}
+    return {
+        "decoder_input_tokens": tokens[:, :-1],
+        "decoder_target_tokens": tokens[:, 1:],
+        "decoder_loss_weights": ones,
+        "decoder_segment_ids": ones,
+        "decoder_positions": jnp.broadcast_to(jnp.arange(cfg.seq_len, dtype=jnp.int32), ones.shape),
+    }
 
 
 def timed(fn, args, repeats: int) -> tuple[float, float]:
@@ -73,8 +81,10 @@ def timed(fn, args, repeats: int) -> tuple[float, float]:
 
 def fwd_bwd(f):
     """jit of the gradient of sum(f(*args)) with respect to every argument that is floating."""
+
     def loss(*args):
         return jnp.sum(f(*args).astype(jnp.float32))
+
     return jax.jit(jax.grad(loss, argnums=0))
 
 
@@ -123,28 +133,34 @@ def profile_parts(model_cfg: ModelConfig, cfg: TrainConfig, repeats: int) -> lis
         h = jnp.take(embed, tokens, axis=0) + x
         logits = jnp.einsum("bsd,dv->bsv", model.final_norm(h), lm_head)
         return cross_entropy(logits, tokens)[0]
-    rows.append(("embedding + LM head + cross-entropy", *timed(jax.jit(jax.grad(head, argnums=(0, 1, 2))),
-                                                              (model.embed[...], model.lm_head[...], x), repeats)))
+
+    rows.append(
+        (
+            "embedding + LM head + cross-entropy",
+            *timed(jax.jit(jax.grad(head, argnums=(0, 1, 2))), (model.embed[...], model.lm_head[...], x), repeats),
+        )
+    )
     first = model.stacks[0]
-    block = nnx.merge(*nnx.split(first.blocks))   # a stacked block: index layer 0 below
+    block = nnx.merge(*nnx.split(first.blocks))  # a stacked block: index layer 0 below
     attn_state = jax.tree.map(lambda a: a[0], nnx.state(block.attn))
     attn_graph = nnx.graphdef(block.attn)
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
 
     def attn(state, x):
         return nnx.merge(attn_graph, state)(x, pos, None)
+
     t = timed(jax.jit(jax.grad(lambda st, x: jnp.sum(attn(st, x)), argnums=(0, 1))), (attn_state, x), repeats)
-    rows.append((f"attention x {model_cfg.num_layers} layers", t[0] * model_cfg.num_layers,
-                 t[1] * model_cfg.num_layers))
+    rows.append(
+        (f"attention x {model_cfg.num_layers} layers", t[0] * model_cfg.num_layers, t[1] * model_cfg.num_layers)
+    )
     if model_cfg.moe is not None:
         rows += _moe_parts(model_cfg, x.reshape(b * s, d), repeats)
     else:
         w = jnp.zeros((d, 2, model_cfg.ffn_dim)) + 0.01, jnp.zeros((model_cfg.ffn_dim, d)) + 0.01
-        from moe_jax.moe.dispatch.base import swiglu
-        t = timed(jax.jit(jax.grad(lambda wi, wo, x: jnp.sum(swiglu(x, wi, wo)), argnums=(0, 1, 2))),
-                  (*w, x), repeats)
-        rows.append((f"dense FFN x {model_cfg.num_layers}", t[0] * model_cfg.num_layers,
-                     t[1] * model_cfg.num_layers))
+        from moe_jax.layers.mlp import swiglu
+
+        t = timed(jax.jit(jax.grad(lambda wi, wo, x: jnp.sum(swiglu(x, wi, wo)), argnums=(0, 1, 2))), (*w, x), repeats)
+        rows.append((f"dense FFN x {model_cfg.num_layers}", t[0] * model_cfg.num_layers, t[1] * model_cfg.num_layers))
     params = nnx.state(model, nnx.Param)
     tx = make_optimizer(cfg)
     opt = tx.init(params)
@@ -156,6 +172,7 @@ def profile_parts(model_cfg: ModelConfig, cfg: TrainConfig, repeats: int) -> lis
 def _moe_parts(model_cfg: ModelConfig, xf: jax.Array, repeats: int) -> list[tuple[str, float, float]]:
     """Router, grouped matmuls, shared experts and the layer as a whole, per step (x MoE layers)."""
     from moe_jax.moe.layer import MoELayer
+
     m, n_moe = model_cfg.moe, model_cfg.num_moe_layers
     t_tok, d = xf.shape
     layer = MoELayer(model_cfg, nnx.Rngs(0))
@@ -164,14 +181,22 @@ def _moe_parts(model_cfg: ModelConfig, xf: jax.Array, repeats: int) -> list[tupl
     def whole(st, x):
         y, aux = nnx.merge(graph, st)(x[None])
         return jnp.sum(y) + (aux.losses.total if aux is not None else 0.0)
+
     rows = [("MoE layer", *timed(jax.jit(jax.grad(whole, argnums=(0, 1))), (state, xf), repeats))]
     if m.num_experts:
+
         def route(kernel, x):
             r = softmax_topk(router_logits(x, kernel), m.top_k)
             return jnp.sum(r.weights) + balance.expert_balance_loss(
-                r.probs[None], r.indices[None], r.mask[None], "global")
-        rows.append(("  router (logits, softmax, top-k, balance loss)",
-                     *timed(jax.jit(jax.grad(route, argnums=(0, 1))), (layer.router.kernel[...], xf), repeats)))
+                r.probs[None], r.indices[None], r.mask[None], "global"
+            )
+
+        rows.append(
+            (
+                "  router (logits, softmax, top-k, balance loss)",
+                *timed(jax.jit(jax.grad(route, argnums=(0, 1))), (layer.router.kernel[...], xf), repeats),
+            )
+        )
         rows_k = t_tok * m.top_k
         sizes = np.full(m.num_experts, rows_k // m.num_experts, np.int32)
         sizes[: rows_k - sizes.sum()] += 1
@@ -179,17 +204,29 @@ def _moe_parts(model_cfg: ModelConfig, xf: jax.Array, repeats: int) -> list[tupl
         xs = jax.random.normal(jax.random.key(2), (rows_k, d))
         gmm = get_gmm(m.gmm_backend)
         f = lambda e, xs: jnp.sum(grouped_swiglu(xs, jnp.asarray(sizes), e, gmm))
-        rows.append((f"  grouped matmuls ({m.num_experts} experts x {rows_k // m.num_experts} rows, "
-                     f"{m.gmm_backend})", *timed(jax.jit(jax.grad(f, argnums=(0, 1))), (experts, xs), repeats)))
+        rows.append(
+            (
+                f"  grouped matmuls ({m.num_experts} experts x {rows_k // m.num_experts} rows, {m.gmm_backend})",
+                *timed(jax.jit(jax.grad(f, argnums=(0, 1))), (experts, xs), repeats),
+            )
+        )
     if layer.shared is not None:
         sg, ss = nnx.split(layer.shared)
-        rows.append(("  shared experts", *timed(jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(sg, st)(x)),
-                                                                   argnums=(0, 1))), (ss, xf), repeats)))
+        rows.append(
+            (
+                "  shared experts",
+                *timed(
+                    jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(sg, st)(x)), argnums=(0, 1))), (ss, xf), repeats
+                ),
+            )
+        )
     parts = rows[1:]
     rest = tuple(rows[0][i] - sum(p[i] for p in parts) for i in (1, 2))
     rows.append(("  rest of the dispatch (sort, gathers, combine)", *rest))
-    return [(name, w * n_moe, c * n_moe) for name, w, c in
-            [(f"{rows[0][0]} x {n_moe} layers", rows[0][1], rows[0][2])] + rows[1:]]
+    return [
+        (name, w * n_moe, c * n_moe)
+        for name, w, c in [(f"{rows[0][0]} x {n_moe} layers", rows[0][1], rows[0][2])] + rows[1:]
+    ]
 
 
 def main(argv=None):
@@ -198,9 +235,14 @@ def main(argv=None):
     p.add_argument("--gin_file", default="runs/proxy_cpu.gin")
     p.add_argument("--gin", action="append", default=[], help="extra binding, e.g. MoEConfig.top_k=4")
     p.add_argument("--gmm", default="auto", help="comma-separated grouped-matmul kernels to compare")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:BINDING[;BINDING]",
-                   help="also compare the step with these extra bindings (repeatable), e.g. "
-                        "'xla_attention:ModelConfig.attention_impl=\"xla\"'")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:BINDING[;BINDING]",
+        help="also compare the step with these extra bindings (repeatable), e.g. "
+        "'xla_attention:ModelConfig.attention_impl=\"xla\"'",
+    )
     p.add_argument("--steps", type=int, default=8, help="timed steps per kernel")
     p.add_argument("--profile", action="store_true", help="also time the step's parts alone")
     a = p.parse_args(argv)
@@ -215,8 +257,10 @@ def main(argv=None):
     counts = count_params(model_cfg, cfg.seq_len)
     tokens = cfg.batch_size * cfg.seq_len
     print(environment())
-    print(f"{a.model} ({a.gin_file}): {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated, "
-          f"{counts.flops / cfg.seq_len / 1e6:.2f} MFLOP/token; {cfg.batch_size} x {cfg.seq_len} tokens per step\n")
+    print(
+        f"{a.model} ({a.gin_file}): {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated, "
+        f"{counts.flops / cfg.seq_len / 1e6:.2f} MFLOP/token; {cfg.batch_size} x {cfg.seq_len} tokens per step\n"
+    )
     runs = full_step_table(variants, a.steps)
     base = statistics.median(runs[0]["wall"])
     print("| variant | step (s) | CPU s/step | tokens/s | vs first | loss after the timed steps |")

@@ -4,7 +4,8 @@ of equal activated parameters.
 One full step (forward, backward, AdamW update) of `moe_jax.model.transformer.Transformer` with loss
 = token cross-entropy + the MoE auxiliary losses, jitted with the parameters and optimizer state
 donated. Each model is compiled and warmed up, then the two alternate for `--steps` steps and each
-reports its median step time (wall, and process CPU time: the steadier one on a shared machine). Model FLOPs follow paper §3.4 (`moe_jax.configs.params`):
+reports its median step time (wall, and process CPU time: the steadier one on a shared machine). Model FLOPs
+follow paper §3.4 (`moe_jax.configs.params`):
 6 x activated non-embedding parameters x tokens + attention 12 L T^2 (heads x head_dim); MFU divides
 the achieved model FLOP rate by a large square matmul's rate measured in the same run. Peak memory
 is XLA's buffer assignment of the compiled step (arguments + outputs + temporaries - aliased).
@@ -16,6 +17,7 @@ is XLA's buffer assignment of the compiled step (arguments + outputs + temporari
 Models (F = 8d/3 rounded up to 64): DeepSeekMoE = 1 shared + 63 routed experts of width F/4, top-7
 in every layer; dense = the same trunk with SwiGLU FFNs of width 8 F/4 = 2F (equal activated params).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -41,8 +42,15 @@ from moe_jax.train.loss import cross_entropy  # noqa: E402
 def model_configs(d: int, layers: int, dtype: str, gmm: str, vocab: int = 8192) -> dict[str, ModelConfig]:
     f = standard_ffn_dim(d)
     moe = MoEConfig.fine_grained(16, 2, 4, 1, f, gmm_backend=gmm, expert_balance_alpha=0.01)
-    trunk = ModelConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=max(1, d // 64), head_dim=64,
-                        ffn_dim=moe.activated_dim, dtype=dtype)
+    trunk = ModelConfig(
+        vocab_size=vocab,
+        d_model=d,
+        num_layers=layers,
+        num_heads=max(1, d // 64),
+        head_dim=64,
+        ffn_dim=moe.activated_dim,
+        dtype=dtype,
+    )
     return {"deepseekmoe": trunk.replace(moe=moe), "dense": trunk}
 
 
@@ -74,9 +82,16 @@ def measure_models(cfgs: dict[str, ModelConfig], batch: int, seq: int, steps: in
     for name, cfg in cfgs.items():
         step, params, opt_state, rest = make_step(cfg)
         compiled, peak_bytes = compile_step(step, (params, opt_state, rest, tokens))
-        runs[name] = dict(step=compiled, state=[params, opt_state], rest=rest, counts=count_params(cfg, seq - 1),
-                          peak_bytes=peak_bytes, times=[], cpu=[])
-        for _ in range(2):                                            # warm-up
+        runs[name] = dict(
+            step=compiled,
+            state=[params, opt_state],
+            rest=rest,
+            counts=count_params(cfg, seq - 1),
+            peak_bytes=peak_bytes,
+            times=[],
+            cpu=[],
+        )
+        for _ in range(2):  # warm-up
             params, opt_state, loss = compiled(*runs[name]["state"], rest, tokens)
             jax.block_until_ready(loss)
             runs[name]["state"] = [params, opt_state]
@@ -93,17 +108,24 @@ def measure_models(cfgs: dict[str, ModelConfig], batch: int, seq: int, steps: in
 
 def print_models(runs: dict[str, dict], batch: int, seq: int, peak: float, out=sys.stdout) -> None:
     """The table of `measure_models`: median step time, tokens/s, model FLOPs, MFU vs `peak` FLOP/s."""
-    print("| model | total params | activated params | step (s) | CPU s/step | tokens/s | model TFLOP/step | "
-          "achieved GFLOP/s | MFU | peak memory (GiB) |", file=out)
+    print(
+        "| model | total params | activated params | step (s) | CPU s/step | tokens/s | model TFLOP/step | "
+        "achieved GFLOP/s | MFU | peak memory (GiB) |",
+        file=out,
+    )
     print("|---|---|---|---|---|---|---|---|---|---|", file=out)
     for name, r in runs.items():
         c, t = r["counts"], statistics.median(r["times"])
         flops = c.flops * batch
-        mem = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 30:.2f}"
-        print(f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | "
-              f"{statistics.median(r['cpu']):.2f} | "
-              f"{batch * (seq - 1) / t:,.0f} | {flops / 1e12:.3f} | {flops / t / 1e9:.1f} | {flops / t / peak:.1%} | "
-              f"{mem} |", file=out, flush=True)
+        mem = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        print(
+            f"| {name} | {c.total / 1e6:.1f}M | {c.activated / 1e6:.1f}M | {t:.3f} | "
+            f"{statistics.median(r['cpu']):.2f} | "
+            f"{batch * (seq - 1) / t:,.0f} | {flops / 1e12:.3f} | {flops / t / 1e9:.1f} | {flops / t / peak:.1%} | "
+            f"{mem} |",
+            file=out,
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -125,13 +147,18 @@ def main(argv=None):
     gmm = prepare_gmm(a.gmm)
     print(environment())
     peak = matmul_peak(a.dtype)
-    print(f"gmm kernel: {gmm} | dtype {a.dtype} | matmul peak {peak / 1e9:.1f} GFLOP/s (measured now) | "
-          f"d={d} layers={layers} batch={batch} seq={seq} | {steps} timed steps\n", flush=True)
+    print(
+        f"gmm kernel: {gmm} | dtype {a.dtype} | matmul peak {peak / 1e9:.1f} GFLOP/s (measured now) | "
+        f"d={d} layers={layers} batch={batch} seq={seq} | {steps} timed steps\n",
+        flush=True,
+    )
     runs = measure_models(model_configs(d, layers, a.dtype, gmm), batch, seq, steps)
     print_models(runs, batch, seq, peak)
     med = {n: (statistics.median(r["times"]), statistics.median(r["cpu"])) for n, r in runs.items()}
-    print(f"\nstep time DeepSeekMoE / dense = {med['deepseekmoe'][0] / med['dense'][0]:.3f} "
-          f"(CPU time {med['deepseekmoe'][1] / med['dense'][1]:.3f}) | {environment()}")
+    print(
+        f"\nstep time DeepSeekMoE / dense = {med['deepseekmoe'][0] / med['dense'][0]:.3f} "
+        f"(CPU time {med['deepseekmoe'][1] / med['dense'][1]:.3f}) | {environment()}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ max |ours - theirs| / max |theirs| of the logits, whether greedy generate() of 1
 the rows' documents as the SentencePiece model. Needs `moe-jax data build` (the default cache) and the
 `hf` extra.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,28 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS = ("deepseekmoe_tiny", "gshard_tiny", "switch_tiny", "dense_tiny", "dense_x4_tiny", "dense_x16_tiny",
-          "ablation_0s_2of16_tiny", "ablation_2s_6of62_tiny", "ablation_4s_4of60_tiny", "gshard_x1.5_tiny")
+MODELS = (
+    "deepseekmoe_tiny",
+    "gshard_tiny",
+    "switch_tiny",
+    "dense_tiny",
+    "dense_x4_tiny",
+    "dense_x16_tiny",
+    "ablation_0s_2of16_tiny",
+    "ablation_2s_6of62_tiny",
+    "ablation_4s_4of60_tiny",
+    "gshard_x1.5_tiny",
+)
 
 
 def make_workdir(workdir: Path, model: str, init_std: float, cache: Path | None) -> Path:
     """config.gin + checkpoints/0 with random parameters (norm scales randomised too)."""
-    import gin
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
+    import gin
     from moe_jax.config import ModelConfig
     from moe_jax.configs.gin_utils import model_gin_path, parse_gin
     from moe_jax.model.transformer import Transformer
@@ -45,16 +56,22 @@ def make_workdir(workdir: Path, model: str, init_std: float, cache: Path | None)
     from moe_jax.train.step import TrainState
 
     extra = [f"TrainConfig.data_cache='{cache}'"] if cache else []
-    parse_gin([model_gin_path(model), "runs/proxy_cpu.gin"], [f"INIT_STD={init_std}", *extra],
-              modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    parse_gin(
+        [model_gin_path(model), "runs/proxy_cpu.gin"],
+        [f"INIT_STD={init_std}", *extra],
+        modules=("moe_jax.train.config", "moe_jax.parallel.mesh"),
+    )
     cfg, train_cfg = ModelConfig(), TrainConfig()
     workdir.mkdir(parents=True)
     (workdir / "config.gin").write_text(gin.config_str())
     params = nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype)
-        if "scale" in jax.tree_util.keystr(p) else x, params)
+        lambda p, x: (
+            x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype) if "scale" in jax.tree_util.keystr(p) else x
+        ),
+        params,
+    )
     state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params))
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(0, state, {})
@@ -93,6 +110,7 @@ def measure(model: str, root: Path, cache: Path, rows: int, seq: int, init_std: 
     tok = AutoTokenizer.from_pretrained(res.out)
     docs = heldout_docs(cache, rows, 8 * seq)
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(res.out / "tokenizer.model"))
     tok_ok = all(tok(d).input_ids == [0] + sp.encode(d) for d in docs)
     tokens = np.asarray([tok(d).input_ids[:seq] for d in docs])
@@ -104,13 +122,26 @@ def measure(model: str, root: Path, cache: Path, rows: int, seq: int, init_std: 
     err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
     prompt = tokens[:1, :32]
     with torch.no_grad():
-        gen = theirs_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones_like(torch.as_tensor(prompt)),
-                                    max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen = theirs_model.generate(
+            torch.as_tensor(prompt),
+            attention_mask=torch.ones_like(torch.as_tensor(prompt)),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     same_gen = gen[0, 32:].tolist() == greedy_generate(ours_model, prompt.tolist(), 16)[0]
-    return {"model": model, "architecture": res.architecture, "params": int(sum(p.numel() for p in
-            theirs_model.parameters())), "tokens": list(tokens.shape), "max_rel_err": err,
-            "logits_std": float(np.std(theirs)), "generate_equal": same_gen, "tokenizer_equal": tok_ok,
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "model": model,
+        "architecture": res.architecture,
+        "params": int(sum(p.numel() for p in theirs_model.parameters())),
+        "tokens": list(tokens.shape),
+        "max_rel_err": err,
+        "logits_std": float(np.std(theirs)),
+        "generate_equal": same_gen,
+        "tokenizer_equal": tok_ok,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main() -> None:

@@ -13,23 +13,34 @@ renormalised to sum to 1. The paper writes only the generic softmax gate without
 ours. It tests one explanation of the tiny proxy's results: with raw gates a near-uniform router
 scales the routed output by about K/N.
 """
+
 from moe_jax.sweep.family import Family, Member
 
 FAMILY = Family(
     name="crossover",
     description="Token budget: held-out bits/byte against training tokens for Dense, Dense x2 (GShard's "
-                "activated compute), GShard, GShard with renormalised top-2 gates, and DeepSeekMoE.",
+    "activated compute), GShard, GShard with renormalised top-2 gates, and DeepSeekMoE.",
     base=("runs/proxy_base.gin",),
     members=(
         Member("dense", "dense_base", label="Dense (width F)"),
         Member("dense_x2", "dense_x2_base", label="Dense x2 (width 2F: GShard's activated compute)"),
         Member("gshard", "gshard_base", label="GShard (raw top-2 gates)"),
-        Member("gshard_renorm", "gshard_base", bindings=("MoEConfig.renormalize_topk=True",),
-               label="GShard, top-2 gates renormalised (standard GShard; ours, not the paper's Eq 5)"),
+        Member(
+            "gshard_renorm",
+            "gshard_base",
+            bindings=("MoEConfig.renormalize_topk=True",),
+            label="GShard, top-2 gates renormalised (standard GShard; ours, not the paper's Eq 5)",
+        ),
         Member("deepseekmoe", "deepseekmoe_base", label="DeepSeekMoE"),
     ),
     seeds=(0, 1),
     metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
-    pairs=(("gshard", "dense"), ("deepseekmoe", "dense"), ("gshard", "dense_x2"), ("deepseekmoe", "dense_x2"),
-           ("gshard_renorm", "gshard"), ("deepseekmoe", "gshard")),
+    pairs=(
+        ("gshard", "dense"),
+        ("deepseekmoe", "dense"),
+        ("gshard", "dense_x2"),
+        ("deepseekmoe", "dense_x2"),
+        ("gshard_renorm", "gshard"),
+        ("deepseekmoe", "gshard"),
+    ),
 )

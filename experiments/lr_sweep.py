@@ -8,6 +8,7 @@ then used for every member of every family, as the paper trains all its 2B model
 (arXiv:2401.06066 §4.1.3). A quarter budget tends to favour larger rates than the full one: when two
 rates are within seed noise, the smaller is chosen.
 """
+
 from moe_jax.sweep.family import Family, Member
 
 RATES = ("1e-3", "2e-3", "4e-3")
@@ -17,8 +18,15 @@ FAMILY = Family(
     name="lr_sweep",
     description="Peak learning rate for the CPU regime: Dense and GShard at 2.5M tokens.",
     base=("runs/proxy_base.gin",),
-    members=tuple(Member(f"{name}_lr{rate}", f"{name}_base", bindings=(f"LEARNING_RATE={rate}", *STEPS),
-                         label=f"{label}, peak LR {rate}")
-                  for name, label in (("dense", "Dense"), ("gshard", "GShard")) for rate in RATES),
+    members=tuple(
+        Member(
+            f"{name}_lr{rate}",
+            f"{name}_base",
+            bindings=(f"LEARNING_RATE={rate}", *STEPS),
+            label=f"{label}, peak LR {rate}",
+        )
+        for name, label in (("dense", "Dense"), ("gshard", "GShard"))
+        for rate in RATES
+    ),
     metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
 )

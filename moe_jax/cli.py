@@ -4,6 +4,7 @@ Each entry maps a subcommand to `module:function`; the function takes the remain
 returns an exit code. Lazy imports keep `moe-jax --help` fast and keep TensorFlow (seqio) out of every
 command that does not build data.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,10 +18,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("moe_jax.data.cli:main", "build the offline corpus, vocabulary and token cache"),
     "train": ("moe_jax.train.cli:main", "train a gin-configured model (checkpoints, metrics, resume)"),
     "params": ("moe_jax.configs.params_cli:main", "parameter counts and training FLOPs of gin models vs the paper"),
-    "eval": ("moe_jax.evaluate.cli:eval_main", "held-out loss/BPB and the paper's benchmarks (likelihood) on a checkpoint"),
+    "eval": (
+        "moe_jax.evaluate.cli:eval_main",
+        "held-out loss/BPB and the paper's benchmarks (likelihood) on a checkpoint",
+    ),
     "analyze": ("moe_jax.evaluate.cli:analyze_main", "expert-specialization analyses of paper §4.5 (JSON + PNG)"),
-    "plan": ("moe_jax.parallel.plan:main", "compile one training step on a fake-device mesh; per-device memory and fit"),
-    "export": ("moe_jax.export.cli:export_main", "export a workdir's checkpoint to DeepSeek's Hugging Face layout (safetensors)"),
+    "plan": (
+        "moe_jax.parallel.plan:main",
+        "compile one training step on a fake-device mesh; per-device memory and fit",
+    ),
+    "export": (
+        "moe_jax.export.cli:export_main",
+        "export a workdir's checkpoint to DeepSeek's Hugging Face layout (safetensors)",
+    ),
     "import": ("moe_jax.export.cli:import_main", "import a Hugging Face DeepSeekMoE directory into a new workdir"),
 }
 

@@ -8,6 +8,7 @@ Vocabulary used below: N' = `num_experts` routed experts, K' = `top_k` activated
 K_s = `num_shared_experts`, f = `expert_dim` (the expert FFN's intermediate width). Fine-grained
 segmentation with factor m is `num_experts = m*N - K_s`, `top_k = m*K - K_s`, `expert_dim = F/m`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,10 @@ class MoEConfig:
         _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
         _check_choice("MoEConfig.expert_parallel", self.expert_parallel, EXPERT_PARALLEL_SCHEMES)
         if not self.capacity_factor > 0:
-            raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 (capacity = "
-                             f"ceil(capacity_factor * tokens * top_k / num_experts) slots per expert; 1.0-2.0 is usual)")
+            raise ValueError(
+                f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 (capacity = "
+                f"ceil(capacity_factor * tokens * top_k / num_experts) slots per expert; 1.0-2.0 is usual)"
+            )
         if self.ep_buffer_factor < 0:
             raise ValueError(f"MoEConfig.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = dropless)")
         if self.num_experts < 0 or self.num_shared_experts < 0:
@@ -125,29 +128,42 @@ class MoEConfig:
         if self.router == "hash" and self.num_experts > 0 and self.top_k != 1:
             raise ValueError(f"MoEConfig: hash routing is top-1; got top_k={self.top_k}")
         if self.hash_table == "balanced" and self.router == "hash" and not self.hash_frequencies:
-            raise ValueError("MoEConfig.hash_table='balanced' needs MoEConfig.hash_frequencies (a .npy of token counts)")
+            raise ValueError(
+                "MoEConfig.hash_table='balanced' needs MoEConfig.hash_frequencies (a .npy of token counts)"
+            )
         if self.disable_top_experts:
             if self.disable_top_experts < 0 or self.router != "softmax" or not self.num_experts:
-                raise ValueError(f"MoEConfig.disable_top_experts={self.disable_top_experts} must be >= 0 and "
-                                 f"needs softmax routing over routed experts (router={self.router!r}, "
-                                 f"num_experts={self.num_experts})")
+                raise ValueError(
+                    f"MoEConfig.disable_top_experts={self.disable_top_experts} must be >= 0 and "
+                    f"needs softmax routing over routed experts (router={self.router!r}, "
+                    f"num_experts={self.num_experts})"
+                )
             if self.disable_top_experts + self.top_k > self.num_experts:
-                raise ValueError(f"MoEConfig.disable_top_experts={self.disable_top_experts} + top_k={self.top_k} "
-                                 f"must be <= num_experts={self.num_experts}")
+                raise ValueError(
+                    f"MoEConfig.disable_top_experts={self.disable_top_experts} + top_k={self.top_k} "
+                    f"must be <= num_experts={self.num_experts}"
+                )
         if self.num_device_groups and self.num_experts % self.num_device_groups:
             raise ValueError(
-                f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}")
+                f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}"
+            )
 
     @classmethod
-    def fine_grained(cls, num_experts: int, top_k: int, granularity: int, num_shared: int, ffn_dim: int,
-                     **kwargs) -> "MoEConfig":
+    def fine_grained(
+        cls, num_experts: int, top_k: int, granularity: int, num_shared: int, ffn_dim: int, **kwargs
+    ) -> "MoEConfig":
         """The paper's parametrisation (§3.1-§3.2): N experts of width F with top-K, each split into m
         experts of width F/m, K_s of the mN isolated as shared. GShard is (16, 2, 1, 0, F);
         DeepSeekMoE 2B is (16, 2, 4, 1, F): 63 routed of width F/4, top-7, 1 shared."""
         if ffn_dim % granularity:
             raise ValueError(f"ffn_dim={ffn_dim} is not divisible by granularity m={granularity}")
-        return cls(num_experts=granularity * num_experts - num_shared, top_k=granularity * top_k - num_shared,
-                   num_shared_experts=num_shared, expert_dim=ffn_dim // granularity, **kwargs)
+        return cls(
+            num_experts=granularity * num_experts - num_shared,
+            top_k=granularity * top_k - num_shared,
+            num_shared_experts=num_shared,
+            expert_dim=ffn_dim // granularity,
+            **kwargs,
+        )
 
     @property
     def has_router(self) -> bool:

@@ -5,6 +5,7 @@ half repeats the first, so the loss visibly falls below ln(vocab), and prints th
 layer's expert load. It checks the installation end to end in under a minute on 2 CPU cores;
 `moe-jax train` is the real training entry point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-2)
     args = p.parse_args(argv)
 
-    cfg = ModelConfig(vocab_size=256, d_model=128, num_layers=3, num_heads=4, head_dim=32, ffn_dim=344,
-                      first_k_dense=1, init_std=0.02,
-                      moe=MoEConfig.fine_grained(4, 1, 4, 1, 256, expert_balance_alpha=0.01))
+    cfg = ModelConfig(
+        vocab_size=256,
+        d_model=128,
+        num_layers=3,
+        num_heads=4,
+        head_dim=32,
+        ffn_dim=344,
+        first_k_dense=1,
+        init_std=0.02,
+        moe=MoEConfig.fine_grained(4, 1, 4, 1, 256, expert_balance_alpha=0.01),
+    )
     m = cfg.moe
-    print(f"DeepSeekMoE smoke model: {cfg.num_layers} layers ({cfg.num_moe_layers} MoE), d={cfg.d_model}, "
-          f"{m.num_shared_experts} shared + {m.num_experts} routed experts (top-{m.top_k}, width {m.expert_dim})")
+    print(
+        f"DeepSeekMoE smoke model: {cfg.num_layers} layers ({cfg.num_moe_layers} MoE), d={cfg.d_model}, "
+        f"{m.num_shared_experts} shared + {m.num_experts} routed experts (top-{m.top_k}, width {m.expert_dim})"
+    )
     model = Transformer(cfg, nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.1)
@@ -52,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         def loss_fn(p):
             out = nnx.merge(graphdef, p, rest)(tokens)
             # Only the copied half is predictable: score positions S/2 .. S-1.
-            s, n = cross_entropy(out.logits[:, :-1], tokens[:, 1:],
-                                 (jnp.arange(tokens.shape[1] - 1) >= tokens.shape[1] // 2 - 1)[None])
+            s, n = cross_entropy(
+                out.logits[:, :-1], tokens[:, 1:], (jnp.arange(tokens.shape[1] - 1) >= tokens.shape[1] // 2 - 1)[None]
+            )
             return s / n + out.aux_loss, (s / n, out)
+
         (loss, (ce, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, ce, out.moe_losses.total, out.stats
@@ -62,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     for i in range(1, args.steps + 1):
-        params, opt_state, ce, aux, stats = step(params, opt_state,
-                                                 jnp.asarray(copy_task_batch(rng, args.batch, args.seq_len, 256)))
+        params, opt_state, ce, aux, stats = step(
+            params, opt_state, jnp.asarray(copy_task_batch(rng, args.batch, args.seq_len, 256))
+        )
         if i == 1 or i % 10 == 0 or i == args.steps:
-            print(f"step {i:4d}  ce {float(ce):.4f}  aux {float(aux):.4f}  "
-                  f"({(time.time() - t0) / i:.2f} s/step)", flush=True)
+            print(
+                f"step {i:4d}  ce {float(ce):.4f}  aux {float(aux):.4f}  ({(time.time() - t0) / i:.2f} s/step)",
+                flush=True,
+            )
     print(f"\nuniform-guess loss ln(255) = {np.log(255):.4f}; final ce = {float(ce):.4f}")
     print("expert load per MoE layer (tokens per routed expert / mean; 1.0 = balanced):")
     loads = np.asarray(stats.tokens_per_expert)

@@ -1,5 +1,6 @@
 """Test-wide setup: 8 fake CPU devices for the multi-device tests (must precede any jax import), and a
 tiny corpus + vocabulary + token cache (`train_cache`) for tests that train."""
+
 import os
 import sys
 
@@ -13,7 +14,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 
@@ -21,6 +21,7 @@ def pytest_collectstart(collector):
     """Each test module is collected with an empty gin config (module-level configs such as
     `MoEConfig(...)` would otherwise pick up bindings another module parsed)."""
     import gin
+
     gin.clear_config()
 
 
@@ -28,6 +29,7 @@ def pytest_collectstart(collector):
 def _empty_gin_config():
     """Gin is process-global: every test starts and ends with an empty config."""
     import gin
+
     gin.clear_config()
     yield
     gin.clear_config()
@@ -35,8 +37,10 @@ def _empty_gin_config():
 
 def _write_texts(folder: Path, seed: int) -> None:
     rng = random.Random(seed)
-    words = ("the cat sat on a mat and then it ran to the red door where seven old dogs slept "
-             "under warm blue blankets while rain fell softly over quiet hills").split()
+    words = (
+        "the cat sat on a mat and then it ran to the red door where seven old dogs slept "
+        "under warm blue blankets while rain fell softly over quiet hills"
+    ).split()
     folder.mkdir(parents=True, exist_ok=True)
     docs = []
     for _ in range(60):
@@ -55,8 +59,7 @@ def train_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("traindata")
     _write_texts(root / "texts", 0)
     corpus = root / "corpus_train"
-    build_text_corpus(corpus, [f"words={root / 'texts'}/*.txt"], heldout_frac=0.1, heldout_min_bytes=0,
-                      progress=False)
+    build_text_corpus(corpus, [f"words={root / 'texts'}/*.txt"], heldout_frac=0.1, heldout_min_bytes=0, progress=False)
     vocab = root / "vocab.model"
     train_vocab(corpus, vocab, TRAIN_VOCAB, progress=False)
     cache = root / "cache"

@@ -1,6 +1,7 @@
 """Shared test utilities (imported as `helpers`; pytest puts tests/ on sys.path via rootdir conftest)."""
-import numpy as np
+
 import jax
+import numpy as np
 
 # The tiny token cache of the `train_cache` fixture (tests/conftest.py).
 TRAIN_VOCAB = 320

@@ -18,6 +18,7 @@ set on the command line that no file defines or uses all raise `GinConfigError`,
 message followed by the list of available models. This happens at parse time, before any model is
 built or compiled.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import gin
-
 import moe_jax
 from moe_jax import config as _config  # noqa: F401  (registers ModelConfig and MoEConfig with gin)
 
@@ -69,12 +69,20 @@ def _models_message() -> str:
     names = list_models()
     paper = [n for n in names if not (MODELS_DIR / "proxy" / f"{n}.gin").exists()]
     proxy = [n for n in names if n not in paper]
-    def wrap(title: str, items: list[str]) -> str:
-        return textwrap.fill(", ".join(items), width=100, initial_indent=f"  {title:<13}",
-                             subsequent_indent=" " * 15, break_on_hyphens=False)
 
-    return ("Available models (gin/models/**/<name>.gin; pass --model=NAME or --gin_file=PATH):\n"
-            f"{wrap('paper scale:', paper)}\n{wrap('proxies:', proxy)}")
+    def wrap(title: str, items: list[str]) -> str:
+        return textwrap.fill(
+            ", ".join(items),
+            width=100,
+            initial_indent=f"  {title:<13}",
+            subsequent_indent=" " * 15,
+            break_on_hyphens=False,
+        )
+
+    return (
+        "Available models (gin/models/**/<name>.gin; pass --model=NAME or --gin_file=PATH):\n"
+        f"{wrap('paper scale:', paper)}\n{wrap('proxies:', proxy)}"
+    )
 
 
 def model_gin_path(name: str) -> Path:
@@ -146,7 +154,7 @@ def split_gin_args(argv: Sequence[str]) -> GinArgs:
         elif arg.startswith("--gin."):
             if not eq:
                 raise GinConfigError(f"{arg!r}: expected --gin.KEY=VALUE")
-            bindings.append(_normalise_binding(arg[len("--gin."):]))
+            bindings.append(_normalise_binding(arg[len("--gin.") :]))
         else:
             rest.append(arg)
         i += 1
@@ -171,8 +179,11 @@ def _unknown_macros(bindings: Iterable[str], known: set[str]) -> list[str]:
     refers to (%NAME): almost certainly a misspelling, which gin itself would accept silently."""
     text = gin.config_str()
     names = [b.partition("=")[0].strip() for b in bindings]
-    return [n for n in names if n and "." not in n and "/" not in n and n not in known
-            and not re.search(rf"%{re.escape(n)}\b", text)]
+    return [
+        n
+        for n in names
+        if n and "." not in n and "/" not in n and n not in known and not re.search(rf"%{re.escape(n)}\b", text)
+    ]
 
 
 def _add_search_path() -> None:
@@ -192,9 +203,9 @@ def _add_search_path() -> None:
 # to register a configurable once the config is finalized (locked), and a binding to a configurable
 # that is not registered yet is an error.
 CONFIGURABLE_MODULES: tuple[str, ...] = (
-    "moe_jax.config",             # ModelConfig, MoEConfig
+    "moe_jax.config",  # ModelConfig, MoEConfig
     "moe_jax.model.transformer",  # the model code (and the configurables it imports, e.g. MeshConfig)
-    "moe_jax.train.config",       # TrainConfig, bound by gin/runs/trainer.gin (included by every run)
+    "moe_jax.train.config",  # TrainConfig, bound by gin/runs/trainer.gin (included by every run)
 )
 
 
@@ -204,9 +215,14 @@ def import_configurables(modules: Iterable[str] = ()) -> None:
         importlib.import_module(name)
 
 
-def parse_gin(gin_files: Sequence[str | Path] = (), bindings: Sequence[str] = (), *,
-              finalize: bool = True, skip_unknown: bool | Sequence[str] = False,
-              modules: Iterable[str] = ()) -> None:
+def parse_gin(
+    gin_files: Sequence[str | Path] = (),
+    bindings: Sequence[str] = (),
+    *,
+    finalize: bool = True,
+    skip_unknown: bool | Sequence[str] = False,
+    modules: Iterable[str] = (),
+) -> None:
     """Clear gin, then parse `gin_files` (in order) and `bindings` (after the files).
 
     finalize: lock the config and check that every `%gin.REQUIRED` macro was set (gin.finalize).
@@ -232,8 +248,10 @@ def parse_gin(gin_files: Sequence[str | Path] = (), bindings: Sequence[str] = ()
     if unused:
         in_use = ", ".join(bound_macros())
         gin.clear_config()
-        raise GinConfigError(f"gin: macro(s) {', '.join(unused)} set on the command line but defined and used by no "
-                             f"gin file (misspelt?). Macros in use: {in_use}.\n\n{_models_message()}")
+        raise GinConfigError(
+            f"gin: macro(s) {', '.join(unused)} set on the command line but defined and used by no "
+            f"gin file (misspelt?). Macros in use: {in_use}.\n\n{_models_message()}"
+        )
 
 
 def bound_macros() -> list[str]:

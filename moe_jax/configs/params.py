@@ -16,6 +16,7 @@ The paper's accounting (paper.md §3.1-§3.4, [derived] there):
                (2 matmuls * 2 FLOPs * T^2 * d, x3 for the backward pass), with no causal discount.
   expert params = shared + routed expert FFN parameters (no router), as paper Tab 2/8/9 print them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,17 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 
-CATEGORIES = ("embedding", "lm_head", "attention", "norm", "dense_ffn", "shared_experts",
-              "routed_experts", "router", "other")
+CATEGORIES = (
+    "embedding",
+    "lm_head",
+    "attention",
+    "norm",
+    "dense_ffn",
+    "shared_experts",
+    "routed_experts",
+    "router",
+    "other",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +79,11 @@ def abstract_model(cfg: ModelConfig):
 
 def _routed_ffns(model) -> set[tuple[str, ...]]:
     """Paths of the MoE FFN modules that own routed experts (an `ffn` module with a router)."""
-    return {tuple(map(str, path)) for path, node in nnx.iter_graph(model)
-            if path and str(path[-1]) == "ffn" and getattr(node, "router", None) is not None}
+    return {
+        tuple(map(str, path))
+        for path, node in nnx.iter_graph(model)
+        if path and str(path[-1]) == "ffn" and getattr(node, "router", None) is not None
+    }
 
 
 def _category(path: tuple[str, ...], routed_ffns: set[tuple[str, ...]]) -> str:
@@ -113,12 +126,18 @@ def counts_from_categories(cfg: ModelConfig, by_category: dict[str, int], seq_le
     activated = total - routed + active_routed
     expert = routed + by_category["shared_experts"]
     activated_expert = active_routed + by_category["shared_experts"]
-    return ParamCounts(by_category=by_category, total=total, activated=activated, expert=expert,
-                       activated_expert=activated_expert, seq_len=seq_len,
-                       flops=training_flops(cfg, activated - by_category["embedding"], seq_len))
+    return ParamCounts(
+        by_category=by_category,
+        total=total,
+        activated=activated,
+        expert=expert,
+        activated_expert=activated_expert,
+        seq_len=seq_len,
+        flops=training_flops(cfg, activated - by_category["embedding"], seq_len),
+    )
 
 
 def training_flops(cfg: ModelConfig, activated_non_embedding: int, seq_len: int) -> float:
     """6 * N_act * T + 12 * L * T^2 * (heads * head_dim): forward + backward FLOPs per sequence."""
     attention_width = cfg.num_heads * cfg.head_dim
-    return 6.0 * activated_non_embedding * seq_len + 12.0 * cfg.num_layers * seq_len ** 2 * attention_width
+    return 6.0 * activated_non_embedding * seq_len + 12.0 * cfg.num_layers * seq_len**2 * attention_width

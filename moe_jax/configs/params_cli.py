@@ -9,6 +9,7 @@ The sequence length T of "FLOPs per sequence" is --seq_len, else the SEQ_LEN mac
 given with --gin_file, else the paper's run of a paper model (2K at 2B, 4K at 16B/145B), else 2048.
 Exit status: 0; 1 if --table finds a value outside its tolerance; 2 for a bad config or argument.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,15 @@ from pathlib import Path
 from typing import Sequence
 
 from moe_jax.configs import gin_utils
-from moe_jax.configs.paper_numbers import (FLOPS_TOLERANCE, PAPER_MODELS, PARAM_TOLERANCE, Check, PaperModel,
-                                           Printed, paper_model)
+from moe_jax.configs.paper_numbers import (
+    FLOPS_TOLERANCE,
+    PAPER_MODELS,
+    PARAM_TOLERANCE,
+    Check,
+    PaperModel,
+    Printed,
+    paper_model,
+)
 from moe_jax.configs.params import ParamCounts, count_params
 
 DEFAULT_SEQ_LEN = 2048
@@ -47,13 +55,18 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def count_model(gin_files: Sequence[str], bindings: Sequence[str] = (), seq_len: int | None = None,
-                default_seq_len: int = DEFAULT_SEQ_LEN) -> tuple[ParamCounts, int, str]:
+def count_model(
+    gin_files: Sequence[str],
+    bindings: Sequence[str] = (),
+    seq_len: int | None = None,
+    default_seq_len: int = DEFAULT_SEQ_LEN,
+) -> tuple[ParamCounts, int, str]:
     """Parse gin, build the ModelConfig and count it. Returns (counts, T, where T came from).
 
     The gin config is cleared afterwards: counting is a query and must not leave bindings behind
     for the next `MoEConfig(...)` built in this process."""
     import gin
+
     try:
         cfg = gin_utils.model_config_from_gin(gin_files, bindings)
         if seq_len is not None:
@@ -105,22 +118,30 @@ def paper_table(reports: list[ModelReport]) -> tuple[str, bool]:
     main_rows, expert_rows = [], []
     for rep in reports:
         c, p = rep.counts, rep.paper
-        checked = [(_b(c.total), *_cell(p.total, c.total, PARAM_TOLERANCE)),
-                   (_b(c.activated), *_cell(p.activated, c.activated, PARAM_TOLERANCE)),
-                   (_b(c.attention), *_cell(p.attention, c.attention, PARAM_TOLERANCE)),
-                   (_t(c.flops), *_cell(p.flops, c.flops, FLOPS_TOLERANCE)),
-                   (_b(c.expert), *_cell(p.expert, c.expert, PARAM_TOLERANCE)),
-                   (_b(c.activated_expert), *_cell(p.activated_expert, c.activated_expert, PARAM_TOLERANCE))]
+        checked = [
+            (_b(c.total), *_cell(p.total, c.total, PARAM_TOLERANCE)),
+            (_b(c.activated), *_cell(p.activated, c.activated, PARAM_TOLERANCE)),
+            (_b(c.attention), *_cell(p.attention, c.attention, PARAM_TOLERANCE)),
+            (_t(c.flops), *_cell(p.flops, c.flops, FLOPS_TOLERANCE)),
+            (_b(c.expert), *_cell(p.expert, c.expert, PARAM_TOLERANCE)),
+            (_b(c.activated_expert), *_cell(p.activated_expert, c.activated_expert, PARAM_TOLERANCE)),
+        ]
         all_ok &= all(check is None or check.ok for _, _, check in checked)
         cells = [[ours, text] for ours, text, _ in checked]
         main_rows.append([rep.name, p.label, *cells[0], *cells[1], *cells[2], f"{c.seq_len}", *cells[3]])
         expert_rows.append([rep.name, *cells[4], *cells[5], p.expert.source if p.expert else "not printed"])
     paper = "paper, diff, status"
-    main = _rows_table(["model", "paper label", "total", paper, "activated", paper, "attention", paper,
-                        "T", "FLOPs/seq", paper], main_rows, align_left=2)
+    main = _rows_table(
+        ["model", "paper label", "total", paper, "activated", paper, "attention", paper, "T", "FLOPs/seq", paper],
+        main_rows,
+        align_left=2,
+    )
     expert = _rows_table(["model", "expert params", paper, "activated expert", paper, "source"], expert_rows)
-    return main + "\n\nExpert parameters (shared + routed expert FFNs, no router; paper Tab 2/8/9 print them " \
-                  "to 2-3 significant digits, a finer check of the expert widths):\n" + expert, all_ok
+    return (
+        main + "\n\nExpert parameters (shared + routed expert FFNs, no router; paper Tab 2/8/9 print them "
+        "to 2-3 significant digits, a finer check of the expert widths):\n" + expert,
+        all_ok,
+    )
 
 
 def proxy_table() -> str:
@@ -133,11 +154,22 @@ def proxy_table() -> str:
             continue
         counts, t, _ = count_model([str(path), run])
         emb = counts.by_category["embedding"] + counts.by_category["lm_head"]
-        rows.append([name, _m(counts.total), _m(counts.activated), _m(counts.total - emb),
-                     _m(counts.activated - emb), _m(counts.attention), f"{100 * emb / counts.total:.0f}%",
-                     f"{t}", f"{counts.flops / 1e9:.1f}G"])
-    return _rows_table(["proxy", "total", "activated", "total-emb", "act-emb", "attention",
-                        "emb+head share", "T", "FLOPs/seq"], rows)
+        rows.append(
+            [
+                name,
+                _m(counts.total),
+                _m(counts.activated),
+                _m(counts.total - emb),
+                _m(counts.activated - emb),
+                _m(counts.attention),
+                f"{100 * emb / counts.total:.0f}%",
+                f"{t}",
+                f"{counts.flops / 1e9:.1f}G",
+            ]
+        )
+    return _rows_table(
+        ["proxy", "total", "activated", "total-emb", "act-emb", "attention", "emb+head share", "T", "FLOPs/seq"], rows
+    )
 
 
 NOTES = f"""\
@@ -169,8 +201,12 @@ def table_text(with_proxies: bool = True) -> tuple[str, bool]:
     text, ok = paper_table(reports)
     out = ["Paper models (gin/models/<model>.gin with gin/runs/<run>.gin for T):", text, "", NOTES]
     if with_proxies:
-        out += ["Proxy models (gin/models/proxy/*.gin with runs/proxy_cpu.gin; not in the paper; the 8192-token",
-                "vocabulary makes the embedding + LM head a large share at these widths):", proxy_table(), ""]
+        out += [
+            "Proxy models (gin/models/proxy/*.gin with runs/proxy_cpu.gin; not in the paper; the 8192-token",
+            "vocabulary makes the embedding + LM head a large share at these widths):",
+            proxy_table(),
+            "",
+        ]
     out.append(f"All printed values within tolerance (or the printed digits' interval): {'yes' if ok else 'NO'}")
     return "\n".join(out), ok
 
@@ -178,35 +214,51 @@ def table_text(with_proxies: bool = True) -> tuple[str, bool]:
 def single_text(name: str, counts: ParamCounts, seq_len: int, source: str, bindings: Sequence[str]) -> str:
     c = counts
     lines = [f"model: {name}", ""]
-    rows = [["total", f"{c.total:,}", _b(c.total)], ["activated", f"{c.activated:,}", _b(c.activated)],
-            ["attention", f"{c.attention:,}", _b(c.attention)], ["expert (shared+routed)", f"{c.expert:,}", _b(c.expert)],
-            ["activated expert", f"{c.activated_expert:,}", _b(c.activated_expert)]]
+    rows = [
+        ["total", f"{c.total:,}", _b(c.total)],
+        ["activated", f"{c.activated:,}", _b(c.activated)],
+        ["attention", f"{c.attention:,}", _b(c.attention)],
+        ["expert (shared+routed)", f"{c.expert:,}", _b(c.expert)],
+        ["activated expert", f"{c.activated_expert:,}", _b(c.activated_expert)],
+    ]
     rows += [[f"  {k}", f"{v:,}", _b(v)] for k, v in c.by_category.items()]
     lines.append(_rows_table(["parameters", "count", ""], rows))
-    lines += ["", f"training FLOPs per sequence (T={seq_len}, from {source}): {_t(c.flops)}"
-                  "  [6 x (activated - embedding) x T + 12 x layers x T^2 x heads x head_dim]"]
+    lines += [
+        "",
+        f"training FLOPs per sequence (T={seq_len}, from {source}): {_t(c.flops)}"
+        "  [6 x (activated - embedding) x T + 12 x layers x T^2 x heads x head_dim]",
+    ]
     paper = paper_model(name)
     if paper is not None:
-        lines += ["", f"paper ({paper.label}):" + ("  [gin bindings given: the comparison is with the paper's "
-                                                   "unmodified model]" if bindings else "")]
-        for what, printed, ours, tol in (("total", paper.total, c.total, PARAM_TOLERANCE),
-                                         ("activated", paper.activated, c.activated, PARAM_TOLERANCE),
-                                         ("FLOPs/seq", paper.flops, c.flops, FLOPS_TOLERANCE),
-                                         ("expert", paper.expert, c.expert, PARAM_TOLERANCE),
-                                         ("activated expert", paper.activated_expert, c.activated_expert,
-                                          PARAM_TOLERANCE),
-                                         ("attention", paper.attention, c.attention, PARAM_TOLERANCE)):
+        lines += [
+            "",
+            f"paper ({paper.label}):"
+            + ("  [gin bindings given: the comparison is with the paper's unmodified model]" if bindings else ""),
+        ]
+        for what, printed, ours, tol in (
+            ("total", paper.total, c.total, PARAM_TOLERANCE),
+            ("activated", paper.activated, c.activated, PARAM_TOLERANCE),
+            ("FLOPs/seq", paper.flops, c.flops, FLOPS_TOLERANCE),
+            ("expert", paper.expert, c.expert, PARAM_TOLERANCE),
+            ("activated expert", paper.activated_expert, c.activated_expert, PARAM_TOLERANCE),
+            ("attention", paper.attention, c.attention, PARAM_TOLERANCE),
+        ):
             if printed is not None:
                 ch = printed.check(ours, tol)
-                lines.append(f"  {what:<17} printed {printed.text:<7} ({printed.source}): "
-                             f"{ch.rel * 100:+.2f}% {ch.status}" + (f"  [{printed.inconsistent}]"
-                                                                     if printed.inconsistent else ""))
+                lines.append(
+                    f"  {what:<17} printed {printed.text:<7} ({printed.source}): "
+                    f"{ch.rel * 100:+.2f}% {ch.status}"
+                    + (f"  [{printed.inconsistent}]" if printed.inconsistent else "")
+                )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-jax params", description=__doc__.split("\n\n")[0],
-                                epilog="Gin: --model=NAME, --gin_file=PATH (repeatable), --gin.KEY=VALUE.")
+    p = argparse.ArgumentParser(
+        prog="moe-jax params",
+        description=__doc__.split("\n\n")[0],
+        epilog="Gin: --model=NAME, --gin_file=PATH (repeatable), --gin.KEY=VALUE.",
+    )
     p.add_argument("--table", action="store_true", help="all paper models vs the paper's printed numbers")
     p.add_argument("--no_proxies", action="store_true", help="with --table: leave out the proxy models")
     p.add_argument("--list", action="store_true", help="list the model names")
@@ -231,8 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return 0 if ok else 1
     if not gin_args.gin_files:
-        print("moe-jax params: give --model=NAME or --gin_file=PATH (or --table / --list)\n"
-              + gin_utils._models_message(), file=sys.stderr)  # noqa: SLF001
+        print(
+            "moe-jax params: give --model=NAME or --gin_file=PATH (or --table / --list)\n"
+            + gin_utils._models_message(),
+            file=sys.stderr,
+        )  # noqa: SLF001
         return 2
     model_files = [f for f in gin_args.gin_files if "models" in Path(f).parts]
     name = Path(model_files[-1]).stem if model_files else Path(gin_args.gin_files[0]).stem
@@ -246,11 +301,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if source == "default" and paper is not None:
         source = f"the paper's run, runs/{paper.run}.gin"
     if args.json:
-        print(json.dumps({"model": name, "seq_len": t, "total": counts.total, "activated": counts.activated,
-                          "attention": counts.attention, "expert": counts.expert,
-                          "activated_expert": counts.activated_expert, "flops_per_sequence": counts.flops,
-                          "by_category": counts.by_category}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "seq_len": t,
+                    "total": counts.total,
+                    "activated": counts.activated,
+                    "attention": counts.attention,
+                    "expert": counts.expert,
+                    "activated_expert": counts.activated_expert,
+                    "flops_per_sequence": counts.flops,
+                    "by_category": counts.by_category,
+                },
+                indent=2,
+            )
+        )
     else:
         print(single_text(name, counts, t, source, gin_args.bindings))
     return 0
-

@@ -15,6 +15,7 @@ loss with `heldout.heldout_eval`, the function `moe-jax eval` uses: with nothing
 reproduces the plain held-out loss exactly. Writes `<workdir>/analysis/specialization.json` and
 `disable_top_experts.png`, `fewer_activated.png`, `expert_load_heatmap.png`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,15 +40,15 @@ PAPER_SHARED_DISABLED = (1.808, 2.414)
 @dataclasses.dataclass
 class AnalysisOptions:
     """Attributes:
-      ratios: fractions of the routed experts to disable (Fig 4).
-      fewest_activated: smallest top-k of Fig 5 (default K' - 4, at least 1).
-      heldout_batches: held-out batches per source for every loss (0 = all).
-      batch_size: held-out rows per batch.
-      heatmap_batches: batches per source for the expert-load heatmap (0 = all).
-      cache_dir: token cache (default: the one the model was trained on).
-      out_dir: default <workdir>/analysis.
-      shared: run the shared-expert analysis (when the model has shared experts).
-      progress: progress bars (on a terminal only); verbose: a log line per point (stderr).
+    ratios: fractions of the routed experts to disable (Fig 4).
+    fewest_activated: smallest top-k of Fig 5 (default K' - 4, at least 1).
+    heldout_batches: held-out batches per source for every loss (0 = all).
+    batch_size: held-out rows per batch.
+    heatmap_batches: batches per source for the expert-load heatmap (0 = all).
+    cache_dir: token cache (default: the one the model was trained on).
+    out_dir: default <workdir>/analysis.
+    shared: run the shared-expert analysis (when the model has shared experts).
+    progress: progress bars (on a terminal only); verbose: a log line per point (stderr).
     """
 
     ratios: Sequence[float] = PAPER_RATIOS
@@ -72,8 +73,9 @@ def _ratio_label(ratio: float) -> str:
     return "0" if f == 0 else (f"{f.numerator * 16 // f.denominator}/16" if (16 % f.denominator == 0) else str(f))
 
 
-def expert_load(trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, max_batches: int = 0,
-                progress: bool = True) -> dict:
+def expert_load(
+    trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, max_batches: int = 0, progress: bool = True
+) -> dict:
     """Routed assignments per source, MoE layer and expert over the held-out split (padding excluded).
 
     Returns {"sources": [...], "layers": [layer ids], "counts": [S][L_moe][E] ints, "tokens": [S]}.
@@ -95,9 +97,14 @@ def expert_load(trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, m
 
     def count_fn(params, batch):
         model = nnx.merge(graphdef, params, rest)
-        out = layerwise_forward(model, batch["decoder_input_tokens"], positions=batch["decoder_positions"],
-                                segment_ids=batch["decoder_segment_ids"], capture_routing=True)
-        real = (batch["decoder_loss_weights"] > 0)[None, :, :, None] & out.expert_mask   # [L, B, S, k]
+        out = layerwise_forward(
+            model,
+            batch["decoder_input_tokens"],
+            positions=batch["decoder_positions"],
+            segment_ids=batch["decoder_segment_ids"],
+            capture_routing=True,
+        )
+        real = (batch["decoder_loss_weights"] > 0)[None, :, :, None] & out.expert_mask  # [L, B, S, k]
         onehot = jax.nn.one_hot(out.expert_ids, e, dtype=jnp.float32) * real[..., None]
         return onehot.sum(axis=(1, 2, 3)), jnp.sum(batch["decoder_loss_weights"] > 0)
 
@@ -107,12 +114,29 @@ def expert_load(trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, m
     counts, tokens = [], []
     with jax.set_mesh(mesh):
         for name in sources:
-            loader = TokenLoader(cache_dir, "heldout", batch_size, seq_len, seed=0, repeat=False, source=name,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+            loader = TokenLoader(
+                cache_dir,
+                "heldout",
+                batch_size,
+                seq_len,
+                seed=0,
+                repeat=False,
+                source=name,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
             total = len(loader) if not max_batches else min(max_batches, len(loader))
             c, n = np.zeros((cfg.num_moe_layers, e)), 0
-            for i, batch in enumerate(tqdm(loader, total=total, desc=f"expert load {name}", leave=False,
-                                           disable=not progress, dynamic_ncols=True)):
+            for i, batch in enumerate(
+                tqdm(
+                    loader,
+                    total=total,
+                    desc=f"expert load {name}",
+                    leave=False,
+                    disable=not progress,
+                    dynamic_ncols=True,
+                )
+            ):
                 if max_batches and i >= max_batches:
                     break
                 got, ntok = count(params, shard_batch(batch, mesh))
@@ -121,12 +145,19 @@ def expert_load(trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, m
             counts.append(c.astype(np.int64).tolist())
             tokens.append(n)
     layers = [l for l in range(cfg.num_layers) if cfg.is_moe_layer(l)]
-    return {"sources": sources, "layers": layers, "counts": counts, "tokens": tokens, "top_k": cfg.moe.top_k,
-            "num_experts": e}
+    return {
+        "sources": sources,
+        "layers": layers,
+        "counts": counts,
+        "tokens": tokens,
+        "top_k": cfg.moe.top_k,
+        "num_experts": e,
+    }
 
 
-def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None = None, bindings: Sequence[str] = ()
-            ) -> dict:
+def analyze(
+    workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None = None, bindings: Sequence[str] = ()
+) -> dict:
     """Run the analyses; returns the JSON-able report (also written, with the plots, to opts.out_dir)."""
     from moe_jax.evaluate.heldout import heldout_eval
     from moe_jax.train.loop import default_cache
@@ -136,8 +167,7 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
     base = load_trained(workdir, step, bindings, mesh)
     moe = base.model_cfg.moe
     if moe is None or not moe.num_experts or moe.router != "softmax":
-        raise ValueError(f"{workdir}: the §4.5 analyses need a model with softmax-routed experts "
-                         f"(got moe={moe})")
+        raise ValueError(f"{workdir}: the §4.5 analyses need a model with softmax-routed experts (got moe={moe})")
     seq_len = base.train_cfg.seq_len
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache(base.train_cfg, base.model_cfg.vocab_size)
     n_routed, k = moe.num_experts, moe.top_k
@@ -148,25 +178,50 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
     def heldout(extra: Sequence[str]) -> dict:
         trained = base if not extra else load_trained(workdir, base.step, [*bindings, *extra], mesh)
         t0 = time.perf_counter()
-        res = heldout_eval(trained.graphdef, trained.params, trained.rest, cache, seq_len, opts.batch_size, mesh,
-                           max_batches=opts.heldout_batches, progress=bars)
-        return {"loss": res.loss, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
-                "bindings": list(extra), "seconds": time.perf_counter() - t0}
+        res = heldout_eval(
+            trained.graphdef,
+            trained.params,
+            trained.rest,
+            cache,
+            seq_len,
+            opts.batch_size,
+            mesh,
+            max_batches=opts.heldout_batches,
+            progress=bars,
+        )
+        return {
+            "loss": res.loss,
+            "bits_per_byte": res.bits_per_byte,
+            "tokens": res.tokens,
+            "bindings": list(extra),
+            "seconds": time.perf_counter() - t0,
+        }
 
-    report: dict = {"workdir": str(workdir), "step": base.step, "seq_len": seq_len, "cache": str(cache),
-                    "num_routed_experts": n_routed, "top_k": k, "num_shared_experts": moe.num_shared_experts,
-                    "heldout_batches_per_source": opts.heldout_batches}
+    report: dict = {
+        "workdir": str(workdir),
+        "step": base.step,
+        "seq_len": seq_len,
+        "cache": str(cache),
+        "num_routed_experts": n_routed,
+        "top_k": k,
+        "num_shared_experts": moe.num_shared_experts,
+        "heldout_batches_per_source": opts.heldout_batches,
+    }
     log(f"analyze {workdir} step {base.step}: {moe.num_shared_experts} shared + top-{k} of {n_routed} routed")
     plain = heldout([])
     report["plain"] = plain
     log(f"  plain held-out loss {plain['loss']:.4f}")
 
     fig4 = []
-    for i, ratio in enumerate(opts.ratios):
+    for ratio in opts.ratios:
         r = experts_for_ratio(ratio, n_routed)
-        point = {"ratio": ratio, "label": _ratio_label(ratio), "disabled_experts": r,
-                 "paper_deepseekmoe": _paper_at(PAPER_FIG4_DEEPSEEKMOE, ratio),
-                 "paper_gshard_x1.5": _paper_at(PAPER_FIG4_GSHARD_X15, ratio)}
+        point = {
+            "ratio": ratio,
+            "label": _ratio_label(ratio),
+            "disabled_experts": r,
+            "paper_deepseekmoe": _paper_at(PAPER_FIG4_DEEPSEEKMOE, ratio),
+            "paper_gshard_x1.5": _paper_at(PAPER_FIG4_GSHARD_X15, ratio),
+        }
         if r + k > n_routed:
             point["skipped"] = f"disabling {r} leaves fewer than top_k={k} of {n_routed} routed experts"
         else:
@@ -196,8 +251,9 @@ def analyze(workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None =
         report["shared_disabled"] = {"skipped": f"top_k + 1 = {k + 1} > {n_routed} routed experts"}
     else:
         sd = heldout(["MoEConfig.disable_shared = True", f"MoEConfig.top_k = {k + 1}"])
-        sd.update(top_k=k + 1, plain_loss=plain["loss"], paper_plain=PAPER_SHARED_DISABLED[0],
-                  paper=PAPER_SHARED_DISABLED[1])
+        sd.update(
+            top_k=k + 1, plain_loss=plain["loss"], paper_plain=PAPER_SHARED_DISABLED[0], paper=PAPER_SHARED_DISABLED[1]
+        )
         report["shared_disabled"] = sd
         log(f"  shared disabled, top-{k + 1}: loss {sd['loss']:.4f}")
 
@@ -240,6 +296,7 @@ def relative_load(load: dict) -> np.ndarray:
 def write_plots(report: dict, out_dir: Path) -> list[str]:
     """disable_top_experts.png, fewer_activated.png, expert_load_heatmap.png; returns their paths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -252,10 +309,20 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     xs, ys = [p["ratio"] for p in pts], [p["loss"] for p in pts]
     for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG4_DEEPSEEKMOE[0])):
         axis.plot(xs, [y - shift for y in ys], "o-", label=f"{name} (ours)")
-        axis.plot(PAPER_RATIOS, [v - paper_shift for v in PAPER_FIG4_DEEPSEEKMOE], "s--", color="gray",
-                  label="paper DeepSeekMoE 2B")
-        axis.plot(PAPER_RATIOS, [v - paper_shift for v in PAPER_FIG4_GSHARD_X15], "^:", color="gray",
-                  label="paper GShard x1.5")
+        axis.plot(
+            PAPER_RATIOS,
+            [v - paper_shift for v in PAPER_FIG4_DEEPSEEKMOE],
+            "s--",
+            color="gray",
+            label="paper DeepSeekMoE 2B",
+        )
+        axis.plot(
+            PAPER_RATIOS,
+            [v - paper_shift for v in PAPER_FIG4_GSHARD_X15],
+            "^:",
+            color="gray",
+            label="paper GShard x1.5",
+        )
         axis.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
         axis.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("held-out loss (nats/token)")
@@ -274,11 +341,18 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     sd = report.get("shared_disabled", {})
     for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG5[7])):
         axis.plot([p["activated_routed"] for p in pts], [p["loss"] - shift for p in pts], "o-", label=f"{name} (ours)")
-        axis.plot(ks, [PAPER_FIG5[k] - paper_shift for k in ks], "s--", color="gray",
-                  label="paper DeepSeekMoE 2B (top-7 of 63)")
+        axis.plot(
+            ks,
+            [PAPER_FIG5[k] - paper_shift for k in ks],
+            "s--",
+            color="gray",
+            label="paper DeepSeekMoE 2B (top-7 of 63)",
+        )
         axis.axhline(PAPER_FIG5_GSHARD - paper_shift, color="gray", ls=":", label="paper GShard (top-2 of 16)")
         if "loss" in sd:
-            axis.plot([sd["top_k"]], [sd["loss"] - shift], "rx", ms=9, label=f"ours: shared disabled, top-{sd['top_k']}")
+            axis.plot(
+                [sd["top_k"]], [sd["loss"] - shift], "rx", ms=9, label=f"ours: shared disabled, top-{sd['top_k']}"
+            )
             axis.plot([8], [PAPER_SHARED_DISABLED[1] - paper_shift], "kx", ms=9, label="paper: shared disabled, top-8")
         axis.set_xlabel("activated routed experts at inference")
     ax.set_ylabel("held-out loss (nats/token)")
@@ -293,8 +367,12 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     load = report["expert_load"]
     rel = relative_load(load)
     n_layers = rel.shape[1]
-    fig, axes = plt.subplots(n_layers, 1, figsize=(max(6, 0.14 * rel.shape[2] + 3), 0.35 * len(load["sources"]) * n_layers + 1.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_layers,
+        1,
+        figsize=(max(6, 0.14 * rel.shape[2] + 3), 0.35 * len(load["sources"]) * n_layers + 1.5),
+        squeeze=False,
+    )
     vmax = max(2.0, float(np.percentile(rel, 99)))
     for li in range(n_layers):
         ax = axes[li, 0]
@@ -312,34 +390,49 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
 
 def format_analysis(report: dict) -> str:
     """The §4.5 numbers next to the paper's (paper: DeepSeekMoE 2B / GShard x1.5 at 100B tokens)."""
-    lines = [f"{report['workdir']} step {report['step']}: {report['num_shared_experts']} shared + top-{report['top_k']} "
-             f"of {report['num_routed_experts']} routed; plain held-out loss {report['plain']['loss']:.4f}", "",
-             "Disabling the top routed experts (paper Fig 4)",
-             f"  {'ratio':>6}{'experts':>9}{'ours':>9}{'Δ ours':>9}{'paper DS':>10}{'Δ DS':>8}{'paper GS1.5':>12}"]
+    lines = [
+        f"{report['workdir']} step {report['step']}: {report['num_shared_experts']} shared + top-{report['top_k']} "
+        f"of {report['num_routed_experts']} routed; plain held-out loss {report['plain']['loss']:.4f}",
+        "",
+        "Disabling the top routed experts (paper Fig 4)",
+        f"  {'ratio':>6}{'experts':>9}{'ours':>9}{'Δ ours':>9}{'paper DS':>10}{'Δ DS':>8}{'paper GS1.5':>12}",
+    ]
     base = report["plain"]["loss"]
     for p in report["disable_top_experts"]:
         ds, gs = p["paper_deepseekmoe"], p["paper_gshard_x1.5"]
         ours = f"{p['loss']:>9.3f}{p['loss'] - base:>+9.3f}" if "loss" in p else f"{'skipped':>18}"
-        lines.append(f"  {p['label']:>6}{p['disabled_experts']:>9}{ours}{_f(ds, 10)}"
-                     f"{_f(None if ds is None else ds - 1.808, 8, '+.3f')}{_f(gs, 12)}")
-    lines += ["", "Fewer activated routed experts at inference (paper Fig 5; paper GShard top-2: 1.867)",
-              f"  {'top-k':>6}{'ours':>9}{'Δ ours':>9}{'paper':>8}"]
+        lines.append(
+            f"  {p['label']:>6}{p['disabled_experts']:>9}{ours}{_f(ds, 10)}"
+            f"{_f(None if ds is None else ds - 1.808, 8, '+.3f')}{_f(gs, 12)}"
+        )
+    lines += [
+        "",
+        "Fewer activated routed experts at inference (paper Fig 5; paper GShard top-2: 1.867)",
+        f"  {'top-k':>6}{'ours':>9}{'Δ ours':>9}{'paper':>8}",
+    ]
     for p in report["fewer_activated"]:
         lines.append(f"  {p['activated_routed']:>6}{p['loss']:>9.3f}{p['loss'] - base:>+9.3f}{_f(p['paper'], 8)}")
     sd = report["shared_disabled"]
     lines.append("")
     if "loss" in sd:
-        lines.append(f"Shared expert disabled, top-{sd['top_k']} routed: ours {base:.3f} -> {sd['loss']:.3f} "
-                     f"({sd['loss'] - base:+.3f}); paper 1.808 -> 2.414 (+0.606)")
+        lines.append(
+            f"Shared expert disabled, top-{sd['top_k']} routed: ours {base:.3f} -> {sd['loss']:.3f} "
+            f"({sd['loss'] - base:+.3f}); paper 1.808 -> 2.414 (+0.606)"
+        )
     else:
         lines.append(f"Shared expert disabled: skipped ({sd['skipped']})")
     load = report.get("expert_load")
     if load:
         rel = relative_load(load)
         lines.append("")
-        lines.append("Expert load (max / uniform over experts, per MoE layer): " + ", ".join(
-            f"layer {l}: {rel[:, i, :].max():.2f} (max), {np.mean(rel[:, i, :].max(axis=-1)):.2f} (mean over sources)"
-            for i, l in enumerate(load["layers"])))
+        lines.append(
+            "Expert load (max / uniform over experts, per MoE layer): "
+            + ", ".join(
+                f"layer {l}: {rel[:, i, :].max():.2f} (max), "
+                f"{np.mean(rel[:, i, :].max(axis=-1)):.2f} (mean over sources)"
+                for i, l in enumerate(load["layers"])
+            )
+        )
     if report.get("plots"):
         lines.append("plots: " + ", ".join(report["plots"]))
     return "\n".join(lines)

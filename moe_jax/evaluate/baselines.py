@@ -1,4 +1,5 @@
 """Reference losses a trained model must beat: the corpus's unigram entropy."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,15 @@ def unigram_baseline(cache_dir: str | Path, heldout_split: str = "heldout", batc
     vocab_size = int(train.meta["vocab"]["size"])
     train_counts, _ = _token_counts(train, vocab_size)
     heldout_counts, heldout_bytes = _token_counts(
-        TokenLoader(cache_dir, heldout_split, batch_size, repeat=False, shuffle=False), vocab_size)
+        TokenLoader(cache_dir, heldout_split, batch_size, repeat=False, shuffle=False), vocab_size
+    )
     p = (train_counts + 1.0) / (train_counts.sum() + vocab_size)
     logp = np.log(p)
     nll = -float((heldout_counts * logp).sum())
-    return UnigramBaseline(train_entropy=-float((p * logp).sum()), heldout_loss=nll / heldout_counts.sum(),
-                           heldout_bits_per_byte=nll / math.log(2) / max(heldout_bytes, 1),
-                           train_tokens=int(train_counts.sum()), heldout_tokens=int(heldout_counts.sum()))
+    return UnigramBaseline(
+        train_entropy=-float((p * logp).sum()),
+        heldout_loss=nll / heldout_counts.sum(),
+        heldout_bits_per_byte=nll / math.log(2) / max(heldout_bytes, 1),
+        train_tokens=int(train_counts.sum()),
+        heldout_tokens=int(heldout_counts.sum()),
+    )

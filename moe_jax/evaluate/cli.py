@@ -8,6 +8,7 @@
 `eval` writes <workdir>/eval/eval_step<N>.json; `analyze` writes <workdir>/analysis/specialization.json and
 PNG plots. Gin bindings (`--gin.KEY=VALUE`) are applied on top of the workdir's config.gin.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,30 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-jax eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moe-jax eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _common(p)
-    p.add_argument("--tasks", default="paper",
-                   help="comma list of tasks or groups: paper (Tab 1: hellaswag, piqa, arc_easy, arc_challenge, "
-                        "triviaqa, naturalqs, humaneval, mbpp), all (+ winogrande, boolq, sciq, openbookqa), mc, "
-                        "bpb; 'none' for held-out only")
+    p.add_argument(
+        "--tasks",
+        default="paper",
+        help="comma list of tasks or groups: paper (Tab 1: hellaswag, piqa, arc_easy, arc_challenge, "
+        "triviaqa, naturalqs, humaneval, mbpp), all (+ winogrande, boolq, sciq, openbookqa), mc, "
+        "bpb; 'none' for held-out only",
+    )
     p.add_argument("--limit", type=int, default=0, help="docs per task (0 = all)")
     p.add_argument("--no_heldout", action="store_true", help="skip the held-out loss")
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
-    p.add_argument("--generate", action="store_true",
-                   help="also greedy-generate (KV cache) answers for TriviaQA/NQ (exact match) and code tasks")
-    p.add_argument("--execute_code", action="store_true",
-                   help="with --generate: run generated code against the tasks' tests (pass@1; untrusted code)")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="also greedy-generate (KV cache) answers for TriviaQA/NQ (exact match) and code tasks",
+    )
+    p.add_argument(
+        "--execute_code",
+        action="store_true",
+        help="with --generate: run generated code against the tasks' tests (pass@1; untrusted code)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--gen_limit", type=int, default=100, help="docs per task to generate for (0 = all)")
     p.add_argument("--evalsets_dir", default="", help="default: <data dir>/evalsets")
@@ -50,8 +61,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def analyze_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-jax analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moe-jax analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _common(p)
     p.add_argument("--heatmap_batches", type=int, default=0, help="batches per source for the expert load (0 = all)")
     p.add_argument("--fewest_activated", type=int, default=None, help="smallest top-k of Fig 5 (default K'-4)")
@@ -68,11 +80,14 @@ def _setup(prog: str, argv, parser_fn):
         print(f"{prog}: {err}", file=sys.stderr)
         return None
     if gin_args.gin_files:
-        print(f"{prog}: gin files are not applied here (the workdir's config.gin is); use --gin.KEY=VALUE",
-              file=sys.stderr)
+        print(
+            f"{prog}: gin files are not applied here (the workdir's config.gin is); use --gin.KEY=VALUE",
+            file=sys.stderr,
+        )
         return None
     args = parser_fn().parse_args(list(gin_args.rest))
     from moe_jax.parallel import MeshConfig, build_mesh
+
     mesh = build_mesh(MeshConfig.from_string(args.mesh) if args.mesh else MeshConfig())
     return args, gin_args.bindings, mesh
 
@@ -91,11 +106,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         tasks = [] if args.tasks.strip() in ("", "none") else resolve_tasks(args.tasks)
         trained = load_trained(args.workdir, args.step, bindings, mesh)
-        opts = EvalOptions(tasks=tasks, limit=args.limit, heldout=not args.no_heldout,
-                           heldout_batches=args.heldout_batches, heldout_batch_size=args.batch_size,
-                           batch_tokens=args.batch_tokens, generate=args.generate, max_new_tokens=args.max_new_tokens,
-                           gen_limit=args.gen_limit, execute_code=args.execute_code, evalsets_dir=args.evalsets_dir,
-                           cache_dir=args.cache, progress=not args.no_progress, verbose=not args.quiet)
+        opts = EvalOptions(
+            tasks=tasks,
+            limit=args.limit,
+            heldout=not args.no_heldout,
+            heldout_batches=args.heldout_batches,
+            heldout_batch_size=args.batch_size,
+            batch_tokens=args.batch_tokens,
+            generate=args.generate,
+            max_new_tokens=args.max_new_tokens,
+            gen_limit=args.gen_limit,
+            execute_code=args.execute_code,
+            evalsets_dir=args.evalsets_dir,
+            cache_dir=args.cache,
+            progress=not args.no_progress,
+            verbose=not args.quiet,
+        )
         report = evaluate(trained, opts, mesh)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"moe-jax eval: error: {err}", file=sys.stderr)
@@ -103,6 +129,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     report["bindings"] = list(bindings)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval" / f"eval_step{trained.step}.json"
     import jax
+
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=float) + "\n")
@@ -120,10 +147,17 @@ def analyze_main(argv: list[str] | None = None) -> int:
     from moe_jax.evaluate.analyze import AnalysisOptions, analyze, format_analysis
     from moe_jax.train.checkpoint import CheckpointError
 
-    opts = AnalysisOptions(heldout_batches=args.heldout_batches, batch_size=args.batch_size,
-                           heatmap_batches=args.heatmap_batches, cache_dir=args.cache, out_dir=args.out,
-                           fewest_activated=args.fewest_activated, shared=not args.no_shared,
-                           progress=not args.no_progress, verbose=not args.quiet)
+    opts = AnalysisOptions(
+        heldout_batches=args.heldout_batches,
+        batch_size=args.batch_size,
+        heatmap_batches=args.heatmap_batches,
+        cache_dir=args.cache,
+        out_dir=args.out,
+        fewest_activated=args.fewest_activated,
+        shared=not args.no_shared,
+        progress=not args.no_progress,
+        verbose=not args.quiet,
+    )
     try:
         report = analyze(args.workdir, opts, mesh, args.step, bindings)
     except (DataError, CheckpointError, ValueError) as err:

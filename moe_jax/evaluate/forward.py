@@ -9,6 +9,7 @@ read and write the cache. Without a cache it computes the model's logits (tests 
 time routes exactly as the full forward does (dropless dispatch; a capacity dispatch would depend on
 the other tokens of the batch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moe_jax.model.attention import attention_mask
+from moe_jax.layers.attention import attention_mask
 
 
 @struct.dataclass
@@ -43,8 +44,12 @@ class KVCache:
         shape = lambda n: (n, batch, max_len, cfg.num_heads, cfg.head_dim)
         counts = [stack.count for stack in model.stacks]
         off = jnp.zeros((batch,), jnp.int32) if offset is None else jnp.asarray(offset, jnp.int32)
-        return cls(k=[jnp.zeros(shape(n), dtype) for n in counts], v=[jnp.zeros(shape(n), dtype) for n in counts],
-                   index=jnp.zeros((), jnp.int32), offset=off)
+        return cls(
+            k=[jnp.zeros(shape(n), dtype) for n in counts],
+            v=[jnp.zeros(shape(n), dtype) for n in counts],
+            index=jnp.zeros((), jnp.int32),
+            offset=off,
+        )
 
     @property
     def max_len(self) -> int:
@@ -63,7 +68,7 @@ class LayerwiseOutput:
 
 
 def _attention(attn, x, positions, mask, ck, cv, start):
-    """The model's attention (`moe_jax.model.attention.Attention`) with an optional cache.
+    """The model's attention (`moe_jax.layers.attention.Attention`) with an optional cache.
 
     x [B, S, d]; positions [B, S]; mask [B|1, 1, S, S|T]; ck/cv [B, T, H, Dh] or None; start: where the
     S new keys/values are written. Returns (out [B, S, d], ck, cv).
@@ -78,8 +83,15 @@ def _attention(attn, x, positions, mask, ck, cv, start):
     return attn.output(out), ck, cv
 
 
-def layerwise_forward(model, tokens: jax.Array, *, cache: KVCache | None = None, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, capture_routing: bool = False) -> LayerwiseOutput:
+def layerwise_forward(
+    model,
+    tokens: jax.Array,
+    *,
+    cache: KVCache | None = None,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    capture_routing: bool = False,
+) -> LayerwiseOutput:
     """Logits of `model` (a `moe_jax.model.transformer.Transformer`) for tokens [B, S].
 
     Without `cache`: the plain forward (positions default 0..S-1; segment_ids [B, S] for packed rows).
@@ -99,13 +111,13 @@ def layerwise_forward(model, tokens: jax.Array, *, cache: KVCache | None = None,
         if positions is not None or segment_ids is not None:
             raise ValueError("with a cache, positions come from cache.index/offset and segments are not supported")
         start = cache.index
-        abs_q = start + jnp.arange(s, dtype=jnp.int32)                        # [S]
-        positions = abs_q[None, :] - cache.offset[:, None]                      # [B, S]
+        abs_q = start + jnp.arange(s, dtype=jnp.int32)  # [S]
+        positions = abs_q[None, :] - cache.offset[:, None]  # [B, S]
         key = jnp.arange(cache.max_len, dtype=jnp.int32)
         causal = key[None, None, None, :] <= abs_q[None, None, :, None]
         valid = key[None, None, None, :] >= cache.offset[:, None, None, None]
-        self_key = key[None, None, None, :] == abs_q[None, None, :, None]   # pad queries keep one key (no NaN)
-        mask = (causal & valid) | self_key                                     # [B, 1, S, T]
+        self_key = key[None, None, None, :] == abs_q[None, None, :, None]  # pad queries keep one key (no NaN)
+        mask = (causal & valid) | self_key  # [B, 1, S, T]
     ids_flat = tokens.reshape(b * s)
     new_k, new_v, expert_ids, expert_mask = [], [], [], []
     for si, stack in enumerate(model.stacks):
@@ -138,6 +150,9 @@ def layerwise_forward(model, tokens: jax.Array, *, cache: KVCache | None = None,
     x = model.final_norm(x)
     logits = jnp.einsum("bsd,dv->bsv", x, model.lm_head[...].astype(dtype)).astype(jnp.float32)
     new_cache = None if cache is None else dataclasses.replace(cache, k=new_k, v=new_v, index=cache.index + s)
-    return LayerwiseOutput(logits=logits, cache=new_cache,
-                           expert_ids=jnp.concatenate(expert_ids) if expert_ids else None,
-                           expert_mask=jnp.concatenate(expert_mask) if expert_mask else None)
+    return LayerwiseOutput(
+        logits=logits,
+        cache=new_cache,
+        expert_ids=jnp.concatenate(expert_ids) if expert_ids else None,
+        expert_mask=jnp.concatenate(expert_mask) if expert_mask else None,
+    )

@@ -8,6 +8,7 @@ the batch is left-padded; without it, right-padded (the model is causal, so padd
 never changes that row). Generation runs `max_new_tokens` steps or until every row has emitted `eos_id`;
 a row's output stops at (and includes) its first eos.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from moe_jax.evaluate.forward import KVCache, layerwise_forward
 
 def _cut(seq: list[int], eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in seq:
-        return seq[:seq.index(eos_id) + 1]
+        return seq[: seq.index(eos_id) + 1]
     return seq
 
 
@@ -43,17 +44,22 @@ class GreedyDecoder:
             last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
             return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
-        self._prefill = jax.jit(prefill)   # also the one-token decode step (S = 1)
+        self._prefill = jax.jit(prefill)  # also the one-token decode step (S = 1)
         self._full = jax.jit(full)
 
-    def with_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None,
-                   pad_to: int | None = None) -> list[list[int]]:
+    def with_cache(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        pad_to: int | None = None,
+    ) -> list[list[int]]:
         """Left-pad the prompts to `pad_to` (default the longest), prefill, then decode one token a step."""
         b = len(prompts)
         plen = max(pad_to or 0, max(len(p) for p in prompts))
         tokens = np.zeros((b, plen), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, plen - len(p):] = p
+            tokens[i, plen - len(p) :] = p
         offset = np.array([plen - len(p) for p in prompts], np.int32)
         model = nnx.merge(self.graphdef, self.state)
         cache = KVCache.init(model, b, plen + max_new_tokens, offset)
@@ -69,15 +75,16 @@ class GreedyDecoder:
                 nxt, cache = self._prefill(self.state, nxt[:, None], cache)
         return [_cut(o, eos_id) for o in out]
 
-    def without_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None
-                      ) -> list[list[int]]:
+    def without_cache(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None
+    ) -> list[list[int]]:
         """The reference: the model's own forward over a right-padded [B, P + max_new] buffer every step."""
         b = len(prompts)
         total = max(len(p) for p in prompts) + max_new_tokens
         buf = np.zeros((b, total), np.int32)
         lengths = np.array([len(p) for p in prompts], np.int32)
         for i, p in enumerate(prompts):
-            buf[i, :len(p)] = p
+            buf[i, : len(p)] = p
         out = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
             host = np.asarray(self._full(self.state, jnp.asarray(buf), jnp.asarray(lengths)))
@@ -90,8 +97,9 @@ class GreedyDecoder:
         return [_cut(o, eos_id) for o in out]
 
 
-def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, use_cache: bool = True,
-                    eos_id: int | None = None) -> list[list[int]]:
+def greedy_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, use_cache: bool = True, eos_id: int | None = None
+) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids) by `model`; see the module docstring."""
     dec = GreedyDecoder(model)
     if use_cache:
@@ -107,9 +115,20 @@ class Generation:
     tokens: list[int]
 
 
-def generate_texts(decoder: GreedyDecoder, tokenizer, contexts: Sequence[str], *, seq_len: int, max_new_tokens: int,
-                   stop: Sequence[str] = (), eos_id: int | None = 1, bos_id: int = 0, batch_size: int = 16,
-                   progress: bool = True, desc: str = "generating") -> list[Generation]:
+def generate_texts(
+    decoder: GreedyDecoder,
+    tokenizer,
+    contexts: Sequence[str],
+    *,
+    seq_len: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    eos_id: int | None = 1,
+    bos_id: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[Generation]:
     """Greedy answers to text prompts: each prompt is [BOS] + tokens, cut from the left so that prompt +
     `max_new_tokens` fit in `seq_len`; prompts are batched by length (left-padded to a bucket length)."""
     from tqdm import tqdm
@@ -124,11 +143,11 @@ def generate_texts(decoder: GreedyDecoder, tokenizer, contexts: Sequence[str], *
     padded = [next((b for b in buckets if b >= len(t)), budget) for t in ids]
     order = sorted(range(len(ids)), key=lambda i: (padded[i], i))
     results: list[Generation | None] = [None] * len(ids)
-    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
         prompts = [ids[i] for i in group]
         pad_to = max(padded[i] for i in group)
-        prompts += [[bos_id]] * (batch_size - len(prompts))   # fixed batch shape: one compile per length
+        prompts += [[bos_id]] * (batch_size - len(prompts))  # fixed batch shape: one compile per length
         new = decoder.with_cache(prompts, max_new_tokens, eos_id, pad_to=pad_to)
         for i, toks in zip(group, new):
             body = [t for t in toks if t != eos_id]

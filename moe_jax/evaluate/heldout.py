@@ -7,6 +7,7 @@ with nothing disabled reproduces the plain held-out loss exactly. `heldout_pass`
 (summed NLL, tokens and bytes over one loader) behind both `heldout_eval` and the training loop's periodic
 and final held-out loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,8 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.data.loader import TokenLoader
 
@@ -68,10 +70,18 @@ class HeldoutResult(_NllTotals):
         return sum(s.bytes for s in self.sources.values())
 
     def to_json(self) -> dict:
-        return {"loss": self.loss, "bits_per_byte": self.bits_per_byte, "tokens": self.tokens, "bytes": self.bytes,
-                "seq_len": self.seq_len, "batches_per_source": self.batches_per_source,
-                "sources": {k: {"loss": s.loss, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens,
-                                "bytes": s.bytes} for k, s in self.sources.items()}}
+        return {
+            "loss": self.loss,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "seq_len": self.seq_len,
+            "batches_per_source": self.batches_per_source,
+            "sources": {
+                k: {"loss": s.loss, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens, "bytes": s.bytes}
+                for k, s in self.sources.items()
+            },
+        }
 
 
 def heldout_sources(cache_dir: str | Path, split: str = "heldout") -> list[str]:
@@ -85,11 +95,20 @@ def _all_processes_sum(x: float) -> float:
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
+
     return float(np.sum(multihost_utils.process_allgather(np.asarray([x]))))
 
 
-def heldout_pass(eval_step, params, loader: TokenLoader, mesh, max_batches: int = 0, *, name: str = "all",
-                 on_batch: Callable[[int], object] | None = None) -> SourceHeldout:
+def heldout_pass(
+    eval_step,
+    params,
+    loader: TokenLoader,
+    mesh,
+    max_batches: int = 0,
+    *,
+    name: str = "all",
+    on_batch: Callable[[int], object] | None = None,
+) -> SourceHeldout:
     """One finite pass of `eval_step` over `loader` (up to `max_batches` batches; 0 = all).
 
     Args:
@@ -114,9 +133,21 @@ def heldout_pass(eval_step, params, loader: TokenLoader, mesh, max_batches: int 
     return SourceHeldout(name, nll, tokens, _all_processes_sum(nbytes))
 
 
-def heldout_eval(graphdef, params, rest, cache_dir: str | Path, seq_len: int, batch_size: int, mesh, *,
-                 max_batches: int = 0, sources: Sequence[str] | None = None, split: str = "heldout",
-                 progress: bool = True, eval_step=None) -> HeldoutResult:
+def heldout_eval(
+    graphdef,
+    params,
+    rest,
+    cache_dir: str | Path,
+    seq_len: int,
+    batch_size: int,
+    mesh,
+    *,
+    max_batches: int = 0,
+    sources: Sequence[str] | None = None,
+    split: str = "heldout",
+    progress: bool = True,
+    eval_step=None,
+) -> HeldoutResult:
     """Held-out NLL per source of the model (graphdef, params, rest).
 
     Args:
@@ -136,11 +167,26 @@ def heldout_eval(graphdef, params, rest, cache_dir: str | Path, seq_len: int, ba
     names = list(sources) if sources is not None else heldout_sources(cache_dir, split)
     out: dict[str, SourceHeldout] = {}
     for name in names:
-        loader = TokenLoader(cache_dir, split, batch_size, seq_len, seed=0, repeat=False, source=name,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+        loader = TokenLoader(
+            cache_dir,
+            split,
+            batch_size,
+            seq_len,
+            seed=0,
+            repeat=False,
+            source=name,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         total = len(loader) if not max_batches else min(max_batches, len(loader))
-        bar = tqdm(total=total, desc=f"held-out {name}", unit="batch", leave=False, dynamic_ncols=True,
-                   disable=not progress or jax.process_index() != 0)
+        bar = tqdm(
+            total=total,
+            desc=f"held-out {name}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not progress or jax.process_index() != 0,
+        )
         with jax.set_mesh(mesh):
             out[name] = heldout_pass(eval_step, params, loader, mesh, max_batches, name=name, on_batch=bar.update)
         bar.close()

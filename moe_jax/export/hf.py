@@ -21,13 +21,13 @@ reading any data, then builds the parameters in host memory, writes `config.gin`
 from config.json + a run file) and an orbax checkpoint with a fresh optimizer state that
 `moe-jax train` resumes from and `load_trained` restores.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -39,10 +39,14 @@ from moe_jax.export import layout
 from moe_jax.export.hf_config import gin_from_hf_config, to_hf_config
 from moe_jax.export.hf_tokenizer import tokenizer_json, write_tokenizer
 from moe_jax.export.layout import DEEPSEEK, Layout, LayoutError, TensorEntry
-from moe_jax.export.transformers_config import (MODEL_TYPES, gin_from_transformers_config, grouped_mm_aligned,
-                                                to_transformers_config)
 from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
 from moe_jax.export.safetensors_io import DTYPES, ShardFile, dtype_code, load_tensor, read_header
+from moe_jax.export.transformers_config import (
+    MODEL_TYPES,
+    gin_from_transformers_config,
+    grouped_mm_aligned,
+    to_transformers_config,
+)
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,8 +74,14 @@ def _warn(msgs: list[str], msg: str) -> None:
 def _bar(total: int, desc: str, progress: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True,
-                disable=not (progress and sys.stderr.isatty()))
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=not (progress and sys.stderr.isatty()),
+    )
 
 
 def abstract_param_shapes(model_cfg: ModelConfig, seed: int = 0) -> dict[str, tuple[int, ...]]:
@@ -169,25 +179,37 @@ def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]
         return out
     if lay is not DEEPSEEK:
         if m.second_expert_policy == "random":
-            out.append("second_expert_policy='random' (GShard) is a training-time policy; transformers keeps all "
-                       "top-k choices, as our model does without an rng")
+            out.append(
+                "second_expert_policy='random' (GShard) is a training-time policy; transformers keeps all "
+                "top-k choices, as our model does without an rng"
+            )
         if lay.name == "qwen2_moe" and not grouped_mm_aligned(model_cfg):
-            out.append(f"d_model={model_cfg.d_model} / expert width {m.expert_dim} are not multiples of 8: torch's "
-                       f"grouped_mm (transformers' default MoE kernel) cannot run them, so config.json sets "
-                       f"experts_implementation='eager' (same results, slower on GPU)")
+            out.append(
+                f"d_model={model_cfg.d_model} / expert width {m.expert_dim} are not multiples of 8: torch's "
+                f"grouped_mm (transformers' default MoE kernel) cannot run them, so config.json sets "
+                f"experts_implementation='eager' (same results, slower on GPU)"
+            )
         if lay.name == "llama":
-            out.append(f"Dense-x{m.num_shared_experts} (shared experts only) is written as LlamaForCausalLM with "
-                       f"intermediate_size {m.num_shared_experts * m.expert_dim}; an import gives a dense model")
+            out.append(
+                f"Dense-x{m.num_shared_experts} (shared experts only) is written as LlamaForCausalLM with "
+                f"intermediate_size {m.num_shared_experts * m.expert_dim}; an import gives a dense model"
+            )
         return out
     if m.dispatch == "capacity":
-        out.append("the model uses dispatch='capacity' (token dropping); DeepseekForCausalLM is dropless, so its "
-                   "logits differ wherever our model drops tokens")
+        out.append(
+            "the model uses dispatch='capacity' (token dropping); DeepseekForCausalLM is dropless, so its "
+            "logits differ wherever our model drops tokens"
+        )
     if m.second_expert_policy == "random":
-        out.append("second_expert_policy='random' (GShard) is a training-time policy; HF inference keeps all top-k "
-                   "choices, as our model does without an rng")
+        out.append(
+            "second_expert_policy='random' (GShard) is a training-time policy; HF inference keeps all top-k "
+            "choices, as our model does without an rng"
+        )
     if m.device_balance_alpha or m.router_z_loss_alpha:
-        out.append("the device-level balance loss and router z-loss have no HF config key; their factors are kept "
-                   "under config.json's 'moe_jax' block")
+        out.append(
+            "the device-level balance loss and router z-loss have no HF config key; their factors are kept "
+            "under config.json's 'moe_jax' block"
+        )
     if not m.num_shared_experts:
         out.append("no shared experts (GShard/Switch layout): config.json has n_shared_experts: null")
     return out
@@ -217,8 +239,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out={out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ExportError(f"{out} is not empty; pass --overwrite to write into it (an earlier export's shards are "
-                              f"replaced) or choose another --out")
+            raise ExportError(
+                f"{out} is not empty; pass --overwrite to write into it (an earlier export's shards are "
+                f"replaced) or choose another --out"
+            )
         for p in list(out.glob("model*.safetensors")) + list(out.glob("*.partial")) + [out / INDEX_FILE]:
             p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,14 +261,24 @@ def _write_consts(entries: Sequence[TensorEntry], file_of: dict, np_dtype, writt
     """Fill the constant tensors (no counterpart among our arrays), e.g. Qwen2Moe's zero shared-expert gate."""
     for e in entries:
         if e.const is not None:
-            file_of[e.hf_name].write(e.hf_name, tuple(slice(None) for _ in e.hf_shape),
-                                     np.full(e.hf_shape, e.const.value, np_dtype))
+            file_of[e.hf_name].write(
+                e.hf_name, tuple(slice(None) for _ in e.hf_shape), np.full(e.hf_shape, e.const.value, np_dtype)
+            )
             written[e.hf_name] = math.prod(e.hf_shape)
 
 
-def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
-              shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool = True,
-              bindings: Sequence[str] = (), fmt: str = "hf") -> ExportResult:
+def export_hf(
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+    bindings: Sequence[str] = (),
+    fmt: str = "hf",
+) -> ExportResult:
     """Write `workdir`'s checkpoint `step` (default: latest) to `out` in the layout of `fmt`.
 
     Everything that can refuse (the format, the dtype, the checkpoint's shapes, a non-empty `out`)
@@ -277,15 +311,18 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
     directory, step = state_dir(workdir, step)
     reader = OrbaxParamReader(directory)
     expected = abstract_param_shapes(model_cfg)
-    wrong = [f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}" for p, s in expected.items()
-             if reader.shape(p) != s]
+    wrong = [
+        f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}"
+        for p, s in expected.items()
+        if reader.shape(p) != s
+    ]
     if wrong:
         raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
     entries = layout.plan(model_cfg, expected, lay)
     shards = plan_shards(entries, np_dtype.itemsize, shard_size)
 
     spm_path, ids, tok_warning = find_tokenizer(train_cfg, model_cfg.vocab_size)
-    tok_json = None if tok_warning else tokenizer_json(spm_path, ids["pad_id"])   # may refuse: before writing
+    tok_json = None if tok_warning else tokenizer_json(spm_path, ids["pad_id"])  # may refuse: before writing
     if tok_warning:
         _warn(notes, tok_warning)
 
@@ -293,33 +330,66 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
     max_block = _stream_shards(reader, entries, expected, out, shards, np_dtype, step, progress)
     if tok_json is not None:
         write_tokenizer(out, spm_path, ids, train_cfg.seq_len, tok_json=tok_json)
-    special = dict(max_position_embeddings=train_cfg.seq_len, bos_token_id=ids["pad_id"], eos_token_id=ids["eos_id"],
-                   pad_token_id=ids["pad_id"], extra={"step": step, "source_workdir": str(workdir.resolve())})
-    config = (to_hf_config(model_cfg, torch_dtype=dtype, **special) if lay is DEEPSEEK
-              else to_transformers_config(model_cfg, dtype=dtype, **special))
+    special = dict(
+        max_position_embeddings=train_cfg.seq_len,
+        bos_token_id=ids["pad_id"],
+        eos_token_id=ids["eos_id"],
+        pad_token_id=ids["pad_id"],
+        extra={"step": step, "source_workdir": str(workdir.resolve())},
+    )
+    config = (
+        to_hf_config(model_cfg, torch_dtype=dtype, **special)
+        if lay is DEEPSEEK
+        else to_transformers_config(model_cfg, dtype=dtype, **special)
+    )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     names = shard_file_names(len(shards))
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
-    index = {"metadata": {"total_size": total, "format": "pt"},
-             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+    index = {
+        "metadata": {"total_size": total, "format": "pt"},
+        "weight_map": {k: weight_map[k] for k in sorted(weight_map)},
+    }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    return ExportResult(out=out, step=step, dtype=dtype, architecture=lay.architecture, files=names,
-                        num_tensors=len(entries), total_bytes=total,
-                        max_block_bytes=max_block, max_tensor_bytes=max_tensor, tokenizer=spm_path, warnings=notes)
+    return ExportResult(
+        out=out,
+        step=step,
+        dtype=dtype,
+        architecture=lay.architecture,
+        files=names,
+        num_tensors=len(entries),
+        total_bytes=total,
+        max_block_bytes=max_block,
+        max_tensor_bytes=max_tensor,
+        tokenizer=spm_path,
+        warnings=notes,
+    )
 
 
-def _stream_shards(reader: OrbaxParamReader, entries: Sequence[TensorEntry], expected: dict, out: Path,
-                   shards: list[list[TensorEntry]], np_dtype, step: int, progress: bool) -> int:
+def _stream_shards(
+    reader: OrbaxParamReader,
+    entries: Sequence[TensorEntry],
+    expected: dict,
+    out: Path,
+    shards: list[list[TensorEntry]],
+    np_dtype,
+    step: int,
+    progress: bool,
+) -> int:
     """Lay out the shard files of `shards`, then read each checkpoint chunk once and write every part of
     every HF tensor it holds (scaled, cast to `np_dtype`), then the constants. On success the files
     appear under their names; on any error none does. Returns the largest chunk read (bytes)."""
     names = shard_file_names(len(shards))
     code = dtype_code(np_dtype)
-    files = {name: ShardFile(out / name, [(e.hf_name, code, e.hf_shape) for e in shard],
-                             metadata={"format": "pt", "source": "moe_jax", "step": str(step)})
-             for name, shard in zip(names, shards)}
+    files = {
+        name: ShardFile(
+            out / name,
+            [(e.hf_name, code, e.hf_shape) for e in shard],
+            metadata={"format": "pt", "source": "moe_jax", "step": str(step)},
+        )
+        for name, shard in zip(names, shards)
+    }
     file_of = {e.hf_name: files[name] for name, shard in zip(names, shards) for e in shard}
     by_array: dict[str, list[TensorEntry]] = {}
     for e in entries:
@@ -407,11 +477,14 @@ def validate_tensors(entries: Sequence[TensorEntry], infos: dict, problems: list
         if info is None:
             problems.append(f"{e.hf_name}: missing (expected shape {list(e.hf_shape)})")
         elif info.shape != e.hf_shape:
-            problems.append(f"{e.hf_name}: shape {list(info.shape)} in {info.path.name}, expected shape "
-                            f"{list(e.hf_shape)}")
+            problems.append(
+                f"{e.hf_name}: shape {list(info.shape)} in {info.path.name}, expected shape {list(e.hf_shape)}"
+            )
         elif not np.issubdtype(info.dtype, np.floating) and info.dtype != DTYPES["BF16"]:
-            problems.append(f"{e.hf_name}: dtype {info.dtype} in {info.path.name}, expected a float type "
-                            f"(expected shape {list(e.hf_shape)})")
+            problems.append(
+                f"{e.hf_name}: dtype {info.dtype} in {info.path.name}, expected a float type "
+                f"(expected shape {list(e.hf_shape)})"
+            )
     if problems:
         shown = problems[:25]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
@@ -428,15 +501,18 @@ def check_consts(entries: Sequence[TensorEntry], infos: dict) -> None:
         if e.const is not None and e.const.checked:
             values = load_tensor(infos[e.hf_name]).astype(np.float32)
             if not np.all(values == e.const.value):
-                bad.append(f"{e.hf_name}: max |value - {e.const.value:g}| = "
-                           f"{float(np.max(np.abs(values - e.const.value))):.3g}")
+                bad.append(
+                    f"{e.hf_name}: max |value - {e.const.value:g}| = "
+                    f"{float(np.max(np.abs(values - e.const.value))):.3g}"
+                )
     if bad:
         raise HFImportError(
             f"{len(bad)} tensor(s) do not hold the constant our model needs to express the checkpoint; "
             f"nothing was written:\n  " + "\n  ".join(bad[:25]) + "\nQwen2Moe's shared expert is "
-            f"scaled by sigmoid(shared_expert_gate(x)); our shared experts are always on (gate weight 1), which "
-            f"a zero gate weight (factor 1/2, undone by the down projection) expresses exactly. An input-"
-            f"dependent gate has no equivalent here.")
+            "scaled by sigmoid(shared_expert_gate(x)); our shared experts are always on (gate weight 1), which "
+            "a zero gate weight (factor 1/2, undone by the down projection) expresses exactly. An input-"
+            "dependent gate has no equivalent here."
+        )
 
 
 def config_layout(config: dict) -> tuple[Layout, str, list[str]]:
@@ -446,8 +522,10 @@ def config_layout(config: dict) -> tuple[Layout, str, list[str]]:
         return (DEEPSEEK, *gin_from_hf_config(config))
     if kind in MODEL_TYPES:
         return (MODEL_TYPES[kind], *gin_from_transformers_config(config))
-    raise LayoutError(f"config.json has model_type {kind!r}; import reads 'deepseek' (DeepseekForCausalLM), "
-                      f"'qwen2_moe' (Qwen2MoeForCausalLM) and 'llama' (LlamaForCausalLM)")
+    raise LayoutError(
+        f"config.json has model_type {kind!r}; import reads 'deepseek' (DeepseekForCausalLM), "
+        f"'qwen2_moe' (Qwen2MoeForCausalLM) and 'llama' (LlamaForCausalLM)"
+    )
 
 
 @dataclasses.dataclass
@@ -479,17 +557,23 @@ def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]
     try:
         loader = TokenLoader(cache, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
     except Exception as err:  # the loader raises DataError/SeqLenError/OSError for a missing or odd cache
-        _warn(notes, f"cannot open the token cache {cache} ({type(err).__name__}: {err}); the checkpoint's data "
-                     f"position is empty, so `moe-jax train` cannot resume it until the cache exists and a loader "
-                     f"position is written (evaluation and load_trained work)")
+        _warn(
+            notes,
+            f"cannot open the token cache {cache} ({type(err).__name__}: {err}); the checkpoint's data "
+            f"position is empty, so `moe-jax train` cannot resume it until the cache exists and a loader "
+            f"position is written (evaluation and load_trained work)",
+        )
         return {}
     vocab = loader.meta.get("vocab", {})
     if int(vocab.get("size", vocab_size)) != vocab_size:
         _warn(notes, f"the token cache {cache} has vocabulary size {vocab.get('size')}, the model {vocab_size}")
     tok = hf_dir / "tokenizer.model"
     if tok.exists() and vocab.get("sha256") and file_sha256(tok) != vocab["sha256"]:
-        _warn(notes, f"{tok} differs from the vocabulary of the token cache {cache} ({vocab.get('path')}): training "
-                     f"or evaluating on that cache uses another tokenizer than the one the model was trained with")
+        _warn(
+            notes,
+            f"{tok} differs from the vocabulary of the token cache {cache} ({vocab.get('path')}): training "
+            f"or evaluating on that cache uses another tokenizer than the one the model was trained with",
+        )
     return loader.get_state()
 
 
@@ -504,7 +588,7 @@ def _read_arrays(entries: Sequence[TensorEntry], infos: dict, shapes: dict, pdty
             info = infos[e.hf_name]
             piece = e.spec.from_hf(load_tensor(info), shapes[e.ours]).astype(pdtype)
             if e.scale != 1:
-                piece = piece * np.asarray(1 / e.scale, pdtype)   # a power of two: exact
+                piece = piece * np.asarray(1 / e.scale, pdtype)  # a power of two: exact
             arrays[e.ours][e.index] = piece
             filled[e.ours] += piece.size
             bar.update(info.nbytes)
@@ -514,8 +598,15 @@ def _read_arrays(entries: Sequence[TensorEntry], infos: dict, shapes: dict, pdty
     return arrays
 
 
-def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[str] = ("runs/proxy_cpu.gin",),
-              bindings: Sequence[str] = (), step: int | None = None, progress: bool = True) -> ImportResult:
+def import_hf(
+    hf_dir: str | Path,
+    workdir: str | Path,
+    *,
+    gin_files: Sequence[str] = ("runs/proxy_cpu.gin",),
+    bindings: Sequence[str] = (),
+    step: int | None = None,
+    progress: bool = True,
+) -> ImportResult:
     """Read an HF directory into a new `moe-jax train` workdir.
 
     Args:
@@ -527,11 +618,11 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[st
       bindings: gin bindings applied last (e.g. "TRAIN_STEPS=1000").
       step: checkpoint step; None = the step recorded by our export (config.json moe_jax.step), else 0.
     """
-    import gin
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    import gin
     from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.export.orbax_reader import checkpoint_steps
     from moe_jax.model.transformer import Transformer
@@ -577,7 +668,17 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, gin_files: Sequence[st
     ckpt = Checkpointer(workdir, keep=train_cfg.keep_checkpoints, async_save=False)
     ckpt.save(step, state, data_state)
     ckpt.close()
-    (workdir / "imported_from.json").write_text(json.dumps(
-        {"hf_dir": str(hf_dir.resolve()), "step": step, "gin_files": list(gin_files), "bindings": list(bindings),
-         "warnings": notes}, indent=2) + "\n")
+    (workdir / "imported_from.json").write_text(
+        json.dumps(
+            {
+                "hf_dir": str(hf_dir.resolve()),
+                "step": step,
+                "gin_files": list(gin_files),
+                "bindings": list(bindings),
+                "warnings": notes,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return ImportResult(workdir=workdir, step=step, model_cfg=model_cfg, num_tensors=len(entries), warnings=notes)

@@ -5,6 +5,7 @@ HF config cannot say but a round trip needs (our head_dim, parameter dtype, trai
 the checkpoint step) goes under the extra key `"moe_jax"`, which HF's `PretrainedConfig` keeps as an
 ordinary attribute and otherwise ignores.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -16,23 +17,46 @@ MODEL_TYPE = "deepseek"
 ARCHITECTURE = "DeepseekForCausalLM"
 # DeepSeek's remote code (configuration_deepseek.py / modeling_deepseek.py of deepseek-moe-16b-base);
 # it is not shipped here: copy the two files next to config.json to load with trust_remote_code=True.
-AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-            "AutoModel": "modeling_deepseek.DeepseekModel",
-            "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
 
 # DeepseekConfig's defaults for keys a config.json may omit.
 HF_DEFAULTS: dict[str, Any] = {
-    "num_key_value_heads": None, "n_shared_experts": None, "n_routed_experts": None, "num_experts_per_tok": None,
-    "moe_intermediate_size": 1407, "first_k_dense_replace": 0, "moe_layer_freq": 1, "norm_topk_prob": False,
-    "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-    "attention_bias": False, "tie_word_embeddings": False,
+    "num_key_value_heads": None,
+    "n_shared_experts": None,
+    "n_routed_experts": None,
+    "num_experts_per_tok": None,
+    "moe_intermediate_size": 1407,
+    "first_k_dense_replace": 0,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
 }
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def to_hf_config(cfg: ModelConfig, *, torch_dtype: str, max_position_embeddings: int, bos_token_id: int | None,
-                 eos_token_id: int | None, pad_token_id: int | None, extra: Mapping[str, Any] | None = None) -> dict:
+def to_hf_config(
+    cfg: ModelConfig,
+    *,
+    torch_dtype: str,
+    max_position_embeddings: int,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """config.json for `cfg` (which must pass `check_exportable`).
 
     A dense model becomes all-dense layers (`n_routed_experts: null`); a MoE without shared experts
@@ -42,14 +66,27 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: str, max_position_embeddings:
     m = cfg.moe
     moe_keys: dict[str, Any]
     if m is None:
-        moe_keys = dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
-                        moe_intermediate_size=None, first_k_dense_replace=cfg.num_layers, norm_topk_prob=False,
-                        aux_loss_alpha=0.0, seq_aux=True)
+        moe_keys = dict(
+            n_routed_experts=None,
+            n_shared_experts=None,
+            num_experts_per_tok=None,
+            moe_intermediate_size=None,
+            first_k_dense_replace=cfg.num_layers,
+            norm_topk_prob=False,
+            aux_loss_alpha=0.0,
+            seq_aux=True,
+        )
     else:
-        moe_keys = dict(n_routed_experts=m.num_experts, n_shared_experts=m.num_shared_experts or None,
-                        num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim,
-                        first_k_dense_replace=cfg.first_k_dense, norm_topk_prob=m.renormalize_topk,
-                        aux_loss_alpha=m.expert_balance_alpha, seq_aux=m.balance_loss_scope == "sequence")
+        moe_keys = dict(
+            n_routed_experts=m.num_experts,
+            n_shared_experts=m.num_shared_experts or None,
+            num_experts_per_tok=m.top_k,
+            moe_intermediate_size=m.expert_dim,
+            first_k_dense_replace=cfg.first_k_dense,
+            norm_topk_prob=m.renormalize_topk,
+            aux_loss_alpha=m.expert_balance_alpha,
+            seq_aux=m.balance_loss_scope == "sequence",
+        )
     ours = moe_jax_block(cfg, extra)
     return {
         "architectures": [ARCHITECTURE],
@@ -88,10 +125,15 @@ def moe_jax_block(cfg: ModelConfig, extra: Mapping[str, Any] | None = None) -> d
     ours = dict(head_dim=cfg.head_dim, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
     m = cfg.moe
     if m is not None:
-        ours.update(second_expert_policy=m.second_expert_policy, device_balance_alpha=m.device_balance_alpha,
-                    num_device_groups=m.num_device_groups, router_z_loss_alpha=m.router_z_loss_alpha,
-                    dispatch=m.dispatch, capacity_factor=m.capacity_factor,
-                    balance_loss_scope=m.balance_loss_scope)
+        ours.update(
+            second_expert_policy=m.second_expert_policy,
+            device_balance_alpha=m.device_balance_alpha,
+            num_device_groups=m.num_device_groups,
+            router_z_loss_alpha=m.router_z_loss_alpha,
+            dispatch=m.dispatch,
+            capacity_factor=m.capacity_factor,
+            balance_loss_scope=m.balance_loss_scope,
+        )
     ours.update(extra or {})
     return ours
 
@@ -120,8 +162,9 @@ def check_hf_config(config: Mapping[str, Any]) -> None:
     """Raise LayoutError naming every key of `config` our model cannot express."""
     problems = []
     if config.get("model_type") != MODEL_TYPE:
-        problems.append(f"model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} (DeepSeekMoE, "
-                        f"DeepseekForCausalLM)")
+        problems.append(
+            f"model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} (DeepSeekMoE, DeepseekForCausalLM)"
+        )
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         problems.append(f"missing keys {missing}")
@@ -129,12 +172,19 @@ def check_hf_config(config: Mapping[str, Any]) -> None:
         heads = config["num_attention_heads"]
         kv = _get(config, "num_key_value_heads") or heads
         if kv != heads:
-            problems.append(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is "
-                            f"not supported (our attention is multi-head)")
+            problems.append(
+                f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is "
+                f"not supported (our attention is multi-head)"
+            )
         if config["hidden_size"] % heads:
             problems.append(f"hidden_size={config['hidden_size']} is not divisible by num_attention_heads={heads}")
-        for key, want in (("scoring_func", "softmax"), ("hidden_act", "silu"), ("rope_scaling", None),
-                          ("attention_bias", False), ("tie_word_embeddings", False)):
+        for key, want in (
+            ("scoring_func", "softmax"),
+            ("hidden_act", "silu"),
+            ("rope_scaling", None),
+            ("attention_bias", False),
+            ("tie_word_embeddings", False),
+        ):
             if _get(config, key) != want:
                 problems.append(f"{key}={_get(config, key)!r} is not supported (only {want!r})")
         if _get(config, "n_routed_experts") is not None and _get(config, "num_experts_per_tok") is None:

@@ -16,6 +16,7 @@ prefix, no whitespace folding and byte fallback. That maps onto a `tokenizers` B
     which start every sequence with id 0 (the project has no BOS piece).
 `tests/export/test_transformers.py` checks `AutoTokenizer(out)(text).input_ids == [0] + sp.encode(text)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,11 @@ def _check_supported(proto, spm_path: Path) -> None:
     if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
         problems.append("add_dummy_prefix / remove_extra_whitespaces on or escape_whitespaces off")
     if problems:
-        raise TokenizerExportError(f"{spm_path}: cannot be written as tokenizer.json: " + "; ".join(problems) +
-                                   " (moe_jax.data.vocab trains identity-normalised BPE vocabularies)")
+        raise TokenizerExportError(
+            f"{spm_path}: cannot be written as tokenizer.json: "
+            + "; ".join(problems)
+            + " (moe_jax.data.vocab trains identity-normalised BPE vocabularies)"
+        )
 
 
 def bpe_merges(pieces: list[tuple[str, int]]) -> list[list[str]]:
@@ -73,23 +77,54 @@ def tokenizer_json(spm_path: Path, bos_id: int) -> dict:
     pieces = [(p.piece, p.type) for p in proto.pieces]
     unk = next(p for p, kind in pieces if kind == UNKNOWN)
     bos = pieces[bos_id][0]
-    special = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                "special": True} for i, (p, kind) in enumerate(pieces) if kind in (UNKNOWN, CONTROL)]
+    special = [
+        {
+            "id": i,
+            "content": p,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (p, kind) in enumerate(pieces)
+        if kind in (UNKNOWN, CONTROL)
+    ]
     seq = [{"Sequence": {"id": "A", "type_id": 0}}]
     bos_item = [{"SpecialToken": {"id": bos, "type_id": 0}}]
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
         "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
         "pre_tokenizer": None,
-        "post_processor": {"type": "TemplateProcessing", "single": bos_item + seq,
-                           "pair": bos_item + seq + [{"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": {p: i for i, (p, _) in enumerate(pieces)}, "merges": bpe_merges(pieces)},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": bos_item + seq,
+            "pair": bos_item + seq + [{"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {p: i for i, (p, _) in enumerate(pieces)},
+            "merges": bpe_merges(pieces),
+        },
     }
 
 
@@ -110,8 +145,14 @@ def write_tokenizer(out: Path, spm_path: Path, ids: dict, max_length: int, tok_j
     pad, eos, unk = (sp.id_to_piece(ids[k]) for k in ("pad_id", "eos_id", "unk_id"))
     special = {"bos_token": pad, "eos_token": eos, "unk_token": unk, "pad_token": pad}
     # split_special_tokens: "</s>" in a text is text (SentencePiece encodes control pieces only by id).
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, "add_bos_token": True,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False, "split_special_tokens": True,
-              **special}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        **special,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -22,6 +22,7 @@ permutation of q/k: both sides use the rotate-half convention with inv_freq = th
 Our arrays live at `embed`, `final_norm.scale`, `lm_head` and, per run of same-kind layers
 (`ModelConfig.layer_segments()`), under `stacks.{s}.blocks.` with a leading layer axis.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,8 +97,9 @@ class TensorSpec:
     def axis_sizes(self, our_shape: tuple[int, ...]) -> dict[str, int]:
         """{kept axis name: size} for our array's shape."""
         if len(our_shape) != len(self.picks):
-            raise LayoutError(f"array of shape {tuple(our_shape)} does not have the {len(self.picks)} axes of "
-                              f"spec {self.text!r}")
+            raise LayoutError(
+                f"array of shape {tuple(our_shape)} does not have the {len(self.picks)} axes of spec {self.text!r}"
+            )
         return dict(zip(self.names, (n for p, n in zip(self.picks, our_shape) if p is None)))
 
     @property
@@ -261,12 +263,20 @@ class Layout:
         return out
 
 
-DEEPSEEK = Layout("deepseek", "DeepseekForCausalLM",
-                  moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES,
-                  moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES, shared_only=None)
-QWEN2_MOE = Layout("qwen2_moe", "Qwen2MoeForCausalLM",
-                   moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_SHARED_RULES,
-                   moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_NO_SHARED, shared_only=None)
+DEEPSEEK = Layout(
+    "deepseek",
+    "DeepseekForCausalLM",
+    moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES,
+    moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES,
+    shared_only=None,
+)
+QWEN2_MOE = Layout(
+    "qwen2_moe",
+    "Qwen2MoeForCausalLM",
+    moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_SHARED_RULES,
+    moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_NO_SHARED,
+    shared_only=None,
+)
 LLAMA = Layout("llama", "LlamaForCausalLM", moe_shared=None, moe_unshared=None, shared_only=SHARED_AS_DENSE_RULES)
 LAYOUTS = {lay.name: lay for lay in (DEEPSEEK, QWEN2_MOE, LLAMA)}
 ALL_RULES = DEEPSEEK.rows()
@@ -298,25 +308,34 @@ def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
     m = cfg.moe
     fix = "Export it with --format=hf (DeepSeek's layout, loaded with DeepSeek's remote code) instead."
     if m is not None and m.router == "hash":
-        raise LayoutError("hash-routed MoE layers (router='hash') have no native transformers equivalent (Qwen2Moe's "
-                          "router is a learned softmax over the routed experts): Hash models cannot be exported to "
-                          "--format=transformers (nor to DeepSeek's layout); keep the workdir's orbax checkpoint")
+        raise LayoutError(
+            "hash-routed MoE layers (router='hash') have no native transformers equivalent (Qwen2Moe's "
+            "router is a learned softmax over the routed experts): Hash models cannot be exported to "
+            "--format=transformers (nor to DeepSeek's layout); keep the workdir's orbax checkpoint"
+        )
     if m is not None and m.dispatch == "capacity":
-        raise LayoutError("dispatch='capacity' drops tokens over an expert's capacity; transformers' "
-                          "Qwen2MoeSparseMoeBlock is dropless, so its logits would differ. " + fix +
-                          " (Or bind MoEConfig.dispatch='dropless' if the model should run dropless.)")
+        raise LayoutError(
+            "dispatch='capacity' drops tokens over an expert's capacity; transformers' "
+            "Qwen2MoeSparseMoeBlock is dropless, so its logits would differ. "
+            + fix
+            + " (Or bind MoEConfig.dispatch='dropless' if the model should run dropless.)"
+        )
     if m is not None and (m.disable_top_experts or m.disable_shared):
-        raise LayoutError(f"MoEConfig.disable_top_experts={m.disable_top_experts} / disable_shared={m.disable_shared} "
-                          f"are inference-time analyses with no transformers equivalent; unbind them to export")
+        raise LayoutError(
+            f"MoEConfig.disable_top_experts={m.disable_top_experts} / disable_shared={m.disable_shared} "
+            f"are inference-time analyses with no transformers equivalent; unbind them to export"
+        )
     if lay is LLAMA and m is not None:
         width = m.num_shared_experts * m.expert_dim
         dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
         if dense and width != cfg.ffn_dim:
-            raise LayoutError(f"a Dense-x{m.num_shared_experts} model (shared experts only) is a LlamaForCausalLM "
-                              f"only when every FFN has one width; its dense layers {dense} have ffn_dim="
-                              f"{cfg.ffn_dim}, its MoE layers {m.num_shared_experts} x {m.expert_dim} = {width} "
-                              f"(DeepSeek's layout refuses Dense-xN models too); bind FFN_DIM={width} or "
-                              f"FIRST_K_DENSE=0 for a model that exports")
+            raise LayoutError(
+                f"a Dense-x{m.num_shared_experts} model (shared experts only) is a LlamaForCausalLM "
+                f"only when every FFN has one width; its dense layers {dense} have ffn_dim="
+                f"{cfg.ffn_dim}, its MoE layers {m.num_shared_experts} x {m.expert_dim} = {width} "
+                f"(DeepSeek's layout refuses Dense-xN models too); bind FFN_DIM={width} or "
+                f"FIRST_K_DENSE=0 for a model that exports"
+            )
 
 
 def _check_deepseek(cfg: ModelConfig) -> None:
@@ -324,18 +343,23 @@ def _check_deepseek(cfg: ModelConfig) -> None:
         raise LayoutError(
             f"num_heads * head_dim = {cfg.num_heads} * {cfg.head_dim} = {cfg.num_heads * cfg.head_dim} differs from "
             f"d_model = {cfg.d_model}; DeepSeek's HF code derives head_dim = hidden_size / num_attention_heads, so "
-            f"this model has no DeepseekForCausalLM equivalent (--format=transformers has a free head_dim)")
+            f"this model has no DeepseekForCausalLM equivalent (--format=transformers has a free head_dim)"
+        )
     m = cfg.moe
     if m is None:
         return
     if m.router == "hash":
-        raise LayoutError("hash-routed MoE layers (router='hash') have no DeepseekForCausalLM equivalent: its "
-                          "MoEGate is a learned softmax over the routed experts. Export refuses Hash models.")
+        raise LayoutError(
+            "hash-routed MoE layers (router='hash') have no DeepseekForCausalLM equivalent: its "
+            "MoEGate is a learned softmax over the routed experts. Export refuses Hash models."
+        )
     if m.num_experts == 0:
-        raise LayoutError(f"MoE layers without routed experts (Dense x{m.num_shared_experts}: only "
-                          f"{m.num_shared_experts} shared experts) have no DeepseekForCausalLM equivalent (its MoE "
-                          f"layer always has a gate over n_routed_experts). Export refuses Dense-xN models "
-                          f"(--format=transformers writes them as LlamaForCausalLM).")
+        raise LayoutError(
+            f"MoE layers without routed experts (Dense x{m.num_shared_experts}: only "
+            f"{m.num_shared_experts} shared experts) have no DeepseekForCausalLM equivalent (its MoE "
+            f"layer always has a gate over n_routed_experts). Export refuses Dense-xN models "
+            f"(--format=transformers writes them as LlamaForCausalLM)."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +392,10 @@ def layer_rules(cfg: ModelConfig, layer: int, lay: Layout = DEEPSEEK) -> tuple:
     m = cfg.moe
     group = lay.shared_only if m.num_experts == 0 else lay.moe_shared if m.num_shared_experts else lay.moe_unshared
     if group is None:
-        raise LayoutError(f"layer {layer} (MoE: {m.num_experts} routed, {m.num_shared_experts} shared experts) has no "
-                          f"{lay.architecture} equivalent")
+        raise LayoutError(
+            f"layer {layer} (MoE: {m.num_experts} routed, {m.num_shared_experts} shared experts) has no "
+            f"{lay.architecture} equivalent"
+        )
     return LAYER_RULES + group
 
 
@@ -389,14 +415,23 @@ def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]], lay: Layou
     def add(rule, ours: str, name_vars: dict, index_vars: dict) -> None:
         name = rule.hf.format(**name_vars)
         if isinstance(rule, Const):
-            entries.append(TensorEntry(hf_name=name, hf_shape=rule.shape_for(cfg), ours=None, index=(), spec=None,
-                                       const=rule))
+            entries.append(
+                TensorEntry(hf_name=name, hf_shape=rule.shape_for(cfg), ours=None, index=(), spec=None, const=rule)
+            )
             return
         if ours not in our_shapes:
             raise LayoutError(f"the layout needs our array {ours!r} (for {name}), which the model does not have")
         shape = tuple(our_shapes[ours])
-        entries.append(TensorEntry(hf_name=name, hf_shape=rule.spec.hf_shape(shape), ours=ours,
-                                   index=rule.spec.index(**index_vars), spec=rule.spec, scale=rule.scale))
+        entries.append(
+            TensorEntry(
+                hf_name=name,
+                hf_shape=rule.spec.hf_shape(shape),
+                ours=ours,
+                index=rule.spec.index(**index_vars),
+                spec=rule.spec,
+                scale=rule.scale,
+            )
+        )
         used.add(ours)
 
     embed, norm, head = GLOBAL_RULES

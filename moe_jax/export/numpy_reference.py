@@ -12,6 +12,7 @@ It reads only config.json keys and HF tensor names, and follows the semantics of
     (norm_topk_prob, k > 1); y = sum_k w_k expert_k(x) + shared_experts(x);
   - final norm, lm_head.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -40,8 +41,10 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def mlp(x: np.ndarray, w: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
     """DeepseekMLP: down(silu(gate(x)) * up(x))."""
-    return linear(silu(linear(x, w[f"{prefix}.gate_proj.weight"])) * linear(x, w[f"{prefix}.up_proj.weight"]),
-                  w[f"{prefix}.down_proj.weight"])
+    return linear(
+        silu(linear(x, w[f"{prefix}.gate_proj.weight"])) * linear(x, w[f"{prefix}.up_proj.weight"]),
+        w[f"{prefix}.down_proj.weight"],
+    )
 
 
 def rotate_half(x: np.ndarray) -> np.ndarray:
@@ -63,13 +66,13 @@ def attention(x: np.ndarray, w: Mapping[str, np.ndarray], prefix: str, cfg: Mapp
     v = split(linear(x, w[f"{prefix}.v_proj.weight"]))
     inv_freq = 1.0 / (float(cfg.get("rope_theta", 10000.0)) ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
     freqs = np.outer(np.arange(s, dtype=np.float64), inv_freq)
-    emb = np.concatenate([freqs, freqs], axis=-1)               # [S, Dh]
+    emb = np.concatenate([freqs, freqs], axis=-1)  # [S, Dh]
     cos, sin = np.cos(emb), np.sin(emb)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dh)           # [B, H, S, S]
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dh)  # [B, H, S, S]
     scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
-    out = softmax(scores) @ v                                      # [B, H, S, Dh]
+    out = softmax(scores) @ v  # [B, H, S, Dh]
     return linear(out.transpose(0, 2, 1, 3).reshape(b, s, heads * dh), w[f"{prefix}.o_proj.weight"])
 
 
@@ -78,8 +81,8 @@ def moe(x: np.ndarray, w: Mapping[str, np.ndarray], prefix: str, cfg: Mapping) -
     b, s, d = x.shape
     flat = x.reshape(-1, d)
     k = int(cfg["num_experts_per_tok"])
-    scores = softmax(linear(flat, w[f"{prefix}.gate.weight"]))      # [T, E]
-    top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]      # [T, k]
+    scores = softmax(linear(flat, w[f"{prefix}.gate.weight"]))  # [T, E]
+    top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]  # [T, k]
     weights = np.take_along_axis(scores, top, axis=-1)
     if k > 1 and cfg.get("norm_topk_prob", False):
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
@@ -93,8 +96,11 @@ def moe(x: np.ndarray, w: Mapping[str, np.ndarray], prefix: str, cfg: Mapping) -
 
 
 def is_moe_layer(cfg: Mapping, layer: int) -> bool:
-    return (cfg.get("n_routed_experts") is not None and layer >= int(cfg.get("first_k_dense_replace", 0))
-            and layer % int(cfg.get("moe_layer_freq", 1)) == 0)
+    return (
+        cfg.get("n_routed_experts") is not None
+        and layer >= int(cfg.get("first_k_dense_replace", 0))
+        and layer % int(cfg.get("moe_layer_freq", 1)) == 0
+    )
 
 
 def forward(cfg: Mapping, weights: Mapping[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:

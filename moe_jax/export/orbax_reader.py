@@ -8,6 +8,7 @@ zarr chunks are the per-device shards of the array at save time (one chunk on a 
 
 Opening an array reads only its metadata; `read(path, box)` decodes only the chunks the box covers.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,13 +34,16 @@ def state_dir(workdir: str | os.PathLike, step: int | None = None) -> tuple[Path
     """(the `state` item directory of `step` (default: latest), step)."""
     steps = checkpoint_steps(workdir)
     if not steps:
-        raise CheckpointReadError(f"no checkpoint under {Path(workdir) / 'checkpoints'}: train first "
-                                  f"(`moe-jax train --workdir={workdir} ...`)")
+        raise CheckpointReadError(
+            f"no checkpoint under {Path(workdir) / 'checkpoints'}: train first "
+            f"(`moe-jax train --workdir={workdir} ...`)"
+        )
     if step is None:
         step = steps[-1]
     if step not in steps:
-        raise CheckpointReadError(f"no checkpoint of step {step} in {Path(workdir) / 'checkpoints'} "
-                                  f"(available: {steps})")
+        raise CheckpointReadError(
+            f"no checkpoint of step {step} in {Path(workdir) / 'checkpoints'} (available: {steps})"
+        )
     return Path(workdir).resolve() / "checkpoints" / str(step) / "state", step
 
 
@@ -49,8 +53,10 @@ class OrbaxParamReader:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).resolve()
         if not (self.directory / "manifest.ocdbt").exists():
-            raise CheckpointReadError(f"{self.directory} is not an OCDBT checkpoint item (no manifest.ocdbt); "
-                                      f"only orbax's default OCDBT format is supported")
+            raise CheckpointReadError(
+                f"{self.directory} is not an OCDBT checkpoint item (no manifest.ocdbt); "
+                f"only orbax's default OCDBT format is supported"
+            )
         # No chunk cache: a block's chunks are decoded into the result and freed.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._open: dict[str, ts.TensorStore] = {}
@@ -66,16 +72,20 @@ class OrbaxParamReader:
             name = self.array_name(path)
             errors = []
             for driver in ("zarr", "zarr3"):
-                spec = {"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/",
-                                                      "path": name}}
+                spec = {
+                    "driver": driver,
+                    "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
+                }
                 try:
                     self._open[path] = ts.open(spec, open=True, read=True, context=self._context).result()
                     break
                 except Exception as err:  # tensorstore raises ValueError with a status message
                     errors.append(f"{driver}: {err}")
             else:
-                raise CheckpointReadError(f"parameter {path!r} (array {name!r}) is not in checkpoint {self.directory}: "
-                                          + "; ".join(e.splitlines()[0][:200] for e in errors))
+                raise CheckpointReadError(
+                    f"parameter {path!r} (array {name!r}) is not in checkpoint {self.directory}: "
+                    + "; ".join(e.splitlines()[0][:200] for e in errors)
+                )
         return self._open[path]
 
     def shape(self, path: str) -> tuple[int, ...]:

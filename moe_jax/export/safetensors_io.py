@@ -6,9 +6,11 @@ the raw little-endian tensor bytes, contiguous, offsets relative to the end of t
 
 Because every name, shape and dtype of a shard is known before any tensor is read, the header is written
 first and tensors are then filled region by region through a memory map (`ShardFile`): a shard is never
-held in memory. Reading maps the file and copies out one tensor at a time. bfloat16 uses `ml_dtypes` (numpy has no bfloat16; the
+held in memory. Reading maps the file and copies out one tensor at a time. bfloat16 uses `ml_dtypes` (numpy
+has no bfloat16; the
 `safetensors` package's numpy backend cannot return it either).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +85,12 @@ class ShardFile:
     every element was written (`close` cannot tell a hole from zeros).
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, str, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Iterable[tuple[str, str, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = Path(path)
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -109,15 +115,17 @@ class ShardFile:
             f.write(raw)
             f.truncate(self._data_start + offset)
 
-    def write(self, name: str, region: tuple[slice, ...], block: np.ndarray, view_shape: tuple[int, ...] | None = None
-              ) -> None:
+    def write(
+        self, name: str, region: tuple[slice, ...], block: np.ndarray, view_shape: tuple[int, ...] | None = None
+    ) -> None:
         """tensor[region] = block, where the tensor is seen with shape `view_shape` (a reshape of its
         shape, e.g. q_proj [H*Dh, d] as [H, Dh, d]; default its own shape)."""
         dtype, shape, offset = self.tensors[name]
         view_shape = shape if view_shape is None else tuple(view_shape)
         if math.prod(view_shape) != math.prod(shape) or np.dtype(block.dtype) != dtype:
-            raise SafetensorsError(f"{self.path.name}: cannot write {block.dtype} into {name} {dtype} {shape} viewed "
-                                   f"as {view_shape}")
+            raise SafetensorsError(
+                f"{self.path.name}: cannot write {block.dtype} into {name} {dtype} {shape} viewed as {view_shape}"
+            )
         if block.size == 0:
             return
         mm = np.memmap(self._partial, dtype=dtype, mode="r+", offset=self._data_start + offset, shape=view_shape)
@@ -155,10 +163,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         except (KeyError, TypeError, ValueError) as err:
             raise SafetensorsError(f"{path}: tensor {name!r} has a bad header entry {h!r}") from err
         if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} data offsets {begin}..{end} do not match shape {shape} "
-                                   f"{h['dtype']} or the file size")
-        infos[name] = TensorInfo(name=name, dtype=dtype, shape=shape, path=path, offset=8 + n + begin,
-                                 nbytes=end - begin)
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} data offsets {begin}..{end} do not match shape {shape} "
+                f"{h['dtype']} or the file size"
+            )
+        infos[name] = TensorInfo(
+            name=name, dtype=dtype, shape=shape, path=path, offset=8 + n + begin, nbytes=end - begin
+        )
     return infos, metadata
 
 

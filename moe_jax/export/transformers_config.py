@@ -12,12 +12,13 @@ How our models map (DeepSeekMoE, arXiv:2401.06066, and its GShard/Switch/Dense b
 Keys transformers 4.x reads instead (`rope_theta`, `torch_dtype`) are written too. What no key says
 (param dtype, training-only MoE settings, the step) goes under "moe_jax", as in `hf_config`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from moe_jax.config import ModelConfig
-from moe_jax.export.hf_config import moe_jax_block, moe_jax_bindings
+from moe_jax.export.hf_config import moe_jax_bindings, moe_jax_block
 from moe_jax.export.layout import LLAMA, QWEN2_MOE, Layout, LayoutError, check_exportable, transformers_layout
 
 MODEL_TYPES = {"qwen2_moe": QWEN2_MOE, "llama": LLAMA}
@@ -55,27 +56,51 @@ def _common(cfg: ModelConfig, lay: Layout, **ids_and_more) -> dict:
     }
 
 
-def to_transformers_config(cfg: ModelConfig, *, dtype: str, max_position_embeddings: int, bos_token_id: int | None,
-                           eos_token_id: int | None, pad_token_id: int | None,
-                           extra: Mapping[str, Any] | None = None) -> dict:
+def to_transformers_config(
+    cfg: ModelConfig,
+    *,
+    dtype: str,
+    max_position_embeddings: int,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """config.json of `cfg` as Qwen2MoeForCausalLM (softmax-routed MoE) or LlamaForCausalLM (dense,
     Dense-xN); `cfg` must pass `check_exportable(cfg, transformers_layout(cfg))`."""
     lay = transformers_layout(cfg)
     check_exportable(cfg, lay)
     m = cfg.moe
-    out = _common(cfg, lay, max_position_embeddings=max_position_embeddings, bos_token_id=bos_token_id,
-                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, dtype=dtype, torch_dtype=dtype)
+    out = _common(
+        cfg,
+        lay,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        dtype=dtype,
+        torch_dtype=dtype,
+    )
     if lay is LLAMA:
-        if m is not None:   # Dense-xN: every FFN is the shared experts' MLP (check_exportable: one width)
+        if m is not None:  # Dense-xN: every FFN is the shared experts' MLP (check_exportable: one width)
             out["intermediate_size"] = m.num_shared_experts * m.expert_dim
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:
         out.update(
-            num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim,
-            shared_expert_intermediate_size=m.num_shared_experts * m.expert_dim, norm_topk_prob=m.renormalize_topk,
-            decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
-            router_aux_loss_coef=m.expert_balance_alpha, output_router_logits=False, qkv_bias=False,
-            use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+            num_experts=m.num_experts,
+            num_experts_per_tok=m.top_k,
+            moe_intermediate_size=m.expert_dim,
+            shared_expert_intermediate_size=m.num_shared_experts * m.expert_dim,
+            norm_topk_prob=m.renormalize_topk,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
+            router_aux_loss_coef=m.expert_balance_alpha,
+            output_router_logits=False,
+            qkv_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=cfg.num_layers,
+        )
         if not grouped_mm_aligned(cfg):
             out["experts_implementation"] = "eager"
     out["moe_jax"] = moe_jax_block(cfg, extra)
@@ -112,29 +137,36 @@ def check_transformers_config(config: Mapping[str, Any]) -> None:
     heads = int(config.get("num_attention_heads", 0))
     kv = config.get("num_key_value_heads") or heads
     if kv != heads:
-        problems.append(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is not "
-                        f"supported (our attention is multi-head)")
+        problems.append(
+            f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is not "
+            f"supported (our attention is multi-head)"
+        )
     rope = config.get("rope_parameters") or {}
-    checks = [("hidden_act", config.get("hidden_act", "silu"), "silu"),
-              ("tie_word_embeddings", config.get("tie_word_embeddings", False), False),
-              ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
-              ("attention_bias", config.get("attention_bias", False), False),
-              ("mlp_bias", config.get("mlp_bias", False), False),
-              ("use_sliding_window", config.get("use_sliding_window", False), False)]
+    checks = [
+        ("hidden_act", config.get("hidden_act", "silu"), "silu"),
+        ("tie_word_embeddings", config.get("tie_word_embeddings", False), False),
+        ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
+        ("attention_bias", config.get("attention_bias", False), False),
+        ("mlp_bias", config.get("mlp_bias", False), False),
+        ("use_sliding_window", config.get("use_sliding_window", False), False),
+    ]
     if config.get("model_type") == "qwen2_moe":
-        checks.append(("qkv_bias", config.get("qkv_bias", True), False))   # Qwen2MoeConfig's default is True
+        checks.append(("qkv_bias", config.get("qkv_bias", True), False))  # Qwen2MoeConfig's default is True
     for key, value, want in checks:
         if value != want:
             problems.append(f"{key}={value!r} is not supported (only {want!r})")
     if config.get("model_type") == "qwen2_moe":
         f, shared = int(config.get("moe_intermediate_size", 0)), int(config.get("shared_expert_intermediate_size", 0))
         if shared and (not f or shared % f):
-            problems.append(f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size={f} "
-                            f"(our shared experts are K_s experts of the routed experts' width)")
+            problems.append(
+                f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size={f} "
+                f"(our shared experts are K_s experts of the routed experts' width)"
+            )
         moe = moe_layers_of(config)
         if moe and layer_pattern(moe, int(config["num_hidden_layers"])) is None:
-            problems.append(f"MoE layers {moe} do not follow our rule (MoE iff l >= first_k_dense and "
-                            f"l % moe_layer_freq == 0)")
+            problems.append(
+                f"MoE layers {moe} do not follow our rule (MoE iff l >= first_k_dense and l % moe_layer_freq == 0)"
+            )
     if problems:
         raise LayoutError("config.json cannot be imported: " + "; ".join(problems))
 

@@ -6,6 +6,7 @@ Consecutive layers of the same kind form a `LayerStack` whose parameters are sta
 parameter layout, so checkpoints do not depend on the choice. MoE auxiliary losses and routing
 statistics come back from the scan as outputs and are summed/stacked here: nothing is sown.
 """
+
 from __future__ import annotations
 
 import jax
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.attention import Attention
-from moe_jax.model.mlp import MLP
-from moe_jax.model.norms import RMSNorm
+from moe_jax.layers.attention import Attention
+from moe_jax.layers.mlp import MLP
+from moe_jax.layers.norms import RMSNorm
 from moe_jax.moe.layer import MoEAux, MoELayer, MoELosses
 from moe_jax.moe.stats import RoutingStats
 
@@ -60,8 +61,11 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.is_moe = is_moe
-        self.ffn = MoELayer(cfg, rngs) if is_moe else MLP(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std,
-                                                          param_dtype=pd, rngs=rngs)
+        self.ffn = (
+            MoELayer(cfg, rngs)
+            if is_moe
+            else MLP(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std, param_dtype=pd, rngs=rngs)
+        )
 
     def __call__(self, x: jax.Array, inputs: BlockInputs, rng: jax.Array | None):
         x = x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids)
@@ -98,8 +102,7 @@ class LayerStack(nnx.Module):
     def __call__(self, x: jax.Array, inputs: BlockInputs, rng: jax.Array | None):
         """x [B, S, d] -> (x, MoEAux stacked over the stack's layers, or None)."""
         graphdef, state = nnx.split(self.blocks)
-        layer_rngs = (None if rng is None else
-                      jax.random.split(jax.random.fold_in(rng, self.first_layer), self.count))
+        layer_rngs = None if rng is None else jax.random.split(jax.random.fold_in(rng, self.first_layer), self.count)
 
         def body(carry, layer_state, layer_rng):
             return nnx.merge(graphdef, layer_state)(carry, inputs, layer_rng)
@@ -107,12 +110,14 @@ class LayerStack(nnx.Module):
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
         if self.cfg.scan_layers:
+
             def scan_body(carry, xs):
                 return body(carry, *xs)
+
             return jax.lax.scan(scan_body, x, (state, layer_rngs))
         auxes = []
         for i in range(self.count):
-            layer_state = jax.tree.map(lambda a: a[i], state)
+            layer_state = jax.tree.map(lambda a: a[i], state)  # noqa: B023 (called at once)
             x, aux = body(x, layer_state, None if layer_rngs is None else layer_rngs[i])
             auxes.append(aux)
         stacked = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
@@ -125,16 +130,24 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
-        self.embed = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd),
-                               axes=("vocab", "embed"))
-        self.stacks = nnx.List([LayerStack(cfg, is_moe, first, count, rngs)
-                                for is_moe, first, count in cfg.layer_segments()])
+        self.embed = nnx.Param(
+            cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd), axes=("vocab", "embed")
+        )
+        self.stacks = nnx.List(
+            [LayerStack(cfg, is_moe, first, count, rngs) for is_moe, first, count in cfg.layer_segments()]
+        )
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.lm_head = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pd),
-                                 axes=("embed", "vocab"))
+        self.lm_head = nnx.Param(
+            cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pd), axes=("embed", "vocab")
+        )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, rng: jax.Array | None = None) -> ModelOutput:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
+    ) -> ModelOutput:
         """tokens [B, S] int; positions [B, S] (default 0..S-1); segment_ids [B, S] for packed
         sequences (attention stays inside a segment); rng for stochastic routing (GShard random)."""
         b, s = tokens.shape

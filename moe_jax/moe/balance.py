@@ -12,6 +12,7 @@ Device-level (Eq 15-17) over D equal groups of experts:
     L = sum_g f'_g P'_g,   f'_g = mean_{i in g} f_i,   P'_g = sum_{i in g} P_i
 f_i carries no gradient (it counts); gradients flow through P_i.
 """
+
 from __future__ import annotations
 
 import jax
@@ -64,8 +65,9 @@ def expert_balance_loss(probs: jax.Array, indices: jax.Array, mask: jax.Array, s
     return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
-def device_balance_loss(probs: jax.Array, indices: jax.Array, mask: jax.Array, num_groups: int,
-                        scope: str = "sequence") -> jax.Array:
+def device_balance_loss(
+    probs: jax.Array, indices: jax.Array, mask: jax.Array, num_groups: int, scope: str = "sequence"
+) -> jax.Array:
     """Device-level balance loss sum_g f'_g P'_g (Eq 15-17) over `num_groups` equal expert groups.
 
     Group g holds experts [g*E/D, (g+1)*E/D), the experts a device owns under expert parallelism.

@@ -5,6 +5,7 @@
 One class expresses every model of the paper by configuration: DeepSeekMoE (K_s >= 1, fine-grained),
 GShard/Switch (K_s = 0, k = 2 / 1), Hash (router="hash"), Dense x4 / x16 (no routed experts).
 """
+
 from __future__ import annotations
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.mlp import MLP
+from moe_jax.layers.mlp import MLP
 from moe_jax.moe import balance
 from moe_jax.moe.dispatch import ExpertParams, get_dispatch
 from moe_jax.moe.dispatch.expert_parallel import ambient_mesh, expert_axis_size, expert_parallel_dispatch
@@ -66,18 +67,27 @@ class MoELayer(nnx.Module):
         if m.num_experts:
             self.router = ROUTERS[m.router](cfg, rngs)
             e, f = m.num_experts, m.expert_dim
-            self.wi = nnx.Param(std * jax.random.normal(rngs.params(), (e, d, 2, f), pd),
-                                axes=("experts", "embed", None, "expert_mlp"))
-            self.wo = nnx.Param(std * jax.random.normal(rngs.params(), (e, f, d), pd),
-                                axes=("experts", "expert_mlp", "embed"))
+            self.wi = nnx.Param(
+                std * jax.random.normal(rngs.params(), (e, d, 2, f), pd), axes=("experts", "embed", None, "expert_mlp")
+            )
+            self.wo = nnx.Param(
+                std * jax.random.normal(rngs.params(), (e, f, d), pd), axes=("experts", "expert_mlp", "embed")
+            )
         else:
             self.router = None
-        self.shared = (MLP(d, m.num_shared_experts * m.expert_dim, init_std=std, param_dtype=pd, rngs=rngs)
-                       if m.num_shared_experts else None)
+        self.shared = (
+            MLP(d, m.num_shared_experts * m.expert_dim, init_std=std, param_dtype=pd, rngs=rngs)
+            if m.num_shared_experts
+            else None
+        )
         self.num_device_groups = m.num_device_groups  # 0: the ambient mesh's expert-axis size, read per call
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array | None = None, rng: jax.Array | None = None,
-                 ) -> tuple[jax.Array, MoEAux | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        token_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoEAux | None]:
         """x [B, S, d], token_ids [B, S] (needed by hash routing), rng (GShard random policy).
 
         Returns y [B, S, d] and MoEAux (None when the layer has no routed experts).
@@ -97,17 +107,34 @@ class MoELayer(nnx.Module):
             mesh = ambient_mesh()
             if mesh is not None and m.dispatch != "reference":
                 # Expert parallelism (docs/parallelism.md): shard_map over the mesh set by jax.set_mesh.
-                out = expert_parallel_dispatch(xf, routing, experts, mesh=mesh, mode=m.dispatch,
-                                               scheme=m.expert_parallel, capacity_factor=m.capacity_factor,
-                                               buffer_factor=m.ep_buffer_factor, gmm_backend=m.gmm_backend)
+                out = expert_parallel_dispatch(
+                    xf,
+                    routing,
+                    experts,
+                    mesh=mesh,
+                    mode=m.dispatch,
+                    scheme=m.expert_parallel,
+                    capacity_factor=m.capacity_factor,
+                    buffer_factor=m.ep_buffer_factor,
+                    gmm_backend=m.gmm_backend,
+                )
             else:
-                out = get_dispatch(m.dispatch)(xf, routing, experts, capacity_factor=m.capacity_factor,
-                                               gmm_backend=m.gmm_backend)
+                out = get_dispatch(m.dispatch)(
+                    xf, routing, experts, capacity_factor=m.capacity_factor, gmm_backend=m.gmm_backend
+                )
             y = y + out.y
-            stats = routing_stats(out.tokens_per_expert, out.dropped, routing.mask, routing.probs,
-                                  routing.indices, routed_out=out.y, shared_out=shared)
-            aux = MoEAux(losses=self._losses(routing, b, s), stats=stats,
-                         expert_ids=jnp.where(routing.mask, routing.indices, -1))
+            stats = routing_stats(
+                out.tokens_per_expert,
+                out.dropped,
+                routing.mask,
+                routing.probs,
+                routing.indices,
+                routed_out=out.y,
+                shared_out=shared,
+            )
+            aux = MoEAux(
+                losses=self._losses(routing, b, s), stats=stats, expert_ids=jnp.where(routing.mask, routing.indices, -1)
+            )
         if shared is not None:
             y = y + shared
         return y.reshape(b, s, d), aux
@@ -126,7 +153,8 @@ class MoELayer(nnx.Module):
         if m.device_balance_alpha:
             groups = self.num_device_groups or expert_axis_size()
             device = m.device_balance_alpha * balance.device_balance_loss(
-                probs, idx, mask, groups, m.balance_loss_scope)
+                probs, idx, mask, groups, m.balance_loss_scope
+            )
         if m.router_z_loss_alpha:
             z = m.router_z_loss_alpha * balance.router_z_loss(routing.logits)
         return MoELosses(expert_balance=expert, device_balance=device, z_loss=z)

@@ -3,11 +3,12 @@
 A router is called as `router(x [T, d], token_ids [T], rng) -> Routing`. `uses_balance_loss` says
 whether balance losses apply (not for hash routing, which never learns: Megatron-LM #7079).
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_jax.config import ModelConfig
@@ -27,13 +28,19 @@ class SoftmaxRouter(nnx.Module):
         self.cfg = cfg.moe
         self.kernel = nnx.Param(
             cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
-            axes=("embed", "router_experts"))
+            axes=("embed", "router_experts"),
+        )
 
     def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
         logits = R.router_logits(x, self.kernel[...])
-        return R.softmax_topk(logits, self.cfg.top_k, renormalize=self.cfg.renormalize_topk,
-                              second_expert_policy=self.cfg.second_expert_policy, rng=rng,
-                              disable_top=self.cfg.disable_top_experts)
+        return R.softmax_topk(
+            logits,
+            self.cfg.top_k,
+            renormalize=self.cfg.renormalize_topk,
+            second_expert_policy=self.cfg.second_expert_policy,
+            rng=rng,
+            disable_top=self.cfg.disable_top_experts,
+        )
 
 
 class HashRouter(nnx.Module):
@@ -46,8 +53,9 @@ class HashRouter(nnx.Module):
         if cfg.hash_table == "balanced":
             freqs = np.load(cfg.hash_frequencies)
             if freqs.shape != (vocab_size,):
-                raise ValueError(f"hash frequencies {cfg.hash_frequencies} have shape {freqs.shape}, "
-                                 f"expected ({vocab_size},)")
+                raise ValueError(
+                    f"hash frequencies {cfg.hash_frequencies} have shape {freqs.shape}, expected ({vocab_size},)"
+                )
             table = R.balanced_hash_table(freqs, cfg.num_experts, cfg.hash_seed)
         else:
             table = R.random_hash_table(vocab_size, cfg.num_experts, cfg.hash_seed)

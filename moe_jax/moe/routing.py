@@ -3,6 +3,7 @@
 Pure functions over token-major arrays; `moe_jax.moe.routers` wraps them in NNX modules that own the
 router weights or the hash table. Shapes: T tokens, d hidden size, E routed experts, k experts per token.
 """
+
 from __future__ import annotations
 
 import jax
@@ -111,8 +112,7 @@ def hash_route(token_ids: jax.Array, table: jax.Array) -> Routing:
       Routing with k = 1, weight 1, probs/logits None (so no balance loss applies).
     """
     indices = jnp.take(table, token_ids.astype(jnp.int32), axis=0)[:, None].astype(jnp.int32)
-    return Routing(indices=indices, weights=jnp.ones(indices.shape, jnp.float32),
-                   mask=jnp.ones(indices.shape, bool))
+    return Routing(indices=indices, weights=jnp.ones(indices.shape, jnp.float32), mask=jnp.ones(indices.shape, bool))
 
 
 def random_hash_table(vocab_size: int, num_experts: int, seed: int) -> np.ndarray:

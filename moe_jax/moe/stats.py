@@ -12,6 +12,7 @@ stop-gradient, float32 scalars per layer; E routed experts, k active per token, 
 With the paper's raw softmax gates (arXiv:2401.06066 Eq 5, no renormalisation), M_k is also the scale
 at which the routed experts enter the output: about k/E while the router is near uniform.
 """
+
 from __future__ import annotations
 
 import jax
@@ -56,9 +57,15 @@ def mean_token_norm(y: jax.Array | None) -> jax.Array:
     return jnp.mean(jnp.sqrt(jnp.sum(y * y, axis=-1)))
 
 
-def routing_stats(tokens_per_expert: jax.Array, dropped: jax.Array, mask: jax.Array,
-                  probs: jax.Array | None, indices: jax.Array | None = None,
-                  routed_out: jax.Array | None = None, shared_out: jax.Array | None = None) -> RoutingStats:
+def routing_stats(
+    tokens_per_expert: jax.Array,
+    dropped: jax.Array,
+    mask: jax.Array,
+    probs: jax.Array | None,
+    indices: jax.Array | None = None,
+    routed_out: jax.Array | None = None,
+    shared_out: jax.Array | None = None,
+) -> RoutingStats:
     """tokens_per_expert [E]; dropped, mask, indices [T, k]; probs [T, E] or None; outputs [T, d] or None."""
     counts = jax.lax.stop_gradient(tokens_per_expert.astype(jnp.float32))
     mean = jnp.maximum(counts.mean(), 1e-9)
@@ -72,8 +79,15 @@ def routing_stats(tokens_per_expert: jax.Array, dropped: jax.Array, mask: jax.Ar
             chosen = jnp.take_along_axis(p, indices, axis=-1)
             mass = jnp.mean(jnp.sum(jnp.where(mask, chosen, 0.0), axis=-1))
     active = jnp.maximum(mask.sum(), 1)
-    return RoutingStats(tokens_per_expert=counts, max_load=counts.max() / mean,
-                        dropped_fraction=dropped.sum() / active, router_entropy=entropy,
-                        router_entropy_norm=entropy_norm, topk_mass=mass, load_cv=counts.std() / mean,
-                        dead_experts=jnp.sum(counts == 0).astype(jnp.float32),
-                        routed_norm=mean_token_norm(routed_out), shared_norm=mean_token_norm(shared_out))
+    return RoutingStats(
+        tokens_per_expert=counts,
+        max_load=counts.max() / mean,
+        dropped_fraction=dropped.sum() / active,
+        router_entropy=entropy,
+        router_entropy_norm=entropy_norm,
+        topk_mass=mass,
+        load_cv=counts.std() / mean,
+        dead_experts=jnp.sum(counts == 0).astype(jnp.float32),
+        routed_norm=mean_token_norm(routed_out),
+        shared_norm=mean_token_norm(shared_out),
+    )

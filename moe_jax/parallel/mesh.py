@@ -12,6 +12,7 @@ that cross hosts):
 Sizes come from `MeshConfig`; one of them may be -1 ("fill the remaining devices"). Everything
 downstream reads sizes from the built mesh (`axis_size(mesh, name)`), never from the config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,16 @@ import sys
 import threading
 from typing import Mapping, Sequence
 
-import gin
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+import gin
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
-FAKE_DEVICES_HINT = ("on a CPU, start that many fake devices with "
-                     "XLA_FLAGS=--xla_force_host_platform_device_count={n}, or change --mesh")
+FAKE_DEVICES_HINT = (
+    "on a CPU, start that many fake devices with XLA_FLAGS=--xla_force_host_platform_device_count={n}, or change --mesh"
+)
 
 
 @gin.configurable
@@ -73,8 +76,10 @@ class MeshConfig:
             try:
                 sizes[name] = int(value)
             except ValueError:
-                raise ValueError(f"--mesh={spec}: the size of axis {name!r} is {value!r}, not an integer; write "
-                                 f"NAME:SIZE with a whole number (e.g. --mesh=data:2,expert:4) or -1") from None
+                raise ValueError(
+                    f"--mesh={spec}: the size of axis {name!r} is {value!r}, not an integer; write "
+                    f"NAME:SIZE with a whole number (e.g. --mesh=data:2,expert:4) or -1"
+                ) from None
         return cls(**sizes)
 
 
@@ -89,12 +94,16 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     shown = " x ".join(f"{k}={v}" for k, v in sizes.items())
     if -1 in sizes.values():
         if num_devices % fixed:
-            raise ValueError(f"mesh {shown}: the fixed axes use {fixed} devices, which does not divide the "
-                             f"{num_devices} available devices")
+            raise ValueError(
+                f"mesh {shown}: the fixed axes use {fixed} devices, which does not divide the "
+                f"{num_devices} available devices"
+            )
         sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
     elif fixed != num_devices:
-        raise ValueError(f"mesh {shown} needs {fixed} devices, but {num_devices} devices are available "
-                         f"({FAKE_DEVICES_HINT.format(n=fixed)})")
+        raise ValueError(
+            f"mesh {shown} needs {fixed} devices, but {num_devices} devices are available "
+            f"({FAKE_DEVICES_HINT.format(n=fixed)})"
+        )
     return sizes
 
 
@@ -108,8 +117,7 @@ def build_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | No
     sizes = resolve_axis_sizes(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(ordered, dtype=object).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.array(ordered, dtype=object).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def axis_size(mesh, name: str) -> int:
@@ -124,7 +132,7 @@ def axes_size(mesh, names: Sequence[str]) -> int:
 
 
 def describe(mesh) -> str:
-    """"data=2 x fsdp=1 x expert=4 x tensor=1" for error messages and logs."""
+    """ "data=2 x fsdp=1 x expert=4 x tensor=1" for error messages and logs."""
     return " x ".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
 
 
@@ -166,9 +174,13 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"distributed: ${name}={value!r} is not an integer") from None
 
 
-def distributed_config(coordinator_address: str | None = None, num_processes: int | None = None,
-                       process_id: int | None = None, env: Mapping[str, str] | None = None,
-                       timeout_s: int | None = None) -> DistributedConfig:
+def distributed_config(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: int | None = None,
+) -> DistributedConfig:
     """Resolve the multi-host settings: explicit arguments (flags) win, then the environment
     (MOE_JAX_COORDINATOR_ADDRESS / MOE_JAX_NUM_PROCESSES / MOE_JAX_PROCESS_ID / MOE_JAX_DISTRIBUTED_TIMEOUT)."""
     env = os.environ if env is None else env
@@ -177,11 +189,14 @@ def distributed_config(coordinator_address: str | None = None, num_processes: in
     pid = process_id if process_id is not None else _env_int(env, ENV_PROCESS_ID, 0)
     timeout = timeout_s if timeout_s is not None else _env_int(env, ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
     if n < 1 or not 0 <= pid < n:
-        raise ValueError(f"distributed: process_id={pid} must be in [0, num_processes={n}): give each of the {n} "
-                         f"processes its own --process_id from 0 to {max(n - 1, 0)}")
+        raise ValueError(
+            f"distributed: process_id={pid} must be in [0, num_processes={n}): give each of the {n} "
+            f"processes its own --process_id from 0 to {max(n - 1, 0)}"
+        )
     if n > 1 and not addr:
-        raise ValueError(f"distributed: num_processes={n} needs a coordinator address "
-                         f"(--coordinator_address or ${ENV_COORDINATOR})")
+        raise ValueError(
+            f"distributed: num_processes={n} needs a coordinator address (--coordinator_address or ${ENV_COORDINATOR})"
+        )
     if n > 1 and (":" not in addr or not addr.rsplit(":", 1)[1].isdigit()):
         raise ValueError(f"distributed: --coordinator_address={addr!r} must be HOST:PORT (e.g. 10.0.0.1:1234)")
     if timeout < 1:
@@ -200,25 +215,36 @@ def _reachable(address: str, timeout: float = 1.0) -> bool:
 
 def _waiting_for(cfg: DistributedConfig) -> str:
     if cfg.process_id == 0:
-        return (f"process 0 of {cfg.num_processes} (the coordinator, at {cfg.coordinator_address}): waiting up to "
-                f"{cfg.timeout_s} s for the other {cfg.num_processes - 1} process(es) to join")
-    return (f"process {cfg.process_id} of {cfg.num_processes}: waiting up to {cfg.timeout_s} s for the coordinator "
-            f"(process 0) at {cfg.coordinator_address} and the other processes")
+        return (
+            f"process 0 of {cfg.num_processes} (the coordinator, at {cfg.coordinator_address}): waiting up to "
+            f"{cfg.timeout_s} s for the other {cfg.num_processes - 1} process(es) to join"
+        )
+    return (
+        f"process {cfg.process_id} of {cfg.num_processes}: waiting up to {cfg.timeout_s} s for the coordinator "
+        f"(process 0) at {cfg.coordinator_address} and the other processes"
+    )
 
 
 def _gave_up(cfg: DistributedConfig) -> str:
-    fix = (f"start all {cfg.num_processes} processes (--process_id 0 to {cfg.num_processes - 1}) with the same "
-           f"--coordinator_address and --num_processes, or raise --distributed_timeout")
+    fix = (
+        f"start all {cfg.num_processes} processes (--process_id 0 to {cfg.num_processes - 1}) with the same "
+        f"--coordinator_address and --num_processes, or raise --distributed_timeout"
+    )
     if cfg.process_id != 0 and not _reachable(cfg.coordinator_address):
-        return (f"distributed start-up: the coordinator at {cfg.coordinator_address} was unreachable for "
-                f"{cfg.timeout_s} s (process {cfg.process_id} of {cfg.num_processes}): check the address and that "
-                f"process 0 runs there; {fix}")
-    return (f"distributed start-up: not every one of the {cfg.num_processes} processes joined the coordinator at "
-            f"{cfg.coordinator_address} within {cfg.timeout_s} s (this is process {cfg.process_id}); {fix}")
+        return (
+            f"distributed start-up: the coordinator at {cfg.coordinator_address} was unreachable for "
+            f"{cfg.timeout_s} s (process {cfg.process_id} of {cfg.num_processes}): check the address and that "
+            f"process 0 runs there; {fix}"
+        )
+    return (
+        f"distributed start-up: not every one of the {cfg.num_processes} processes joined the coordinator at "
+        f"{cfg.coordinator_address} within {cfg.timeout_s} s (this is process {cfg.process_id}); {fix}"
+    )
 
 
-def initialize_distributed(cfg: DistributedConfig | None = None, *, initialization_timeout: int | None = None,
-                           log=print) -> bool:
+def initialize_distributed(
+    cfg: DistributedConfig | None = None, *, initialization_timeout: int | None = None, log=print
+) -> bool:
     """Call `jax.distributed.initialize` when `cfg` (default: from the environment) asks for several
     processes. Must run before anything touches the devices. Returns True if it initialised.
 
@@ -242,11 +268,16 @@ def initialize_distributed(cfg: DistributedConfig | None = None, *, initializati
 
     threading.Thread(target=watchdog, name="moe-jax-distributed-watchdog", daemon=True).start()
     try:  # jax's own deadline comes later than the watchdog's, which then speaks first
-        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                                   process_id=cfg.process_id, initialization_timeout=cfg.timeout_s + 30)
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            initialization_timeout=cfg.timeout_s + 30,
+        )
     except (ValueError, RuntimeError) as err:
-        raise DistributedError(f"distributed start-up: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                               ) from None
+        raise DistributedError(
+            f"distributed start-up: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     finally:
         done.set()
     return True
@@ -257,11 +288,20 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator_address", default=None, help=f"host:port of process 0 (${ENV_COORDINATOR})")
     parser.add_argument("--num_processes", type=int, default=None, help=f"number of processes (${ENV_NUM_PROCESSES})")
     parser.add_argument("--process_id", type=int, default=None, help=f"this process's index (${ENV_PROCESS_ID})")
-    parser.add_argument("--distributed_timeout", type=int, default=None, metavar="SECONDS",
-                        help=f"how long start-up waits for the coordinator and the other processes "
-                             f"(${ENV_TIMEOUT}; default {DEFAULT_TIMEOUT_S})")
+    parser.add_argument(
+        "--distributed_timeout",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long start-up waits for the coordinator and the other processes "
+        f"(${ENV_TIMEOUT}; default {DEFAULT_TIMEOUT_S})",
+    )
 
 
 def distributed_config_from_args(args: argparse.Namespace) -> DistributedConfig:
-    return distributed_config(args.coordinator_address, args.num_processes, args.process_id,
-                              timeout_s=getattr(args, "distributed_timeout", None))
+    return distributed_config(
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        timeout_s=getattr(args, "distributed_timeout", None),
+    )

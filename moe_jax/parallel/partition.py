@@ -10,6 +10,7 @@ Typical use (see docs/parallelism.md):
     with jax.set_mesh(mesh):
         loss = train_step(model, optimizer, batch)        # the MoE layers switch to expert parallelism
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,16 @@ from jax.sharding import NamedSharding
 
 from moe_jax.config import ModelConfig
 from moe_jax.parallel.mesh import axis_size, describe
-from moe_jax.parallel.rules import BATCH_AXES, EXPERT_AXIS, LOGICAL_RULES, MeshAxes, batch_sharding, iter_params, \
-    state_shardings, variable_spec
+from moe_jax.parallel.rules import (
+    BATCH_AXES,
+    EXPERT_AXIS,
+    LOGICAL_RULES,
+    MeshAxes,
+    batch_sharding,
+    iter_params,
+    state_shardings,
+    variable_spec,
+)
 
 M = TypeVar("M")
 
@@ -41,8 +50,14 @@ def _batch_shards(mesh) -> int:
     return math.prod(axis_size(mesh, a) for a in BATCH_AXES)
 
 
-def size_problems(cfg: ModelConfig, mesh, global_batch: int | None = None, state: Any = None,
-                  rules: Mapping[str, MeshAxes] = LOGICAL_RULES, num_devices: int | None = None) -> list[str]:
+def size_problems(
+    cfg: ModelConfig,
+    mesh,
+    global_batch: int | None = None,
+    state: Any = None,
+    rules: Mapping[str, MeshAxes] = LOGICAL_RULES,
+    num_devices: int | None = None,
+) -> list[str]:
     """Every reason `cfg` / `global_batch` / `state` cannot run on `mesh` (empty list: fine).
 
     Args:
@@ -62,8 +77,10 @@ def size_problems(cfg: ModelConfig, mesh, global_batch: int | None = None, state
     ep = axis_size(mesh, EXPERT_AXIS)
     moe = cfg.moe
     if moe is not None and moe.num_experts and moe.num_experts % ep:
-        problems.append(f"num_experts={moe.num_experts} routed experts do not divide by the expert axis size {ep} "
-                        f"(mesh {describe(mesh)})")
+        problems.append(
+            f"num_experts={moe.num_experts} routed experts do not divide by the expert axis size {ep} "
+            f"(mesh {describe(mesh)})"
+        )
     if moe is not None and moe.num_experts and moe.num_device_groups and moe.num_experts % moe.num_device_groups:
         problems.append(f"num_device_groups={moe.num_device_groups} does not divide num_experts={moe.num_experts}")
     if global_batch is not None:
@@ -82,13 +99,21 @@ def size_problems(cfg: ModelConfig, mesh, global_batch: int | None = None, state
                 parts = math.prod(axis_size(mesh, a) for a in names)
                 if size % parts:
                     logical = var.get_metadata()["axes"][dim]
-                    problems.append(f"{path}: dimension {dim} ({logical!r}) of size {size} does not divide by "
-                                    f"{' x '.join(f'{a}={axis_size(mesh, a)}' for a in names)} = {parts}")
+                    problems.append(
+                        f"{path}: dimension {dim} ({logical!r}) of size {size} does not divide by "
+                        f"{' x '.join(f'{a}={axis_size(mesh, a)}' for a in names)} = {parts}"
+                    )
     return problems
 
 
-def validate(cfg: ModelConfig, mesh, global_batch: int | None = None, state: Any = None,
-             rules: Mapping[str, MeshAxes] = LOGICAL_RULES, num_devices: int | None = None) -> None:
+def validate(
+    cfg: ModelConfig,
+    mesh,
+    global_batch: int | None = None,
+    state: Any = None,
+    rules: Mapping[str, MeshAxes] = LOGICAL_RULES,
+    num_devices: int | None = None,
+) -> None:
     """Raise ShardingError listing every problem found by `size_problems` (call before compiling)."""
     problems = size_problems(cfg, mesh, global_batch, state, rules, num_devices)
     if problems:
@@ -120,8 +145,12 @@ def process_batch_rows(mesh, global_batch: int) -> slice:
       ShardingError if this process's rows are not one contiguous block.
     """
     sharding = batch_sharding(mesh, ndim=1)
-    rows = sorted({(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
-                   for idx in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    rows = sorted(
+        {
+            (idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
+            for idx in sharding.addressable_devices_indices_map((global_batch,)).values()
+        }
+    )
     start, stop = rows[0][0], rows[0][1]
     for a, b in rows[1:]:
         if a > stop:
@@ -133,9 +162,11 @@ def process_batch_rows(mesh, global_batch: int) -> slice:
 def shard_batch(local: Any, mesh) -> Any:
     """Assemble global arrays from each process's rows: every leaf [B_local, ...] (numpy) becomes a
     jax.Array [B_local * processes, ...] split over the batch axes. Single process: B_local = B."""
+
     def one(x):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
     return jax.tree.map(one, local)
 
 

@@ -15,6 +15,7 @@ The temporaries are XLA:CPU's estimate for the CPU kernels (e.g. the chunked gro
 compile differs, so treat them as an order of magnitude. Exit status: 0 fits, 1 does not fit,
 2 bad configuration (with the offending sizes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-GIB = 1024 ** 3
+GIB = 1024**3
 PLAN_MODULES = ("moe_jax.train.config", "moe_jax.parallel.mesh")
 
 
@@ -56,6 +57,7 @@ class MemoryPlan:
 
 def _mesh_devices(spec: str) -> int:
     from moe_jax.parallel.mesh import MeshConfig
+
     sizes = MeshConfig.from_string(spec).sizes()
     if -1 in sizes.values():
         raise ValueError(f"--mesh={spec!r}: give every axis size explicitly (no -1) so the device count is known")
@@ -68,19 +70,23 @@ def _ensure_devices(n: int) -> None:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     import jax
+
     try:
         jax.config.update("jax_platforms", "cpu")
-    except RuntimeError:                       # a backend already started: use the devices it has
+    except RuntimeError:  # a backend already started: use the devices it has
         pass
     if jax.device_count() < n:
-        raise ValueError(f"the mesh needs {n} devices but jax already started with {jax.device_count()}; "
-                         f"run `moe-jax plan` in a fresh process")
+        raise ValueError(
+            f"the mesh needs {n} devices but jax already started with {jax.device_count()}; "
+            f"run `moe-jax plan` in a fresh process"
+        )
 
 
 def _bytes(tree: Any, shardings: Any) -> int:
     """Per-device bytes of abstract arrays `tree` laid out by `shardings` (same structure)."""
     import jax
     import numpy as np
+
     leaves, sh = jax.tree.leaves(tree), jax.tree.leaves(shardings)
     return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in zip(leaves, sh))
 
@@ -90,7 +96,8 @@ def plan_step(model_cfg, train_cfg, mesh) -> MemoryPlan:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from moe_jax.model.transformer import Transformer
     from moe_jax.parallel.partition import validate
@@ -109,47 +116,67 @@ def plan_step(model_cfg, train_cfg, mesh) -> MemoryPlan:
     opt_sh = tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh)
     replicated = NamedSharding(mesh, P())
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-    rest = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2],
-                   out_shardings=state_shardings(abstract_rest, mesh))()
-    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                opt_state=abstract_opt)
-    names = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
-             "decoder_positions")
+    rest = jax.jit(
+        lambda: nnx.split(make_model(), nnx.Param, ...)[2], out_shardings=state_shardings(abstract_rest, mesh)
+    )()
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
+    )
+    names = (
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    )
     batch = {n: jax.ShapeDtypeStruct((b, s), jnp.int32) for n in names}
-    step = jax.jit(make_train_step(graphdef, rest, tx, learning_rate_schedule(train_cfg), train_cfg.grad_accum_steps),
-                   in_shardings=(state_sh, batch_sharding(mesh), replicated), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+    step = jax.jit(
+        make_train_step(graphdef, rest, tx, learning_rate_schedule(train_cfg), train_cfg.grad_accum_steps),
+        in_shardings=(state_sh, batch_sharding(mesh), replicated),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    return MemoryPlan(mesh=dict(mesh.shape), batch_size=b, seq_len=s,
-                      params=_bytes(abstract_params, param_sh), opt_state=_bytes(abstract_opt, opt_sh),
-                      arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
-                      aliased=int(mem.alias_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
-                      compile_seconds=seconds)
+    return MemoryPlan(
+        mesh=dict(mesh.shape),
+        batch_size=b,
+        seq_len=s,
+        params=_bytes(abstract_params, param_sh),
+        opt_state=_bytes(abstract_opt, opt_sh),
+        arguments=int(mem.argument_size_in_bytes),
+        outputs=int(mem.output_size_in_bytes),
+        aliased=int(mem.alias_size_in_bytes),
+        temporaries=int(mem.temp_size_in_bytes),
+        compile_seconds=seconds,
+    )
 
 
 def format_plan(plan: MemoryPlan, memory_gb: float, model: str) -> str:
     g = lambda n: f"{n / GIB:9.2f} GiB"
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
     verdict = "fits" if plan.fits(memory_gb * GIB) else "does NOT fit"
-    return "\n".join([
-        f"{model} on {mesh} ({math.prod(plan.mesh.values())} devices), batch {plan.batch_size} x {plan.seq_len}",
-        f"  parameters       {g(plan.params)}  per device",
-        f"  optimizer state  {g(plan.opt_state)}  per device",
-        f"  step arguments   {g(plan.arguments)}  (parameters + optimizer state + batch)",
-        f"  step outputs     {g(plan.outputs)}  ({g(plan.aliased).strip()} reuse donated arguments)",
-        f"  temporaries      {g(plan.temporaries)}  (XLA:CPU estimate: activations, gradients, buffers)",
-        f"  peak             {g(plan.peak)}  -> {verdict} in {memory_gb:g} GiB",
-        f"  compiled in {plan.compile_seconds:.1f} s",
-    ])
+    return "\n".join(
+        [
+            f"{model} on {mesh} ({math.prod(plan.mesh.values())} devices), batch {plan.batch_size} x {plan.seq_len}",
+            f"  parameters       {g(plan.params)}  per device",
+            f"  optimizer state  {g(plan.opt_state)}  per device",
+            f"  step arguments   {g(plan.arguments)}  (parameters + optimizer state + batch)",
+            f"  step outputs     {g(plan.outputs)}  ({g(plan.aliased).strip()} reuse donated arguments)",
+            f"  temporaries      {g(plan.temporaries)}  (XLA:CPU estimate: activations, gradients, buffers)",
+            f"  peak             {g(plan.peak)}  -> {verdict} in {memory_gb:g} GiB",
+            f"  compiled in {plan.compile_seconds:.1f} s",
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-jax plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moe-jax plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mesh", required=True, help="mesh axes with explicit sizes, e.g. data:2,expert:4")
     p.add_argument("--memory_gb", type=float, default=80.0, help="device memory in GiB (default 80)")
     p.add_argument("--batch_size", type=int, default=None, help="global batch (default: the run's BATCH_SIZE)")
@@ -160,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from moe_jax.configs.gin_utils import GinConfigError, parse_gin, split_gin_args
+
     try:
         gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(list(gin_args.rest))
@@ -168,10 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = _mesh_devices(args.mesh)
         _ensure_devices(n)
         parse_gin(gin_args.gin_files, gin_args.bindings, modules=PLAN_MODULES)
+        import jax
+
         from moe_jax.config import ModelConfig
         from moe_jax.parallel.mesh import MeshConfig, build_mesh
         from moe_jax.train.config import TrainConfig
-        import jax
+
         model_cfg = ModelConfig()
         overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
         train_cfg = dataclasses.replace(TrainConfig(), **overrides)
@@ -183,8 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ", ".join(os.path.basename(f) for f in gin_args.gin_files)
     fits = plan.fits(args.memory_gb * GIB)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(plan), "peak": plan.peak, "memory_gb": args.memory_gb,
-                          "fits": fits, "model": model}))
+        print(
+            json.dumps(
+                {
+                    **dataclasses.asdict(plan),
+                    "peak": plan.peak,
+                    "memory_gb": args.memory_gb,
+                    "fits": fits,
+                    "model": model,
+                }
+            )
+        )
     else:
         print(format_plan(plan, args.memory_gb, model))
     return 0 if fits else 1

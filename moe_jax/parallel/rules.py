@@ -19,13 +19,15 @@ error (so a new parameter cannot silently end up replicated); the golden file
     router_experts   -                    the router's [d, E] kernel is small and used by every token
     norm             -                    RMSNorm scales
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -54,8 +56,7 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, MeshAxes] = LOGICAL_RULES,
-                    mesh=None) -> P:
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, MeshAxes] = LOGICAL_RULES, mesh=None) -> P:
     """Logical names -> PartitionSpec, one entry per array dimension.
 
     Args:
@@ -78,8 +79,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, Mesh
         mesh_axes = tuple(a for a in _as_tuple(rules[name]) if present is None or a in present)
         for a in mesh_axes:
             if a in used:
-                raise ValueError(f"logical axes {tuple(logical_axes)}: {used[a]!r} and {name!r} both map to mesh "
-                                 f"axis {a!r}")
+                raise ValueError(
+                    f"logical axes {tuple(logical_axes)}: {used[a]!r} and {name!r} both map to mesh axis {a!r}"
+                )
             used[a] = name
         entries.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*entries)
@@ -109,8 +111,9 @@ def _is_variable(x: Any) -> bool:
 def state_specs(state: Any, rules: Mapping[str, MeshAxes] = LOGICAL_RULES, mesh=None) -> Any:
     """The same tree as `state` (an nnx.State, concrete or abstract, of a model or an nnx.Optimizer)
     with every Variable replaced by its PartitionSpec. Non-Variable leaves are replicated (P())."""
-    return jax.tree.map(lambda v: variable_spec(v, rules, mesh) if _is_variable(v) else P(), state,
-                        is_leaf=_is_variable)
+    return jax.tree.map(
+        lambda v: variable_spec(v, rules, mesh) if _is_variable(v) else P(), state, is_leaf=_is_variable
+    )
 
 
 def state_shardings(state: Any, mesh, rules: Mapping[str, MeshAxes] = LOGICAL_RULES) -> Any:
@@ -118,10 +121,12 @@ def state_shardings(state: Any, mesh, rules: Mapping[str, MeshAxes] = LOGICAL_RU
 
     The result's Variables hold NamedShardings, so it can be given directly as `out_shardings` for a
     function returning `state` (or mapped over with `jax.tree.map(..., is_leaf=...)`)."""
+
     def one(v):
         spec = variable_spec(v, rules, mesh) if _is_variable(v) else P()
         sharding = NamedSharding(mesh, spec)
         return v.replace(sharding) if _is_variable(v) else sharding
+
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 

@@ -5,6 +5,7 @@ Every series comes from the members' `metrics.jsonl`: the periodic held-out eval
 sample of the held-out split; the final whole-split value is the table's, not the curve's) and the
 per-step router statistics (mean over MoE layers). Tokens = step x batch x sequence length.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,16 +17,19 @@ from moe_jax.sweep.family import Family
 
 HELDOUT = "heldout/bits_per_byte"
 # (metrics.jsonl key, plot title): the router diagnostics of moe_jax.moe.stats and the loop.
-DIAGNOSTICS = (("moe/mean_router_entropy_norm", "router entropy / ln E"),
-               ("moe/mean_topk_mass", "top-k gate mass"),
-               ("moe/mean_load_cv", "expert-load spread (CV)"),
-               ("moe/mean_dead_experts", "dead experts per batch"),
-               ("moe/mean_topk_changed", "top-k choices changed since last eval"),
-               ("moe/mean_routed_norm", "routed output norm (dashed: shared)"))
+DIAGNOSTICS = (
+    ("moe/mean_router_entropy_norm", "router entropy / ln E"),
+    ("moe/mean_topk_mass", "top-k gate mass"),
+    ("moe/mean_load_cv", "expert-load spread (CV)"),
+    ("moe/mean_dead_experts", "dead experts per batch"),
+    ("moe/mean_topk_changed", "top-k choices changed since last eval"),
+    ("moe/mean_routed_norm", "routed output norm (dashed: shared)"),
+)
 
 
 def tokens_per_step(workdir: Path) -> int:
     from moe_jax.train.restore import parse_workdir_config
+
     _, cfg = parse_workdir_config(workdir)
     return cfg.batch_size * cfg.seq_len
 
@@ -33,8 +37,12 @@ def tokens_per_step(workdir: Path) -> int:
 def series(workdir: Path, key: str, last_step: int | None = None) -> dict[int, float]:
     """step -> value of `key` in a run's metrics.jsonl (periodic records only: before `last_step`)."""
     from moe_jax.train.metrics import read_metrics
-    return {r["step"]: r[key] for r in read_metrics(workdir)
-            if key in r and (last_step is None or r["step"] < last_step) and np.isfinite(r[key])}
+
+    return {
+        r["step"]: r[key]
+        for r in read_metrics(workdir)
+        if key in r and (last_step is None or r["step"] < last_step) and np.isfinite(r[key])
+    }
 
 
 def run_curves(root: Path, rows: list[dict], key: str = HELDOUT) -> dict[str, dict[int, dict[int, float]]]:
@@ -74,11 +82,15 @@ def crossover(tokens: np.ndarray, diffs: np.ndarray) -> dict:
     trend = None
     if len(mean[half]) >= 2:
         slope, icpt = np.polyfit(np.log10(tokens[half]), mean[half], 1)
-        if slope < -1e-9:   # falling (a flat line, up to rounding, predicts nothing)
+        if slope < -1e-9:  # falling (a flat line, up to rounding, predicts nothing)
             trend = float(10 ** (-icpt / slope))
     std = float(diffs[:, -1].std(ddof=1)) if diffs.shape[0] > 1 else 0.0
-    return {"tokens": None if first is None else float(tokens[first]), "final": float(mean[-1]),
-            "final_std": std, "trend_tokens": trend}
+    return {
+        "tokens": None if first is None else float(tokens[first]),
+        "final": float(mean[-1]),
+        "final_std": std,
+        "trend_tokens": trend,
+    }
 
 
 def paired_table(rows: list[dict], family: Family, metric: str) -> str:
@@ -92,15 +104,17 @@ def paired_table(rows: list[dict], family: Family, metric: str) -> str:
             continue
         d = np.array([va[s] - vb[s] for s in seeds])
         std = f" ± {d.std(ddof=1):.4f}" if len(d) > 1 else ""
-        lines.append(f"| {a} - {b} | {len(d)} | {d.mean():+.4f}{std} | "
-                     + ", ".join(f"{x:+.4f}" for x in d) + " |")
+        lines.append(f"| {a} - {b} | {len(d)} | {d.mean():+.4f}{std} | " + ", ".join(f"{x:+.4f}" for x in d) + " |")
     return "\n".join(lines)
 
 
 def crossover_table(curves: dict, family: Family) -> str:
     """Markdown: per pair, where the member's held-out curve overtakes the baseline's."""
-    lines = ["| member - baseline | overtakes at (tokens) | last periodic difference (bits/byte) | "
-             "trend of the later half crosses 0 at (tokens) |", "|---|---|---|---|"]
+    lines = [
+        "| member - baseline | overtakes at (tokens) | last periodic difference (bits/byte) | "
+        "trend of the later half crosses 0 at (tokens) |",
+        "|---|---|---|---|",
+    ]
     for a, b in family.pairs:
         tokens, diffs = paired(curves, a, b)
         if tokens.size == 0:
@@ -116,6 +130,7 @@ def crossover_table(curves: dict, family: Family) -> str:
 def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
     """held-out bits/byte against tokens (log x) per member, and the paired differences per pair."""
     import matplotlib.pyplot as plt
+
     if not curves:
         return None
     fig, axes = plt.subplots(1, 2 if family.pairs else 1, figsize=(13 if family.pairs else 7, 4.5), squeeze=False)
@@ -129,8 +144,12 @@ def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
         ax.plot(points, values.mean(0), color=f"C{i}", label=member)
         if len(values) > 1:
             ax.fill_between(points, values.min(0), values.max(0), color=f"C{i}", alpha=0.2)
-    ax.set(xscale="log", xlabel="training tokens", ylabel="held-out bits/byte (periodic sample)",
-           title=f"{family.name}: held-out bits/byte (mean; band = seed range)")
+    ax.set(
+        xscale="log",
+        xlabel="training tokens",
+        ylabel="held-out bits/byte (periodic sample)",
+        title=f"{family.name}: held-out bits/byte (mean; band = seed range)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     if family.pairs:
@@ -144,8 +163,12 @@ def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
                 sd = diffs.std(0, ddof=1)
                 ax.fill_between(tokens, diffs.mean(0) - sd, diffs.mean(0) + sd, color=f"C{i}", alpha=0.2)
         ax.axhline(0.0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel="training tokens", ylabel="paired difference (bits/byte)",
-               title="paired per-seed differences (mean ± std); below 0: member ahead")
+        ax.set(
+            xscale="log",
+            xlabel="training tokens",
+            ylabel="paired difference (bits/byte)",
+            title="paired per-seed differences (mean ± std); below 0: member ahead",
+        )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -158,6 +181,7 @@ def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
 def plot_diagnostics(root: Path, rows: list[dict], family: Family, out: Path) -> Path | None:
     """The router diagnostics against tokens, one panel each, mean over seeds and MoE layers."""
     import matplotlib.pyplot as plt
+
     per_key = {key: run_curves(root, rows, key) for key, _ in DIAGNOSTICS}
     shared = run_curves(root, rows, "moe/mean_shared_norm")
     if not any(any(runs.values()) for c in per_key.values() for runs in c.values()):
@@ -169,8 +193,13 @@ def plot_diagnostics(root: Path, rows: list[dict], family: Family, out: Path) ->
                 runs = [r for r in curves.get(member, {}).values() if r]
                 points = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
                 if points and (style == "-" or any(r[t] for r in runs for t in points)):
-                    ax.plot(points, np.mean([[r[t] for t in points] for r in runs], 0), style, color=f"C{i}",
-                            label=member if style == "-" else None)
+                    ax.plot(
+                        points,
+                        np.mean([[r[t] for t in points] for r in runs], 0),
+                        style,
+                        color=f"C{i}",
+                        label=member if style == "-" else None,
+                    )
         ax.set(xscale="log", xlabel="training tokens", title=title)
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=8)

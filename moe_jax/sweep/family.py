@@ -13,6 +13,7 @@ An experiment file (`experiments/<name>.py`) defines `FAMILY = Family(...)`:
 
 `Family.runs(seeds, scale)` expands it into `Run`s (member x seed), each with its own workdir name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -136,10 +137,16 @@ class Family:
             old, new = sc.model_suffix
             if old and model.endswith(old):
                 model = model[: -len(old)] + new
-            for seed in (self.seeds if seeds is None else seeds):
-                out.append(Run(member=member, seed=int(seed), model=model, gin_files=tuple(base),
-                               bindings=(*self.bindings, *sc.bindings, *member.bindings,
-                                         f"TrainConfig.seed={int(seed)}")))
+            for seed in self.seeds if seeds is None else seeds:
+                out.append(
+                    Run(
+                        member=member,
+                        seed=int(seed),
+                        model=model,
+                        gin_files=tuple(base),
+                        bindings=(*self.bindings, *sc.bindings, *member.bindings, f"TrainConfig.seed={int(seed)}"),
+                    )
+                )
         return out
 
 

@@ -7,6 +7,7 @@ differences and where each member's held-out curve overtakes its baseline), `los
 (training loss of every member overlaid, mean over seeds), `bar_<metric>.png`, and from the periodic
 evaluations `heldout_curves.png` and `router_diagnostics.png` (`moe_jax.sweep.curves`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,6 +38,7 @@ def param_counts(workdir: Path) -> dict[str, float]:
         return json.loads(cache.read_text())
     from moe_jax.configs.params import count_params
     from moe_jax.train.restore import parse_workdir_config
+
     model_cfg, train_cfg = parse_workdir_config(workdir)
     c = count_params(model_cfg, train_cfg.seq_len)
     counts = {"params_total": float(c.total), "params_activated": float(c.activated)}
@@ -47,7 +49,7 @@ def param_counts(workdir: Path) -> dict[str, float]:
 def follow_up_metrics(family: Family | None, workdir: Path) -> dict[str, float]:
     """Metrics of the family's follow-up steps (e.g. `analyze`) that have written their output."""
     out: dict[str, float] = {}
-    for step in (family.follow_ups if family else ()):
+    for step in family.follow_ups if family else ():
         path = workdir / step.output
         if step.metrics and path.exists():
             module, _, name = step.metrics.partition(":")
@@ -67,8 +69,13 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
         if not (wd / "result.json").exists():
             continue
         member = json.loads((wd / "member.json").read_text())
-        row = {"run": wd.name, "member": member["member"], "label": member.get("label", member["member"]),
-               "seed": member["seed"], "model": member["model"]}
+        row = {
+            "run": wd.name,
+            "member": member["member"],
+            "label": member.get("label", member["member"]),
+            "seed": member["seed"],
+            "model": member["model"],
+        }
         name, _, seed = wd.name.rpartition("_s")
         if name in members and seed.isdigit():
             row.update(member=name, label=members[name].label or name, seed=int(seed))
@@ -100,8 +107,10 @@ def data_note(rows: list[dict]) -> str:
     if len(by_id) == 1:
         return f"Data: token cache `{next(iter(by_id))}` (corpus/vocab fingerprints) for every run."
     parts = "; ".join(f"`{k}`: {', '.join(v)}" for k, v in sorted(by_id.items()))
-    return ("**Warning: these runs trained on different data builds**, so their losses are not comparable "
-            f"({parts}). Rerun the odd ones out on one build (delete their workdirs and rerun the sweep).")
+    return (
+        "**Warning: these runs trained on different data builds**, so their losses are not comparable "
+        f"({parts}). Rerun the odd ones out on one build (delete their workdirs and rerun the sweep)."
+    )
 
 
 def summarise(rows: list[dict], family: Family) -> list[dict]:
@@ -134,8 +143,13 @@ def markdown_table(summary: list[dict], family: Family) -> str:
     head = ["member", "model", "seeds", "params", "activated", *family.metrics, *[f"paper {k}" for k in paper_keys]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        cells = [s["label"], s["model"], str(s["seeds"]),
-                 f"{s.get('params_total', float('nan')) / 1e6:.2f}M", f"{s.get('params_activated', float('nan')) / 1e6:.2f}M"]
+        cells = [
+            s["label"],
+            s["model"],
+            str(s["seeds"]),
+            f"{s.get('params_total', float('nan')) / 1e6:.2f}M",
+            f"{s.get('params_activated', float('nan')) / 1e6:.2f}M",
+        ]
         cells += [_fmt(s.get(m), s.get(f"{m}_std")) for m in family.metrics]
         cells += [_fmt(family.paper.get(s["member"], {}).get(k)) for k in paper_keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -147,6 +161,7 @@ def _curves(root: Path, rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndar
     by_member: dict[str, list[dict[int, float]]] = {}
     for r in rows:
         from moe_jax.train.metrics import read_metrics
+
         series = {rec["step"]: rec["ce"] for rec in read_metrics(root / r["run"]) if "ce" in rec}
         by_member.setdefault(r["member"], []).append(series)
     out = {}
@@ -158,6 +173,7 @@ def _curves(root: Path, rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndar
 
 def plot(root: Path, rows: list[dict], summary: list[dict], family: Family, out: Path) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -180,8 +196,13 @@ def plot(root: Path, rows: list[dict], summary: list[dict], family: Family, out:
             continue
         fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(present)), 4))
         means = [s[metric] for s in present]
-        ax.bar([s["member"] for s in present], means, yerr=[s.get(f"{metric}_std", 0.0) for s in present],
-               capsize=4, color="tab:blue")
+        ax.bar(
+            [s["member"] for s in present],
+            means,
+            yerr=[s.get(f"{metric}_std", 0.0) for s in present],
+            capsize=4,
+            color="tab:blue",
+        )
         lo, hi = min(means), max(means)
         ax.set_ylim(lo - 0.25 * (hi - lo + 1e-3) - 0.02 * abs(lo), hi + 0.25 * (hi - lo + 1e-3))
         ax.set_ylabel(metric)
@@ -214,14 +235,18 @@ def write_report(family: Family, root: Path) -> Path:
     text = f"# {family.name}\n\n{family.description}\n\n{table}\n\n{note}\n"
     heldout = curves.run_curves(root, rows)
     if family.pairs:
-        diffs = "\n\n".join(curves.paired_table(rows, family, m) for m in family.metrics
-                             if m not in ("tokens_per_second", "mfu"))
-        text += (f"\n## Paired differences (same seeds)\n\n{diffs}\n\n## Held-out curves: where the member "
-                 f"overtakes the baseline\n\n{curves.crossover_table(heldout, family)}\n")
+        diffs = "\n\n".join(
+            curves.paired_table(rows, family, m) for m in family.metrics if m not in ("tokens_per_second", "mfu")
+        )
+        text += (
+            f"\n## Paired differences (same seeds)\n\n{diffs}\n\n## Held-out curves: where the member "
+            f"overtakes the baseline\n\n{curves.crossover_table(heldout, family)}\n"
+        )
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(root, rows, summary, family, out)
     import matplotlib
+
     matplotlib.use("Agg")
     curves.plot_heldout(heldout, family, out)
     curves.plot_diagnostics(root, rows, family, out)

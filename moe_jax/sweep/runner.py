@@ -6,6 +6,7 @@ interrupted member resumes from its checkpoint), then its results are read from 
 concurrently on disjoint device subsets: GPUs through CUDA_VISIBLE_DEVICES, CPU cores through
 processor affinity.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def follow_up_command(step: FollowUp, workdir: Path) -> list[str]:
     return [sys.executable, "-m", "moe_jax.cli", *step.command, f"--workdir={workdir}"]
 
 
-def pending_commands(run: Run, workdir: Path, family: Family, extra_bindings: Sequence[str] = (),
-                     eval_tasks: str | None = None) -> list[list[str]]:
+def pending_commands(
+    run: Run, workdir: Path, family: Family, extra_bindings: Sequence[str] = (), eval_tasks: str | None = None
+) -> list[list[str]]:
     """What is left to do for one member: training (unless finished), then each follow-up whose output
     is missing, then `moe-jax eval` if asked for and not yet written. Empty when the member is complete."""
     cmds = [] if is_finished(workdir) else [train_command(run, workdir, extra_bindings)]
@@ -48,8 +50,17 @@ def pending_commands(run: Run, workdir: Path, family: Family, extra_bindings: Se
         if cmds or not (workdir / step.output).exists():
             cmds.append(follow_up_command(step, workdir))
     if eval_tasks and (cmds or not (workdir / "eval.json").exists()):
-        cmds.append([sys.executable, "-m", "moe_jax.cli", "eval", f"--workdir={workdir}", f"--tasks={eval_tasks}",
-                     f"--out={workdir / 'eval.json'}"])
+        cmds.append(
+            [
+                sys.executable,
+                "-m",
+                "moe_jax.cli",
+                "eval",
+                f"--workdir={workdir}",
+                f"--tasks={eval_tasks}",
+                f"--out={workdir / 'eval.json'}",
+            ]
+        )
     return cmds
 
 
@@ -58,11 +69,12 @@ def device_slots(parallel: int) -> list[dict[str, str] | list[int]]:
     gpus = _gpu_count()
     if gpus:
         per = max(1, gpus // parallel)
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(i * per, (i + 1) * per))}
-                for i in range(parallel)]
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(i * per, (i + 1) * per))} for i in range(parallel)
+        ]
     cores = sorted(os.sched_getaffinity(0))
     per = max(1, len(cores) // parallel)
-    return [cores[i * per:(i + 1) * per] or cores for i in range(parallel)]
+    return [cores[i * per : (i + 1) * per] or cores for i in range(parallel)]
 
 
 def _gpu_count() -> int:
@@ -87,9 +99,17 @@ def _launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
 
 
-def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None, scale: str | None = None,
-               parallel: int = 1, extra_bindings: Sequence[str] = (), eval_tasks: str | None = None,
-               only: Sequence[str] = ()) -> list[Run]:
+def run_family(
+    family: Family,
+    root: Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    scale: str | None = None,
+    parallel: int = 1,
+    extra_bindings: Sequence[str] = (),
+    eval_tasks: str | None = None,
+    only: Sequence[str] = (),
+) -> list[Run]:
     """Train (or skip) every run of the family (or of the members named in `only`); returns the runs.
     Raises if a member fails."""
     root.mkdir(parents=True, exist_ok=True)
@@ -97,8 +117,9 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
     if only:
         unknown = sorted(set(only) - {m.name for m in family.members})
         if unknown:
-            raise ValueError(f"family {family.name} has no member {unknown}; "
-                             f"its members: {[m.name for m in family.members]}")
+            raise ValueError(
+                f"family {family.name} has no member {unknown}; its members: {[m.name for m in family.members]}"
+            )
         runs = [r for r in runs if r.member.name in set(only)]
     todo = []
     for run in runs:
@@ -124,15 +145,27 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
                 (run, cmds), slot = todo.pop(0), free.pop(0)
                 wd = root / run.name
                 wd.mkdir(parents=True, exist_ok=True)
-                (wd / "member.json").write_text(json.dumps(
-                    {"member": run.member.name, "label": run.member.label or run.member.name, "seed": run.seed,
-                     "model": run.model, "gin_files": run.gin_files, "bindings": run.bindings}, indent=2))
-                cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(
-                    " ".join(map(_quote, c)) for c in cmds)]
+                (wd / "member.json").write_text(
+                    json.dumps(
+                        {
+                            "member": run.member.name,
+                            "label": run.member.label or run.member.name,
+                            "seed": run.seed,
+                            "model": run.model,
+                            "gin_files": run.gin_files,
+                            "bindings": run.bindings,
+                        },
+                        indent=2,
+                    )
+                )
+                cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(" ".join(map(_quote, c)) for c in cmds)]
                 active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
                 launched += 1
-                print(f"[sweep] [{launched}/{total}] {run.name}: launched on {_describe_slot(slots[slot])}; "
-                      f"log {wd / 'sweep.log'}", flush=True)
+                print(
+                    f"[sweep] [{launched}/{total}] {run.name}: launched on {_describe_slot(slots[slot])}; "
+                    f"log {wd / 'sweep.log'}",
+                    flush=True,
+                )
             time.sleep(1.0)
             for slot, (run, proc, t0) in list(active.items()):
                 if proc.poll() is None:
@@ -143,8 +176,10 @@ def run_family(family: Family, root: Path, *, seeds: Sequence[int] | None = None
                     print(f"[sweep] {run.name}: done in {time.time() - t0:.0f}s", flush=True)
                 else:
                     failures.append(run.name)
-                    print(f"[sweep] {run.name}: FAILED (exit {proc.returncode}); see {root / run.name / 'sweep.log'}",
-                          flush=True)
+                    print(
+                        f"[sweep] {run.name}: FAILED (exit {proc.returncode}); see {root / run.name / 'sweep.log'}",
+                        flush=True,
+                    )
     except KeyboardInterrupt:
         print("[sweep] interrupted: stopping members (each saves a checkpoint; rerun to resume)", flush=True)
         for _, proc, _ in active.values():
@@ -165,4 +200,5 @@ def _describe_slot(slot) -> str:
 
 def _quote(s: str) -> str:
     import shlex
+
     return shlex.quote(str(s))

@@ -1,5 +1,6 @@
 """Console alerts for a run that trains but not as intended (issue 18): MoE layers that keep
 dropping most token-to-expert assignments (a capacity or buffer factor far too small)."""
+
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ from typing import Callable, Mapping
 from moe_jax.config import ModelConfig
 
 DROP_THRESHOLD = 0.5
-DROP_PATIENCE = 3      # consecutive logged steps above the threshold before saying so
+DROP_PATIENCE = 3  # consecutive logged steps above the threshold before saying so
 _LAYER_DROP = re.compile(r"^moe/layer\d+/dropped_fraction$")
 
 
@@ -37,9 +38,13 @@ class DropWatch:
         if len(self.run) >= DROP_PATIENCE:
             self.said = True
             moe = self.model_cfg.moe
-            settings = (f"MoEConfig.dispatch={moe.dispatch!r}, capacity_factor={moe.capacity_factor}, "
-                        f"expert_parallel={moe.expert_parallel!r}, ep_buffer_factor={moe.ep_buffer_factor}")
-            self.log(f"warning: at step {step} the MoE layers have dropped more than half of the token-to-expert "
-                     f"assignments for {len(self.run)} logged steps running (last: {self.run[-1]:.0%}; {settings}): "
-                     f"most tokens skip their experts. Raise MoEConfig.capacity_factor (1.0-2.0 is usual) or "
-                     f"ep_buffer_factor, or use dispatch='dropless'.")
+            settings = (
+                f"MoEConfig.dispatch={moe.dispatch!r}, capacity_factor={moe.capacity_factor}, "
+                f"expert_parallel={moe.expert_parallel!r}, ep_buffer_factor={moe.ep_buffer_factor}"
+            )
+            self.log(
+                f"warning: at step {step} the MoE layers have dropped more than half of the token-to-expert "
+                f"assignments for {len(self.run)} logged steps running (last: {self.run[-1]:.0%}; {settings}): "
+                f"most tokens skip their experts. Raise MoEConfig.capacity_factor (1.0-2.0 is usual) or "
+                f"ep_buffer_factor, or use dispatch='dropless'."
+            )

@@ -15,6 +15,7 @@ so. An explicit `--restore_step` that fails is an error, and nothing is moved.
 Fault injection for tests: with MOE_JAX_KILL_DURING_SAVE=<step> the process SIGKILLs itself right after
 the save of that step has started (files half written), to show the previous checkpoint survives.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,22 +49,26 @@ def short_error(err: BaseException) -> str:
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
     """A CheckpointManager keeping the last `keep` steps under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self, workdir: str | Path, *, keep: int = 3, async_save: bool = True, log: Callable[[str], None] = print
+    ):
         self.directory = Path(workdir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        )
         self.log = log
         self._is_main = jax.process_index() == 0
-        self._pending: list[int] = []   # saved steps whose checksum manifest is not written yet
+        self._pending: list[int] = []  # saved steps whose checksum manifest is not written yet
         self._closed = False
 
     def latest_step(self) -> int | None:
@@ -76,12 +81,17 @@ class Checkpointer:
         """Start saving `state` and `data_state` as `step` (asynchronously if configured)."""
         self._finish_pending()
         try:
-            started = self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=force,
+            )
         except ocp.checkpoint_manager.StepAlreadyExistsError:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} already exists; nothing was overwritten. "
-                                  f"Restore the latest step (leave out --restore_step) or set later steps aside "
-                                  f"with --discard_later_steps") from None
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} already exists; nothing was overwritten. "
+                f"Restore the latest step (leave out --restore_step) or set later steps aside "
+                f"with --discard_later_steps"
+            ) from None
         if started:
             self._pending.append(step)
         if os.environ.get("MOE_JAX_KILL_DURING_SAVE") == str(step):
@@ -118,14 +128,18 @@ class Checkpointer:
                 damaged.append(latest)
                 dest = self._set_aside(latest, integrity.CORRUPT_DIR)
                 previous = self.latest_step()
-                then = (f"restoring the previous step {previous} instead" if previous is not None
-                        else "no earlier checkpoint is left")
+                then = (
+                    f"restoring the previous step {previous} instead"
+                    if previous is not None
+                    else "no earlier checkpoint is left"
+                )
                 self.log(f"checkpoint step {latest} is damaged ({err}); moved it to {dest}; {then}")
         if damaged:
             raise CheckpointError(
                 f"no intact checkpoint is left in {self.directory}: damaged steps {damaged} were moved to "
                 f"{self.directory / integrity.CORRUPT_DIR}. Run again to train from step 0 (nothing else was changed), "
-                f"or copy a good checkpoint into {self.directory}")
+                f"or copy a good checkpoint into {self.directory}"
+            )
         return None
 
     def _set_aside(self, step: int, kind: str) -> Path:
@@ -155,7 +169,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} ({self.directory / str(step)}) is damaged: {err}. Nothing was moved or "
                 f"deleted. Restore another step (available: {others}), or let `moe-jax train` (without "
-                f"--restore_step) set damaged steps aside and fall back to the latest intact one") from None
+                f"--restore_step) set damaged steps aside and fall back to the latest intact one"
+            ) from None
 
     def _checked(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         step_dir = self.directory / str(step)
@@ -163,21 +178,30 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint {step_dir}: available steps {self.all_steps()}")
         problems = integrity.manifest_problems(step_dir)
         if problems:
-            raise DamagedCheckpointError("; ".join(f"{step_dir / p}" for p in problems[:5]) +
-                                         (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+            raise DamagedCheckpointError(
+                "; ".join(f"{step_dir / p}" for p in problems[:5])
+                + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            )
         if not integrity.has_manifest(step_dir):
-            self.log(f"checkpoint step {step} has no checksums (saved before they existed, or the run stopped "
-                     f"before writing them): restoring it unverified")
+            self.log(
+                f"checkpoint step {step} has no checksums (saved before they existed, or the run stopped "
+                f"before writing them): restoring it unverified"
+            )
         self._check_shapes(step, abstract_state)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            )
         except Exception as err:  # orbax/tensorstore raise many types for a damaged directory
             raise DamagedCheckpointError(f"{step_dir}: cannot be read: {short_error(err)}") from None
         bad = integrity.nonfinite_leaves(restored.state)
         if bad:
-            raise DamagedCheckpointError(f"{step_dir}: non-finite values in " + ", ".join(bad[:5]) +
-                                         (f" and {len(bad) - 5} more arrays" if len(bad) > 5 else ""))
+            raise DamagedCheckpointError(
+                f"{step_dir}: non-finite values in "
+                + ", ".join(bad[:5])
+                + (f" and {len(bad) - 5} more arrays" if len(bad) > 5 else "")
+            )
         return restored.state, restored.data
 
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
@@ -191,13 +215,15 @@ class Checkpointer:
             raise DamagedCheckpointError(f"{step_dir / 'state'}: no array metadata")
         mismatches = integrity.shape_mismatches(saved, abstract_state)
         if mismatches:
-            shown = "\n  - ".join(mismatches[:20]) + (f"\n  - and {len(mismatches) - 20} more" if len(mismatches) > 20
-                                                     else "")
+            shown = "\n  - ".join(mismatches[:20]) + (
+                f"\n  - and {len(mismatches) - 20} more" if len(mismatches) > 20 else ""
+            )
             raise CheckpointError(
                 f"checkpoint {step_dir} was written by a different model configuration; these arrays do not "
                 f"match the model:\n  - {shown}\n"
                 f"Train with the configuration the workdir was trained with (its config.gin, unchanged: "
-                f"leave out the --gin overrides that change the model), or use a new --workdir. Nothing was written.")
+                f"leave out the --gin overrides that change the model), or use a new --workdir. Nothing was written."
+            )
 
     def wait(self) -> None:
         self._finish_pending()

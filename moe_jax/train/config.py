@@ -3,6 +3,7 @@
 Gin binds it from the run files (`gin/runs/*.gin` via `gin/runs/trainer.gin`'s macros); the command
 line overrides any field: `--gin.TrainConfig.steps=100` or the macro `--gin.TRAIN_STEPS=100`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,15 +78,26 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "checkpoint_every",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum_steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"TrainConfig.batch_size={self.batch_size} does not divide into "
-                             f"grad_accum_steps={self.grad_accum_steps} micro-batches")
+            raise ValueError(
+                f"TrainConfig.batch_size={self.batch_size} does not divide into "
+                f"grad_accum_steps={self.grad_accum_steps} micro-batches"
+            )
         if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate} must be > 0 (a negative rate climbs the "
-                             f"loss): set --gin.LEARNING_RATE to a positive value such as 1e-3")
+            raise ValueError(
+                f"TrainConfig.learning_rate={self.learning_rate} must be > 0 (a negative rate climbs the "
+                f"loss): set --gin.LEARNING_RATE to a positive value such as 1e-3"
+            )
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")

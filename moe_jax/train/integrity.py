@@ -7,6 +7,7 @@ At restore the files are hashed again; a missing, truncated or altered file is n
 before checksums existed (or whose run died between the commit and the manifest) has no manifest: it
 is restored unverified, and still checked for non-finite values.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,19 +24,21 @@ import numpy as np
 from moe_jax.data.vocab import file_sha256
 
 MANIFEST = "moe_jax_sha256.json"
-CORRUPT_DIR = "corrupt"        # checkpoints/corrupt/<step>: steps that failed verification
-DISCARDED_DIR = "discarded"    # checkpoints/discarded/<step>: later steps set aside by --discard_later_steps
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/<step>: steps that failed verification
+DISCARDED_DIR = "discarded"  # checkpoints/discarded/<step>: later steps set aside by --discard_later_steps
 
 
 def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not p.name.startswith(MANIFEST))
+    return sorted(
+        p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST)
+    )
 
 
 def write_manifest(step_dir: Path) -> Path:
     """Record size and SHA-256 of every file of a committed step directory (atomically)."""
-    files = {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in _files(step_dir)}
+    files = {
+        str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(step_dir)
+    }
     out = step_dir / MANIFEST
     tmp = step_dir / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
@@ -63,8 +66,9 @@ def manifest_problems(step_dir: Path) -> list[str]:
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != want["bytes"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, but {want['bytes']} were written (truncated or "
-                            f"overwritten)")
+            problems.append(
+                f"{rel}: {p.stat().st_size} bytes, but {want['bytes']} were written (truncated or overwritten)"
+            )
         elif file_sha256(p) != want["sha256"]:
             problems.append(f"{rel}: contents differ from the SHA-256 written at save (garbled)")
     return problems
@@ -107,7 +111,7 @@ def shape_mismatches(saved: Any, expected: Any) -> list[str]:
     want = {leaf_name(p): _shape_dtype(l) for p, l in jax.tree_util.tree_flatten_with_path(expected)[0]}
     bad = {n: m for n in sorted(set(have) | set(want)) if (m := _mismatch(n, have, want))}
     params = [n for n in bad if n.startswith("params/")]
-    suffixes = tuple("/" + n[len("params/"):] for n in params)
+    suffixes = tuple("/" + n[len("params/") :] for n in params)
     mirrors = [n for n in bad if not n.startswith("params/") and suffixes and n.endswith(suffixes)]
     out = [bad[n] for n in params] + [bad[n] for n in bad if n not in params and n not in mirrors]
     if mirrors:
@@ -117,8 +121,11 @@ def shape_mismatches(saved: Any, expected: Any) -> list[str]:
 
 def nonfinite_leaves(tree: Any) -> list[str]:
     """'name (k of n values)' for every floating-point array of `tree` holding NaN or inf."""
-    flat = [(leaf_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flat = [
+        (leaf_name(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     if not flat:
         return []
     counts = jax.jit(lambda xs: [jnp.sum(~jnp.isfinite(x)) for x in xs])([x for _, x in flat])

@@ -9,6 +9,7 @@ Order of work (every check that can fail runs before anything is compiled):
   4. steps; metrics every `log_every`; held-out loss every `eval_every`; checkpoints every
      `checkpoint_every` (async) and at the end, on Ctrl-C/SIGTERM, never after a non-finite step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -66,8 +66,11 @@ class TrainResult:
 def data_identity(meta: dict) -> dict:
     """What identifies a token cache's contents: losses of runs on caches with different identities
     are not comparable (Debian's package versions move, so a later `moe-jax data build` can differ)."""
-    return {"cache": meta.get("name"), "corpus_fingerprint": meta.get("corpus_fingerprint"),
-            "vocab_sha256": meta.get("vocab_sha256")}
+    return {
+        "cache": meta.get("name"),
+        "corpus_fingerprint": meta.get("corpus_fingerprint"),
+        "vocab_sha256": meta.get("vocab_sha256"),
+    }
 
 
 def default_cache(cfg: TrainConfig, vocab_size: int) -> Path:
@@ -121,12 +124,21 @@ def _heldout_check(loss: float | None, step: int, ckpt: Checkpointer, writer: Me
     raise NonFiniteLossError(
         f"held-out loss is {loss} at step {step}, although every parameter is finite: evaluation overflows "
         f"(try ModelConfig.dtype='float32') or the held-out data is broken (rebuild the cache with "
-        f"`moe-jax data build --force_cache`). Checkpoints in {ckpt.directory} are kept; no result.json was written.")
+        f"`moe-jax data build --force_cache`). Checkpoints in {ckpt.directory} are kept; no result.json was written."
+    )
 
 
-def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig | None = None, *,
-          restore_step: int | None = None, progress: bool = True, gin_config: str | None = None,
-          discard_later_steps: bool = False) -> TrainResult:
+def train(
+    workdir: str | Path,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    mesh_cfg: MeshConfig | None = None,
+    *,
+    restore_step: int | None = None,
+    progress: bool = True,
+    gin_config: str | None = None,
+    discard_later_steps: bool = False,
+) -> TrainResult:
     """Train `model_cfg` as `cfg` says, in `workdir` (resuming from its latest checkpoint).
 
     Nothing is written to `workdir` before the configuration, the mesh, the data and the checkpoint to
@@ -152,19 +164,37 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
 
     # 2. Data.
     cache = default_cache(cfg, model_cfg.vocab_size)
-    loader = TokenLoader(cache, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+    loader = TokenLoader(
+        cache,
+        "train",
+        cfg.batch_size,
+        cfg.seq_len,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     cache_vocab = int(loader.meta["vocab"]["size"])
     if cache_vocab != model_cfg.vocab_size:
-        raise DataError(f"the model's vocab_size={model_cfg.vocab_size} differs from the token cache's {cache_vocab} "
-                        f"({cache}): set --gin.VOCAB_SIZE={cache_vocab} or build a cache with "
-                        f"`moe-jax data build --vocab_size {model_cfg.vocab_size}`")
+        raise DataError(
+            f"the model's vocab_size={model_cfg.vocab_size} differs from the token cache's {cache_vocab} "
+            f"({cache}): set --gin.VOCAB_SIZE={cache_vocab} or build a cache with "
+            f"`moe-jax data build --vocab_size {model_cfg.vocab_size}`"
+        )
 
     def heldout_loader(sample: bool):
         """The held-out split: a fixed random sample of rows across every source for periodic
         evaluation (`sample`), the whole split in order for the final one."""
-        return TokenLoader(cache, cfg.heldout_split, cfg.batch_size, cfg.seq_len, seed=0, repeat=False,
-                           shuffle=sample, process_index=jax.process_index(), process_count=jax.process_count())
+        return TokenLoader(
+            cache,
+            cfg.heldout_split,
+            cfg.batch_size,
+            cfg.seq_len,
+            seed=0,
+            repeat=False,
+            shuffle=sample,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
     # 3. State: shardings, then restore or initialise.
     tx = make_optimizer(cfg)
@@ -175,14 +205,20 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
     # Non-parameter state (hash-routing tables): built under jit straight into its shardings.
-    rest = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2],
-                   out_shardings=state_shardings(abstract_rest, mesh))()
+    rest = jax.jit(
+        lambda: nnx.split(make_model(), nnx.Param, ...)[2], out_shardings=state_shardings(abstract_rest, mesh)
+    )()
 
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
-                        log=lambda line: print(line, flush=True) if is_main else None)
-    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                opt_state=abstract_opt)
+    ckpt = Checkpointer(
+        workdir,
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.async_checkpointing,
+        log=lambda line: print(line, flush=True) if is_main else None,
+    )
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
+    )
     try:  # verified: checksums, shapes against the model, finite values; damaged latest steps set aside
         restored = ckpt.restore_verified(abstract_like(abstract_state, state_sh), restore_step)
         if restored is not None and discard_later_steps:
@@ -193,22 +229,27 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     step0 = None if restored is None else restored[0]
     if restored is not None:
         _, state, data_state = restored
-        if data_state:   # an imported checkpoint has no data position: start the data from the beginning
+        if data_state:  # an imported checkpoint has no data position: start the data from the beginning
             loader.set_state(data_state)
         print(f"restored checkpoint {ckpt.directory / str(step0)} (step {int(state.step)})", flush=True)
     else:
+
         def init():
             params = nnx.state(make_model(), nnx.Param)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
         state = jax.jit(init, out_shardings=state_sh)()
     start = int(state.step)
     if is_main:  # the run starts: metrics rows it will repeat go (backed up), config.gin is written
         start_run(workdir, start, finished=start >= cfg.steps, gin_config=gin_config)
 
     # 4. Steps.
-    train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg.grad_accum_steps),
-                         in_shardings=(state_sh, batch_sharding(mesh), replicated),
-                         out_shardings=(state_sh, None), donate_argnums=(0,))
+    train_step = jax.jit(
+        make_train_step(graphdef, rest, tx, schedule, cfg.grad_accum_steps),
+        in_shardings=(state_sh, batch_sharding(mesh), replicated),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
     eval_step = jax.jit(make_eval_step(graphdef, rest), out_shardings=replicated)  # totals visible to every process
     counts = count_params(model_cfg, cfg.seq_len)
     flops_per_token = counts.flops / cfg.seq_len
@@ -220,14 +261,18 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     writer = MetricsWriter(workdir, enabled=is_main)
     probe = jax.jit(make_routing_probe(graphdef, rest), out_shardings=replicated)
     with jax.set_mesh(mesh):
-        routing_changes = RoutingChanges(workdir, probe, shard_batch(next(heldout_loader(True)), mesh), moe_layers,
-                                         enabled=is_main)
+        routing_changes = RoutingChanges(
+            workdir, probe, shard_batch(next(heldout_loader(True)), mesh), moe_layers, enabled=is_main
+        )
         if start == 0 and moe_layers:
-            routing_changes.update(state.params)   # the routing at initialisation
+            routing_changes.update(state.params)  # the routing at initialisation
     if is_main:
-        print(f"mesh {describe(mesh)}; {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M "
-              f"activated); {cfg.batch_size} x {cfg.seq_len} tokens per step; data {cache}; MFU against the "
-              f"{peak_note}", flush=True)
+        print(
+            f"mesh {describe(mesh)}; {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M "
+            f"activated); {cfg.batch_size} x {cfg.seq_len} tokens per step; data {cache}; MFU against the "
+            f"{peak_note}",
+            flush=True,
+        )
 
     base_key = jax.random.key(cfg.seed)
     last_good = start if step0 is not None else None
@@ -236,8 +281,13 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
     tokens_per_s = mfu = 0.0
     window_t, window_steps = time.perf_counter(), 0
     # A live bar on a terminal; plain log lines (steps, loss, tokens/s, MFU, ETA) otherwise.
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main and sys.stderr.isatty()),
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        disable=not (progress and is_main and sys.stderr.isatty()),
+        unit="step",
+        dynamic_ncols=True,
+    )
     drops = DropWatch(model_cfg, log=bar.write if is_main else lambda line: None)
     stopped = "done"
     with _StopFlag() as stop, jax.set_mesh(mesh):
@@ -247,15 +297,19 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
             if not bool(metrics["finite"]):
                 ckpt.close()
-                where = (f"the last good checkpoint is {ckpt.directory / str(last_good)} (step {last_good}); "
-                         f"it is intact and the run resumes from it" if last_good is not None else
-                         "no checkpoint was written yet")
+                where = (
+                    f"the last good checkpoint is {ckpt.directory / str(last_good)} (step {last_good}); "
+                    f"it is intact and the run resumes from it"
+                    if last_good is not None
+                    else "no checkpoint was written yet"
+                )
                 writer.close()
                 what = "loss" if not math.isfinite(float(metrics["loss"])) else "parameters or optimizer state"
                 raise NonFiniteLossError(
                     f"non-finite {what} at step {step + 1} (loss={float(metrics['loss'])}, "
                     f"grad_norm={float(metrics['grad_norm'])}): stopping; {where}. Lower "
-                    f"TrainConfig.learning_rate or check the data.")
+                    f"TrainConfig.learning_rate or check the data."
+                )
             step += 1
             window_steps += 1
             bar.update(1)
@@ -267,21 +321,29 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
                 window_t, window_steps = time.perf_counter(), 0
                 scalars = scalar_metrics({k: v for k, v in host.items() if k not in ("finite",)}, moe_layers)
                 scalars.update(tokens_per_second=tokens_per_s, mfu=mfu, epoch=loader.epoch)
-                hist = ({f"moe/layer{l}/tokens_per_expert": row for l, row in zip(moe_layers, host["tokens_per_expert"])}
-                        if "tokens_per_expert" in host else {})
+                hist = (
+                    {f"moe/layer{l}/tokens_per_expert": row for l, row in zip(moe_layers, host["tokens_per_expert"])}
+                    if "tokens_per_expert" in host
+                    else {}
+                )
                 writer.write(step, scalars, hist)
                 drops.update(step, scalars)
                 train_loss = scalars["ce"]
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 if bar.disable and is_main:
                     eta = (cfg.steps - step) * (cfg.batch_size * cfg.seq_len) / max(tokens_per_s, 1e-9)
-                    print(f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-                          f"MFU {mfu:.1%}  ETA {eta:.0f}s", flush=True)
+                    print(
+                        f"step {step}/{cfg.steps}  loss {train_loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                        f"MFU {mfu:.1%}  ETA {eta:.0f}s",
+                        flush=True,
+                    )
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ho = heldout_pass(eval_step, state.params, heldout_loader(True), mesh, cfg.eval_batches)
                 ho_loss, ho_bpb = ho.loss, ho.bits_per_byte
-                writer.write(step, {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb,
-                                    **routing_changes.update(state.params)})
+                writer.write(
+                    step,
+                    {"heldout/loss": ho_loss, "heldout/bits_per_byte": ho_bpb, **routing_changes.update(state.params)},
+                )
                 _heldout_check(ho_loss, step, ckpt, writer)
                 if is_main:
                     bar.write(f"step {step}: held-out loss {ho_loss:.4f} ({ho_bpb:.3f} bits/byte)")
@@ -304,9 +366,17 @@ def train(workdir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, mesh_cf
         logged = [r for r in read_metrics(workdir) if "ce" in r]
         if logged:
             train_loss, tokens_per_s, mfu = logged[-1]["ce"], logged[-1]["tokens_per_second"], logged[-1]["mfu"]
-    result = TrainResult(workdir=str(workdir), step=int(state.step), train_loss=train_loss, heldout_loss=ho_loss,
-                         tokens_per_second=tokens_per_s, mfu=mfu, stopped=stopped, data=data_identity(loader.meta),
-                         heldout_bits_per_byte=ho_bpb)
+    result = TrainResult(
+        workdir=str(workdir),
+        step=int(state.step),
+        train_loss=train_loss,
+        heldout_loss=ho_loss,
+        tokens_per_second=tokens_per_s,
+        mfu=mfu,
+        stopped=stopped,
+        data=data_identity(loader.meta),
+        heldout_bits_per_byte=ho_bpb,
+    )
     if is_main:
         (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result

@@ -1,12 +1,14 @@
 """The training objective: token cross-entropy plus the MoE auxiliary losses."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy and the number of weighted tokens.
 
     logits [B, S, V] float32, targets [B, S] int, weights broadcastable to [B, S] (1 = counted)

@@ -1,4 +1,5 @@
 """Training metrics: TensorBoard event files, JSON lines, a console progress bar; FLOPs and MFU."""
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,14 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> fl
         t = time.perf_counter()
         f(a).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.min(times))
+    return 2 * n**3 / float(np.min(times))
 
 
 def machine_key(dtype) -> str:
     """What the matmul peak depends on: backend, device kind, processor and usable cores, dtype."""
     import os
     import platform
+
     cpu = ""
     try:
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
@@ -36,7 +38,9 @@ def machine_key(dtype) -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     dev = jax.devices()[0]
-    return f"{jax.default_backend()}|{dev.device_kind}|{cpu or platform.machine()}|{cores} cores|{jnp.dtype(dtype).name}"
+    return (
+        f"{jax.default_backend()}|{dev.device_kind}|{cpu or platform.machine()}|{cores} cores|{jnp.dtype(dtype).name}"
+    )
 
 
 def machine_peak_flops(dtype=jnp.float32, cache: str | Path | None = None) -> tuple[float, str]:
@@ -44,6 +48,7 @@ def machine_peak_flops(dtype=jnp.float32, cache: str | Path | None = None) -> tu
     best of 20 repeats of a 2048^3 matmul) and kept in `cache` (default
     $XDG_CACHE_HOME/moe_jax/peak_flops.json) under `machine_key(dtype)`. Returns (FLOP/s, a note)."""
     import os
+
     path = Path(cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe_jax" / "peak_flops.json")
     key = machine_key(dtype)
     table = {}
@@ -54,7 +59,9 @@ def machine_peak_flops(dtype=jnp.float32, cache: str | Path | None = None) -> tu
             table = {}
     if key in table:
         entry = table[key]
-        return float(entry["flops"]), f"matmul peak {entry['flops'] / 1e9:.1f} GFLOP/s ({path}, measured {entry['date']})"
+        return float(
+            entry["flops"]
+        ), f"matmul peak {entry['flops'] / 1e9:.1f} GFLOP/s ({path}, measured {entry['date']})"
     flops = measure_peak_flops(dtype, repeats=20)
     table[key] = {"flops": flops, "date": time.strftime("%Y-%m-%d")}
     try:
@@ -92,6 +99,7 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(str(Path(workdir) / "tb"))
 
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, np.ndarray] = ()) -> None:

@@ -1,4 +1,5 @@
 """AdamW with the paper's learning-rate schedules, gradient clipping and a weight-decay mask."""
+
 from __future__ import annotations
 
 import jax
@@ -23,16 +24,24 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def weight_decay_mask(params: nnx.State, decay_norms: bool = False) -> nnx.State:
     """True for every parameter AdamW should decay: all but RMSNorm scales (unless `decay_norms`)."""
+
     def decays(v: nnx.Variable):
         axes = v.get_metadata().get("axes", ())
         return v.replace(decay_norms or "norm" not in axes)
+
     return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) then AdamW(schedule, beta1, beta2, eps, weight_decay, mask)."""
-    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay, mask=lambda p: weight_decay_mask(p, cfg.decay_norms))
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg),
+        b1=cfg.beta1,
+        b2=cfg.beta2,
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda p: weight_decay_mask(p, cfg.decay_norms),
+    )
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw

@@ -7,6 +7,7 @@ The workdir's `config.gin` (written by `moe-jax train`) says which model it is; 
 here are applied on top (e.g. to change the dispatch or top-k at inference). Arrays are restored onto
 `mesh` (default: all local devices, data-parallel), so a checkpoint written on any mesh loads anywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,7 @@ def parse_workdir_config(workdir: str | Path, bindings: Sequence[str] = ()) -> t
     return ModelConfig(), TrainConfig()
 
 
-def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequence[str] = (), mesh=None
-                 ) -> TrainedModel:
+def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequence[str] = (), mesh=None) -> TrainedModel:
     """Restore the parameters of `step` (default: latest) of a `moe-jax train` workdir."""
     from moe_jax.model.transformer import Transformer
     from moe_jax.parallel import MeshConfig, build_mesh
@@ -81,12 +81,22 @@ def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequenc
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     param_sh = state_shardings(abstract_params, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(step=replicated, params=param_sh,
-                           opt_state=tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh))
+    shardings = TrainState(
+        step=replicated, params=param_sh, opt_state=tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh)
+    )
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
     state, data_state = ckpt.restore(step, abstract_like(abstract, shardings))
     ckpt.close()
-    rest = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2],
-                   out_shardings=state_shardings(abstract_rest, mesh))()
-    return TrainedModel(workdir=workdir, step=int(step), model_cfg=model_cfg, train_cfg=train_cfg,
-                        graphdef=graphdef, params=state.params, rest=rest, data_state=data_state)
+    rest = jax.jit(
+        lambda: nnx.split(make_model(), nnx.Param, ...)[2], out_shardings=state_shardings(abstract_rest, mesh)
+    )()
+    return TrainedModel(
+        workdir=workdir,
+        step=int(step),
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+        graphdef=graphdef,
+        params=state.params,
+        rest=rest,
+        data_state=data_state,
+    )

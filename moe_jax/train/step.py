@@ -7,6 +7,7 @@ decoder_loss_weights, decoder_segment_ids, decoder_positions. A non-finite loss,
 or optimizer state leaves the state unchanged and reports `finite = False`, so the loop can stop with the
 last good state intact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,22 +26,26 @@ from moe_jax.train.loss import cross_entropy
 class TrainState:
     """Everything a checkpoint holds besides the data position."""
 
-    step: jax.Array          # int32 scalar: optimizer steps taken
-    params: nnx.State        # nnx.Param variables of the model
-    opt_state: Any           # optax state over `params`
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # nnx.Param variables of the model
+    opt_state: Any  # optax state over `params`
 
 
 def model_inputs(batch: dict) -> dict:
-    return dict(tokens=batch["decoder_input_tokens"], positions=batch.get("decoder_positions"),
-                segment_ids=batch.get("decoder_segment_ids"))
+    return dict(
+        tokens=batch["decoder_input_tokens"],
+        positions=batch.get("decoder_positions"),
+        segment_ids=batch.get("decoder_segment_ids"),
+    )
 
 
 def forward(graphdef, rest, params, batch: dict, rng) -> ModelOutput:
     return nnx.merge(graphdef, params, rest)(**model_inputs(batch), rng=rng)
 
 
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable:
+def make_train_step(
+    graphdef, rest, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1
+) -> Callable:
     """Build train_step(state, batch, rng) -> (state, metrics) for one model structure."""
 
     def loss_fn(params, batch, rng):
@@ -61,8 +66,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
             out = grad_fn(params, *xs)
             return jax.tree.map(jnp.add, acc, out), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
-                                                            rngs[0]))
+        zeros = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rngs[0])
+        )
         total, _ = jax.lax.scan(body, zeros, (micro, rngs))
         scale = lambda x: x / grad_accum_steps if jnp.issubdtype(x.dtype, jnp.floating) else x
         (loss, (ce, losses, stats, count)), grads = jax.tree.map(scale, total)
@@ -75,15 +81,30 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
         params = optax.apply_updates(state.params, updates)
         # The updated parameters and optimizer state too: a damaged moment (e.g. negative) turns finite
         # gradients into NaN updates.
-        all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                                                     if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)]))
+        all_finite = lambda tree: jnp.all(
+            jnp.stack(
+                [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+                or [jnp.bool_(True)]
+            )
+        )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params) & all_finite(opt_state)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state))
-        metrics = {"loss": loss, "ce": ce, "expert_balance": losses.expert_balance,
-                   "device_balance": losses.device_balance, "z_loss": losses.z_loss, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state.step), "finite": finite, "tokens": count}
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "expert_balance": losses.expert_balance,
+            "device_balance": losses.device_balance,
+            "z_loss": losses.z_loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "finite": finite,
+            "tokens": count,
+        }
         if stats is not None:
             metrics.update({f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)})
         return new_state, metrics

@@ -5,6 +5,7 @@ gradient-accumulation micro-batch splits over the mesh. Each message names the s
 The single-field checks (capacity_factor > 0, learning_rate > 0, choices of router/dispatch, ...) live
 in `MoEConfig` / `ModelConfig` / `TrainConfig.__post_init__`, so they fail while gin is parsed.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,10 @@ def gmm_problems(model_cfg: ModelConfig) -> list[str]:
 
     known = ("auto", *available_gmm())
     if moe.gmm_backend not in known:
-        return [f"MoEConfig.gmm_backend={moe.gmm_backend!r} is not one of {known}: set "
-                f"--gin.MoEConfig.gmm_backend to one of them ('auto' picks the platform's fastest)"]
+        return [
+            f"MoEConfig.gmm_backend={moe.gmm_backend!r} is not one of {known}: set "
+            f"--gin.MoEConfig.gmm_backend to one of them ('auto' picks the platform's fastest)"
+        ]
     return []
 
 
@@ -42,8 +45,10 @@ def hash_table_problems(model_cfg: ModelConfig) -> list[str]:
     if moe is None or moe.router != "hash" or moe.hash_table != "balanced" or not moe.num_experts:
         return []
     path = Path(moe.hash_frequencies)
-    fix = (f"give --gin.MoEConfig.hash_frequencies a .npy of {model_cfg.vocab_size} token counts (one per "
-           f"vocabulary entry), or use MoEConfig.hash_table='random'")
+    fix = (
+        f"give --gin.MoEConfig.hash_frequencies a .npy of {model_cfg.vocab_size} token counts (one per "
+        f"vocabulary entry), or use MoEConfig.hash_table='random'"
+    )
     if not path.is_file():
         return [f"MoEConfig.hash_frequencies={str(path)!r} does not exist: {fix}"]
     try:
@@ -51,8 +56,10 @@ def hash_table_problems(model_cfg: ModelConfig) -> list[str]:
     except (OSError, ValueError) as err:
         return [f"MoEConfig.hash_frequencies={str(path)!r} is not a .npy array ({err}): {fix}"]
     if freqs.shape != (model_cfg.vocab_size,):
-        return [f"MoEConfig.hash_frequencies={str(path)!r} has shape {freqs.shape}, but the model's vocabulary needs "
-                f"({model_cfg.vocab_size},): {fix}"]
+        return [
+            f"MoEConfig.hash_frequencies={str(path)!r} has shape {freqs.shape}, but the model's vocabulary needs "
+            f"({model_cfg.vocab_size},): {fix}"
+        ]
     if not np.issubdtype(freqs.dtype, np.number) or not np.all(np.isfinite(freqs)) or np.any(freqs < 0):
         return [f"MoEConfig.hash_frequencies={str(path)!r} must hold finite non-negative counts: {fix}"]
     return []
@@ -69,10 +76,15 @@ def micro_batch_problems(cfg: TrainConfig, mesh) -> list[str]:
         return []
     axes = " x ".join(f"{a}={axis_size(mesh, a)}" for a in BATCH_AXES)
     fits = [a for a in range(1, cfg.batch_size + 1) if cfg.batch_size % a == 0 and (cfg.batch_size // a) % shards == 0]
-    hint = (f"set --gin.TrainConfig.grad_accum_steps to one of {fits}" if fits else
-            f"make TrainConfig.batch_size a multiple of {shards * cfg.grad_accum_steps}")
-    return [f"the micro-batch of {micro} sequences (batch_size {cfg.batch_size} / grad_accum_steps "
-            f"{cfg.grad_accum_steps}) does not divide by the {shards} batch shards ({axes}): {hint}, or change --mesh"]
+    hint = (
+        f"set --gin.TrainConfig.grad_accum_steps to one of {fits}"
+        if fits
+        else f"make TrainConfig.batch_size a multiple of {shards * cfg.grad_accum_steps}"
+    )
+    return [
+        f"the micro-batch of {micro} sequences (batch_size {cfg.batch_size} / grad_accum_steps "
+        f"{cfg.grad_accum_steps}) does not divide by the {shards} batch shards ({axes}): {hint}, or change --mesh"
+    ]
 
 
 def validate_run(model_cfg: ModelConfig, cfg: TrainConfig, mesh) -> None:

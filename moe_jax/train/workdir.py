@@ -2,6 +2,7 @@
 (issue 18): `config.gin` only once the run has started (the previous one kept), and `metrics.jsonl`
 without the rows of steps a resumed run repeats (the full file kept as a backup first).
 """
+
 from __future__ import annotations
 
 import json
@@ -84,15 +85,18 @@ def check_restore_step(workdir: Path, restore_step: int | None, discard_later_st
         return
     steps = committed_steps(workdir)
     if restore_step not in steps:
-        raise CheckpointError(f"--restore_step={restore_step}: there is no checkpoint "
-                              f"{workdir / 'checkpoints' / str(restore_step)} (available steps: {steps})")
+        raise CheckpointError(
+            f"--restore_step={restore_step}: there is no checkpoint "
+            f"{workdir / 'checkpoints' / str(restore_step)} (available steps: {steps})"
+        )
     later = [s for s in steps if s > restore_step]
     if later and not discard_later_steps:
         raise CheckpointError(
             f"--restore_step={restore_step}, but later checkpoints exist (steps {later}): training on from step "
             f"{restore_step} would collide with them. Add --discard_later_steps to move them to "
             f"{workdir / 'checkpoints' / 'discarded'}/ (kept, not deleted) and continue from step {restore_step}, "
-            f"or leave out --restore_step to continue from step {steps[-1]}. Nothing was changed.")
+            f"or leave out --restore_step to continue from step {steps[-1]}. Nothing was changed."
+        )
 
 
 def start_run(workdir: Path, start: int, *, finished: bool, gin_config: str | None, log=print) -> None:
@@ -100,8 +104,11 @@ def start_run(workdir: Path, start: int, *, finished: bool, gin_config: str | No
     (backed up), and config.gin (the previous one kept). `finished`: the run has no steps left."""
     backup = trim_metrics(workdir, start, rerun_final=finished)
     if backup:
-        log(f"metrics.jsonl: dropped the rows after step {start}, which this run writes again "
-            f"(the previous file is {backup})", flush=True)
+        log(
+            f"metrics.jsonl: dropped the rows after step {start}, which this run writes again "
+            f"(the previous file is {backup})",
+            flush=True,
+        )
     kept = write_config(workdir, gin_config) if gin_config is not None else None
     if kept:
         log(f"config.gin changed; the previous one is {kept}", flush=True)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py on CPU: argument handling, budgets, the constraints check, and the dry run's
 tiny path through every section except the pytest child (which `--dry_run` itself runs)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -31,12 +32,13 @@ def test_budget_sections_share_the_total():
     b = gpu_check.Budget(100.0)
     b.start("layers")
     assert 41.0 < b.left() <= 42.0 and b.fits(10.0) and not b.fits(45.0)
-    b.start("layers", ["layers", "train"])                   # earlier sections' unused time is shared out
+    b.start("layers", ["layers", "train"])  # earlier sections' unused time is shared out
     assert 58.0 < b.left() <= 58.34 and not b.fits(59.0)
 
 
 def test_constraints_diff_names_mismatches(tmp_path):
     import numpy
+
     f = tmp_path / "constraints.txt"
     f.write_text(f"# tested\nnumpy=={numpy.__version__}\njax==0.0.1  # old\nno-such-package==1.0\n")
     diffs = gpu_check.constraints_diff(f)
@@ -46,8 +48,9 @@ def test_constraints_diff_names_mismatches(tmp_path):
 
 def test_dry_run_tiny_path_prints_every_table(capsys):
     # A generous budget: this checks the tables, not the budget (other tests do), on a loaded machine.
-    gpu_check.main(TINY + ["--sections", "versions", "peak", "layers", "train", "--layers", "switch",
-                           "--budget_s", "100000"])
+    gpu_check.main(
+        TINY + ["--sections", "versions", "peak", "layers", "train", "--layers", "switch", "--budget_s", "100000"]
+    )
     out = capsys.readouterr().out
     assert "platform cpu" in out and "jax 0.10.2" in out and "bfloat16 matmul peak" in out
     for backend in ("chunked", gpu_check.EMULATED):
@@ -66,8 +69,10 @@ def test_section_out_of_budget_skips_with_a_message(monkeypatch, capsys):
 
 def test_overall_deadline_stops_and_still_reports(capsys):
     import benchmarks.moe_layer  # noqa: F401  (imported before the 1 s budget starts)
-    gpu_check.main(TINY + ["--sections", "layers", "--layers", "deepseekmoe", "--backends", "chunked",
-                           "--budget_s", "1"])
+
+    gpu_check.main(
+        TINY + ["--sections", "layers", "--layers", "deepseekmoe", "--backends", "chunked", "--budget_s", "1"]
+    )
     out = capsys.readouterr().out
     assert "stopped at the overall budget" in out and "not finished: layers" in out
     assert "#### gmm backend `chunked`" in out and "gpu_check:" in out

@@ -1,5 +1,6 @@
 """The CPU regime "base" (gin/sizes/base.gin, gin/runs/proxy_base.gin): every proxy member parses, keeps
 its embedding + LM head at most 25% of its activated parameters, and trains 10M tokens."""
+
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def test_embedding_share_at_most_a_quarter(model):
 def test_run_trains_ten_million_tokens():
     parse_gin(["models/proxy/dense_base.gin", "runs/proxy_base.gin"], modules=("moe_jax.train.config",))
     from moe_jax.train.config import TrainConfig
+
     cfg = TrainConfig()
     assert cfg.steps * cfg.batch_size * cfg.seq_len >= 10_000_000
     assert cfg.learning_rate == 2e-3 and cfg.warmup_steps == round(0.08 * cfg.steps)

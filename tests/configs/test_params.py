@@ -3,6 +3,7 @@
 The models are counted at full size from the abstract model (nnx.eval_shape): nothing is allocated.
 A config change that moves a count outside its tolerance fails here.
 """
+
 from __future__ import annotations
 
 import jax
@@ -10,10 +11,10 @@ import pytest
 
 from moe_jax.config import ModelConfig
 from moe_jax.configs import gin_utils
-from moe_jax.configs.paper_numbers import (FLOPS_TOLERANCE, PAPER_MODELS, PARAM_TOLERANCE, Printed,
-                                           paper_model)
+from moe_jax.configs.paper_numbers import FLOPS_TOLERANCE, PAPER_MODELS, PARAM_TOLERANCE, Printed, paper_model
 from moe_jax.configs.params import count_params
-from moe_jax.configs.params_cli import main as params_main, paper_report
+from moe_jax.configs.params_cli import main as params_main
+from moe_jax.configs.params_cli import paper_report
 
 REPORTS = {m.name: paper_report(m) for m in PAPER_MODELS}
 
@@ -42,12 +43,14 @@ def _closed_form(cfg: ModelConfig) -> tuple[int, int]:
 def test_paper_numbers_within_tolerance(name):
     rep = REPORTS[name]
     c, p = rep.counts, rep.paper
-    for what, printed, ours, tol in (("total", p.total, c.total, PARAM_TOLERANCE),
-                                     ("activated", p.activated, c.activated, PARAM_TOLERANCE),
-                                     ("flops", p.flops, c.flops, FLOPS_TOLERANCE),
-                                     ("expert", p.expert, c.expert, PARAM_TOLERANCE),
-                                     ("activated_expert", p.activated_expert, c.activated_expert, PARAM_TOLERANCE),
-                                     ("attention", p.attention, c.attention, PARAM_TOLERANCE)):
+    for what, printed, ours, tol in (
+        ("total", p.total, c.total, PARAM_TOLERANCE),
+        ("activated", p.activated, c.activated, PARAM_TOLERANCE),
+        ("flops", p.flops, c.flops, FLOPS_TOLERANCE),
+        ("expert", p.expert, c.expert, PARAM_TOLERANCE),
+        ("activated_expert", p.activated_expert, c.activated_expert, PARAM_TOLERANCE),
+        ("attention", p.attention, c.attention, PARAM_TOLERANCE),
+    ):
         if printed is None:
             continue
         check = printed.check(ours, tol)
@@ -60,8 +63,12 @@ def test_values_printed_to_three_digits_are_within_the_plain_tolerance():
     """Where the printed digits resolve 1.5% / 3%, no interval leniency is needed."""
     for rep in REPORTS.values():
         c, p = rep.counts, rep.paper
-        for printed, ours, tol in ((p.total, c.total, PARAM_TOLERANCE), (p.activated, c.activated, PARAM_TOLERANCE),
-                                   (p.flops, c.flops, FLOPS_TOLERANCE), (p.expert, c.expert, PARAM_TOLERANCE)):
+        for printed, ours, tol in (
+            (p.total, c.total, PARAM_TOLERANCE),
+            (p.activated, c.activated, PARAM_TOLERANCE),
+            (p.flops, c.flops, FLOPS_TOLERANCE),
+            (p.expert, c.expert, PARAM_TOLERANCE),
+        ):
             if printed is None or printed.inconsistent or printed.half_unit / printed.value > tol:
                 continue
             assert printed.check(ours, tol).status == "ok", (rep.name, printed, ours)
@@ -89,8 +96,15 @@ def test_abstract_count_matches_closed_form(name):
 def test_ablation_variants_hold_total_and_activated_fixed():
     """P §4.4: every Fig 3 / shared-ratio variant has the same total and activated parameters."""
     ref = REPORTS["deepseekmoe_2b"].counts
-    for name in ("ablation_0s_2of16_2b", "ablation_1s_1of15_2b", "ablation_1s_3of31_2b", "ablation_1s_7of63_2b",
-                 "ablation_2s_6of62_2b", "ablation_4s_4of60_2b", "gshard_2b"):
+    for name in (
+        "ablation_0s_2of16_2b",
+        "ablation_1s_1of15_2b",
+        "ablation_1s_3of31_2b",
+        "ablation_1s_7of63_2b",
+        "ablation_2s_6of62_2b",
+        "ablation_4s_4of60_2b",
+        "gshard_2b",
+    ):
         c = REPORTS[name].counts
         assert c.expert == ref.expert  # 16 x F exactly (F = 3412 divides by 4)
         assert c.activated_expert == ref.activated_expert

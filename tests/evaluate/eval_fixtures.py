@@ -1,5 +1,6 @@
 """Helpers of the evaluation tests: a character tokenizer, a bigram "model" with known log-probabilities,
 oe_eval-style request files, and tiny `moe-jax train`-like workdirs with random weights."""
+
 from __future__ import annotations
 
 import gzip
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-ALPHABET = "\x00 abcdefghijklmnopqrstuvwxyzAQ?:.\n"   # id 0 = pad / BOS
+ALPHABET = "\x00 abcdefghijklmnopqrstuvwxyzAQ?:.\n"  # id 0 = pad / BOS
 
 
 class CharTokenizer:
@@ -54,29 +55,53 @@ def mc_lines(docs: list[tuple[str, list[str], int]], uncond: bool = True, query_
     for d, (ctx, choices, gold) in enumerate(docs):
         doc = {"query": ctx, "choices": choices, "gold": gold}
         for i, c in enumerate(choices):
-            out.append({"doc": doc, "request": {"context": query_prefix + ctx, "continuation": " " + c},
-                        "doc_id": d, "idx": i, "label": gold})
+            out.append(
+                {
+                    "doc": doc,
+                    "request": {"context": query_prefix + ctx, "continuation": " " + c},
+                    "doc_id": d,
+                    "idx": i,
+                    "label": gold,
+                }
+            )
             out.append(dict(out[-1]))  # a duplicate line: de-duplicated on (doc_id, idx)
         if uncond:
             for i, c in enumerate(choices):
-                out.append({"doc": doc, "request": {"context": "Answer:", "continuation": " " + c},
-                            "doc_id": 1_000_000 + d, "idx": i, "label": gold})
+                out.append(
+                    {
+                        "doc": doc,
+                        "request": {"context": "Answer:", "continuation": " " + c},
+                        "doc_id": 1_000_000 + d,
+                        "idx": i,
+                        "label": gold,
+                    }
+                )
     return out
 
 
 # d 32, 2 layers, 2 heads x 16, vocab 320 (the train_cache fixture's), 1 shared + 7 routed of width 16, top-3.
-TINY = ["VOCAB_SIZE=320", "D_MODEL=32", "NUM_LAYERS=2", "NUM_HEADS=2", "HEAD_DIM=16", "FFN_DIM=64",
-        "FIRST_K_DENSE=0", "INIT_STD=0.05", "SEQ_LEN=64", "BATCH_SIZE=16"]
+TINY = [
+    "VOCAB_SIZE=320",
+    "D_MODEL=32",
+    "NUM_LAYERS=2",
+    "NUM_HEADS=2",
+    "HEAD_DIM=16",
+    "FFN_DIM=64",
+    "FIRST_K_DENSE=0",
+    "INIT_STD=0.05",
+    "SEQ_LEN=64",
+    "BATCH_SIZE=16",
+]
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
 
 def make_workdir(path: Path, bindings, data_cache: Path, seed: int = 0, step: int = 3) -> Path:
     """A workdir as `moe-jax train` leaves it (config.gin + checkpoints/<step>), random weights."""
-    import gin
     import jax.numpy as jnp
     from flax import nnx
 
+    import gin
     from moe_jax.config import ModelConfig
     from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.model.transformer import Transformer
@@ -85,13 +110,18 @@ def make_workdir(path: Path, bindings, data_cache: Path, seed: int = 0, step: in
     from moe_jax.train.optimizer import make_optimizer
     from moe_jax.train.step import TrainState
 
-    parse_gin(["architectures/moe.gin", "runs/proxy_cpu.gin"], list(bindings) + [f"TrainConfig.data_cache='{data_cache}'"],
-              modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    parse_gin(
+        ["architectures/moe.gin", "runs/proxy_cpu.gin"],
+        list(bindings) + [f"TrainConfig.data_cache='{data_cache}'"],
+        modules=("moe_jax.train.config", "moe_jax.parallel.mesh"),
+    )
     model_cfg, train_cfg = ModelConfig(), TrainConfig()
     path.mkdir(parents=True)
     (path / "config.gin").write_text(gin.config_str())
     params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params))
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params)
+    )
     ckpt = Checkpointer(path, async_save=False)
     ckpt.save(step, state, {})
     ckpt.close()

@@ -1,5 +1,6 @@
 """The layer-by-layer forward (KV cache, routing capture) against the model's own forward, and greedy
 generation with the cache equal to generation without it, token for token."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +16,25 @@ V = 97
 
 
 def _model(first_k_dense=0, router="softmax", top_k=2, seed=0, vocab=V) -> Transformer:
-    moe = MoEConfig(num_experts=6, num_shared_experts=1 if router == "softmax" else 0, expert_dim=16,
-                    top_k=top_k if router == "softmax" else 1, router=router)
+    moe = MoEConfig(
+        num_experts=6,
+        num_shared_experts=1 if router == "softmax" else 0,
+        expert_dim=16,
+        top_k=top_k if router == "softmax" else 1,
+        router=router,
+    )
     # A large init std: well-separated logits, so greedy choices are not float near-ties.
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn_dim=48, moe=moe,
-                      first_k_dense=first_k_dense, init_std=0.3)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=48,
+        moe=moe,
+        first_k_dense=first_k_dense,
+        init_std=0.3,
+    )
     return Transformer(cfg, nnx.Rngs(seed))
 
 
@@ -49,7 +64,7 @@ def test_cached_prefill_and_decode_match_full_forward():
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda st, tok, c: layerwise_forward(nnx.merge(graphdef, st), tok, cache=c))
     for t in range(5, 9):
-        out = step(state, tokens[:, t:t + 1], cache)
+        out = step(state, tokens[:, t : t + 1], cache)
         cache = out.cache
         np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=2e-5, rtol=2e-5)
     assert int(cache.index) == 9
@@ -85,12 +100,13 @@ def test_greedy_stops_at_eos():
     first = dec.with_cache([[0, 3, 4]], 6)[0]
     eos = first[2]
     out = dec.with_cache([[0, 3, 4]], 6, eos_id=eos)[0]
-    assert out == first[:first.index(eos) + 1]
+    assert out == first[: first.index(eos) + 1]
     assert dec.without_cache([[0, 3, 4]], 6, eos_id=eos)[0] == out
 
 
 def test_generate_texts_batches_prompts_and_cuts_at_stop_strings():
     from eval_fixtures import ALPHABET, CharTokenizer
+
     from moe_jax.evaluate.generate import generate_texts
 
     tok = CharTokenizer()
@@ -102,9 +118,10 @@ def test_generate_texts_batches_prompts_and_cuts_at_stop_strings():
     for g, ref in zip(gens, refs):
         assert g.tokens == ref and g.text == tok.decode(ref)
     stop = gens[0].text[2]
-    cut = generate_texts(dec, tok, prompts[:1], seq_len=32, max_new_tokens=6, stop=(stop,), eos_id=None,
-                         progress=False)[0]
-    assert cut.text == gens[0].text[:gens[0].text.index(stop)]
+    cut = generate_texts(
+        dec, tok, prompts[:1], seq_len=32, max_new_tokens=6, stop=(stop,), eos_id=None, progress=False
+    )[0]
+    assert cut.text == gens[0].text[: gens[0].text.index(stop)]
     with pytest.raises(ValueError, match="no room"):
         generate_texts(dec, tok, prompts, seq_len=8, max_new_tokens=7, progress=False)
 

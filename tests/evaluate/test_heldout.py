@@ -1,10 +1,11 @@
 """`heldout_pass`, the one held-out accumulation shared by `moe-jax train` and `moe-jax eval`: goldens from a
 stand-in eval step whose per-token NLL is known exactly."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import TRAIN_SEQ
+
 from moe_jax.data.loader import TokenLoader
 from moe_jax.evaluate.heldout import heldout_pass
 from moe_jax.parallel import MeshConfig, build_mesh

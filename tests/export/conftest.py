@@ -1,10 +1,10 @@
 """Fixtures of the export tests: a DeepSeekMoE proxy workdir with a dense first layer and its export."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from export_fixtures import DEEPSEEK, make_workdir
 
 

@@ -1,30 +1,44 @@
 """Helpers of the export tests: tiny trained-looking workdirs (config.gin + an orbax checkpoint)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
 from helpers import TRAIN_VOCAB
 
 STEP = 7
 # d 32, 3 layers (layer 0 dense), 2 heads x 16, vocab 320, 1 shared + 7 routed experts of width 16, top-3.
-TINY = [f"VOCAB_SIZE={TRAIN_VOCAB}", "D_MODEL=32", "NUM_LAYERS=3", "NUM_HEADS=2", "HEAD_DIM=16", "FFN_DIM=64",
-        "FIRST_K_DENSE=1", "INIT_STD=0.05"]
+TINY = [
+    f"VOCAB_SIZE={TRAIN_VOCAB}",
+    "D_MODEL=32",
+    "NUM_LAYERS=3",
+    "NUM_HEADS=2",
+    "HEAD_DIM=16",
+    "FFN_DIM=64",
+    "FIRST_K_DENSE=1",
+    "INIT_STD=0.05",
+]
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
 
-def make_workdir(path: Path, bindings, arch: str = "architectures/moe.gin", seed: int = 0,
-                 data_cache: Path | None = None, mesh: str | None = None) -> Path:
+def make_workdir(
+    path: Path,
+    bindings,
+    arch: str = "architectures/moe.gin",
+    seed: int = 0,
+    data_cache: Path | None = None,
+    mesh: str | None = None,
+) -> Path:
     """A workdir as `moe-jax train` leaves it: config.gin + checkpoints/STEP with random parameters
     (norm scales randomised too, so a misplaced norm shows). With `mesh` ("data:2,fsdp:2,expert:2"),
     the state is sharded by the model's rules before saving, so orbax stores each array in chunks."""
-    import gin
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    import gin
     from moe_jax.config import ModelConfig
     from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.model.transformer import Transformer
@@ -34,22 +48,28 @@ def make_workdir(path: Path, bindings, arch: str = "architectures/moe.gin", seed
     from moe_jax.train.step import TrainState
 
     extra = [f"TrainConfig.data_cache='{data_cache}'"] if data_cache else []
-    parse_gin([arch, "runs/proxy_cpu.gin"], list(bindings) + extra,
-              modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    parse_gin(
+        [arch, "runs/proxy_cpu.gin"], list(bindings) + extra, modules=("moe_jax.train.config", "moe_jax.parallel.mesh")
+    )
     model_cfg, train_cfg = ModelConfig(), TrainConfig()
     path.mkdir(parents=True)
     (path / "config.gin").write_text(gin.config_str())
     params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
     rng = np.random.default_rng(seed + 1)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: (x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype)
-                      if "scale" in jax.tree_util.keystr(p) else x), params)
+        lambda p, x: (
+            x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype) if "scale" in jax.tree_util.keystr(p) else x
+        ),
+        params,
+    )
     if mesh:
         from moe_jax.parallel import MeshConfig, build_mesh, state_shardings
 
         m = build_mesh(MeshConfig.from_string(mesh))
         params = jax.jit(lambda p: p, out_shardings=state_shardings(params, m))(params)
-    state = TrainState(step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params))
+    state = TrainState(
+        step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params)
+    )
     ckpt = Checkpointer(path, async_save=False)
     ckpt.save(STEP, state, {})
     ckpt.close()

@@ -1,6 +1,7 @@
 """Import refuses missing/misshapen tensors (naming each with its expected shape) before writing
 anything; export refuses Hash, Dense-xN and head_dim != d_model / heads models with a clear message;
 the layout table's spec language is exactly invertible and covers every parameter element once."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from export_fixtures import DEEPSEEK, TINY, make_workdir
 
 
@@ -49,6 +49,7 @@ def test_import_misshapen_tensor_names_it_with_expected_shape(ds_export, tmp_pat
 
     def transpose(t, n):
         t[n] = np.ascontiguousarray(t[n].T)
+
     name = _rewrite_shard(hf, transpose)
     with pytest.raises(HFImportError) as err:
         import_hf(hf, tmp_path / "wd", progress=False)
@@ -78,11 +79,14 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
         import_hf(hf, tmp_path / "wd", progress=False)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["ROUTER='hash'", "NUM_EXPERTS=7", "TOP_K=1", "EXPERT_DIM=16"], "Export refuses Hash models"),
-    (["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=1", "EXPERT_DIM=64"], "Export refuses Dense-xN models"),
-    (DEEPSEEK[len(TINY):] + ["HEAD_DIM=8"], "head_dim = hidden_size / num_attention_heads"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["ROUTER='hash'", "NUM_EXPERTS=7", "TOP_K=1", "EXPERT_DIM=16"], "Export refuses Hash models"),
+        (["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=1", "EXPERT_DIM=64"], "Export refuses Dense-xN models"),
+        (DEEPSEEK[len(TINY) :] + ["HEAD_DIM=8"], "head_dim = hidden_size / num_attention_heads"),
+    ],
+)
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
     from moe_jax.cli import main
     from moe_jax.config import ModelConfig
@@ -92,6 +96,7 @@ def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
     wd = tmp_path / "wd"
     wd.mkdir()
     import gin
+
     (wd / "config.gin").write_text(gin.config_str())
     ModelConfig()  # the configuration itself is valid
     assert main(["export", f"--workdir={wd}", f"--out={tmp_path / 'hf'}", "--no_progress"]) == 1
@@ -100,11 +105,12 @@ def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
 
 
 def test_dense_model_exports_as_all_dense_layers(tmp_path):
+    import jax.numpy as jnp
+
     from moe_jax.export import numpy_reference
     from moe_jax.export.hf import export_hf, import_hf, read_hf_dir
     from moe_jax.export.safetensors_io import load_tensor
     from moe_jax.train.restore import load_trained
-    import jax.numpy as jnp
 
     wd = make_workdir(tmp_path / "dense", TINY, arch="architectures/dense.gin")
     res = export_hf(wd, tmp_path / "hf", progress=False)
@@ -121,12 +127,15 @@ def test_dense_model_exports_as_all_dense_layers(tmp_path):
 # ----------------------------------------------------------------------------------- the layout table
 
 
-@pytest.mark.parametrize("spec, shape", [
-    ("[l] d h k -> (h k) d", (3, 8, 2, 4)),
-    ("[l] h k d -> d (h k)", (3, 2, 4, 8)),
-    ("[l] [e] d [1] f -> f d", (3, 5, 8, 2, 6)),
-    ("d v -> v d", (8, 11)),
-])
+@pytest.mark.parametrize(
+    "spec, shape",
+    [
+        ("[l] d h k -> (h k) d", (3, 8, 2, 4)),
+        ("[l] h k d -> d (h k)", (3, 2, 4, 8)),
+        ("[l] [e] d [1] f -> f d", (3, 5, 8, 2, 6)),
+        ("d v -> v d", (8, 11)),
+    ],
+)
 def test_tensor_spec_is_invertible(spec, shape):
     from moe_jax.export.layout import TensorSpec
 
@@ -187,12 +196,14 @@ def test_plan_covers_every_parameter_element_once():
 def test_chunk_region_maps_blocks_into_hf_views():
     """Every chunk grid cuts each HF tensor into pieces that tile its (unflattened) view exactly."""
     from moe_jax.export.hf import chunk_boxes, chunk_region
-    from moe_jax.export.layout import ROUTED_EXPERT_RULES, LAYER_RULES, TensorEntry
+    from moe_jax.export.layout import LAYER_RULES, ROUTED_EXPERT_RULES, TensorEntry
 
     rng = np.random.default_rng(0)
-    for rule, shape, chunk in [(ROUTED_EXPERT_RULES[1], (3, 5, 6, 2, 4), (2, 2, 4, 1, 3)),
-                               (LAYER_RULES[1], (3, 6, 2, 4), (1, 5, 1, 4)),
-                               (LAYER_RULES[4], (3, 2, 4, 6), (3, 2, 3, 6))]:
+    for rule, shape, chunk in [
+        (ROUTED_EXPERT_RULES[1], (3, 5, 6, 2, 4), (2, 2, 4, 1, 3)),
+        (LAYER_RULES[1], (3, 6, 2, 4), (1, 5, 1, 4)),
+        (LAYER_RULES[4], (3, 2, 4, 6), (3, 2, 3, 6)),
+    ]:
         x = rng.standard_normal(shape)
         for l in range(shape[0]):
             index = rule.spec.index(l=l, e=min(l + 1, shape[1] - 1))
@@ -202,6 +213,6 @@ def test_chunk_region_maps_blocks_into_hf_views():
                 hit = chunk_region(entry, box)
                 if hit is not None:
                     src, dst = hit
-                    assert np.isnan(out[dst]).all()           # no element written twice
+                    assert np.isnan(out[dst]).all()  # no element written twice
                     out[dst] = rule.spec.to_hf_view(x[box][src])
             np.testing.assert_array_equal(out.reshape(entry.hf_shape), rule.spec.to_hf(x[index]))

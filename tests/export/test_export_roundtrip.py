@@ -1,14 +1,13 @@
 """Export to DeepSeek's HF layout and import back: bitwise round trip (float32), logits parity with an
 independent NumPy forward of the HF layout, bfloat16 export, shard limits, import -> load_trained and
 -> `moe-jax train` resume, GShard in the same layout."""
+
 from __future__ import annotations
 
 import json
 import math
 
 import numpy as np
-import pytest
-
 from export_fixtures import DEEPSEEK, GSHARD, STEP, make_workdir
 from helpers import TRAIN_SEQ, TRAIN_VOCAB, max_rel_err
 
@@ -41,7 +40,7 @@ def test_export_files_index_and_shard_sizes(ds_export):
     assert files == sorted(ds_export.files) and len(files) > 5
     total = 0
     for name in files:
-        with safe_open(out / name, framework="np") as f:   # the reference reader accepts every shard
+        with safe_open(out / name, framework="np") as f:  # the reference reader accepts every shard
             keys = list(f.keys())
             assert all(index["weight_map"][k] == name for k in keys)
             nbytes = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in keys)
@@ -66,11 +65,13 @@ def test_export_files_index_and_shard_sizes(ds_export):
 
 
 def test_roundtrip_is_bitwise_and_experts_differ(ds_workdir, ds_export, tmp_path):
-    from moe_jax.export.hf import import_hf
     from safetensors.numpy import load_file
 
-    res = import_hf(ds_export.out, tmp_path / "imported", progress=False,
-                    bindings=[f"SEQ_LEN={TRAIN_SEQ}", "BATCH_SIZE=8"])
+    from moe_jax.export.hf import import_hf
+
+    res = import_hf(
+        ds_export.out, tmp_path / "imported", progress=False, bindings=[f"SEQ_LEN={TRAIN_SEQ}", "BATCH_SIZE=8"]
+    )
     assert res.step == STEP
     before, trained = _params(ds_workdir)
     after, imported = _params(tmp_path / "imported")
@@ -93,8 +94,9 @@ def test_roundtrip_is_bitwise_and_experts_differ(ds_workdir, ds_export, tmp_path
 def test_numpy_reference_logits_parity(ds_workdir, ds_export):
     """An HF-semantics NumPy forward over the exported tensors (read by the safetensors package)
     matches the Flax model within 1e-4 relative."""
-    from moe_jax.export import numpy_reference
     from safetensors.numpy import load_file
+
+    from moe_jax.export import numpy_reference
 
     weights = {}
     for f in ds_export.files:
@@ -116,8 +118,9 @@ def test_torch_forward_logits_parity(ds_workdir, ds_export, train_cache):
     tensors, on real text, matches the Flax model within 1e-5 relative and the NumPy reference."""
     import sentencepiece as spm
     import torch_deepseek
-    from moe_jax.export import numpy_reference
     from safetensors.numpy import load_file
+
+    from moe_jax.export import numpy_reference
 
     weights = {}
     for f in ds_export.files:
@@ -137,8 +140,9 @@ def test_torch_forward_logits_parity(ds_workdir, ds_export, train_cache):
 
 def test_bfloat16_export_and_import(ds_workdir, tmp_path):
     import ml_dtypes
-    from moe_jax.export.hf import export_hf, import_hf
     from safetensors import safe_open
+
+    from moe_jax.export.hf import export_hf, import_hf
 
     res = export_hf(ds_workdir, tmp_path / "hf16", dtype="bfloat16", progress=False)
     assert res.dtype == "bfloat16" and len(res.files) == 1
@@ -149,7 +153,7 @@ def test_bfloat16_export_and_import(ds_workdir, tmp_path):
     import_hf(res.out, tmp_path / "wd16", progress=False)
     before, _ = _params(ds_workdir)
     after, _ = _params(tmp_path / "wd16")
-    for k in before:   # parameters stay float32, equal to the bfloat16-rounded originals
+    for k in before:  # parameters stay float32, equal to the bfloat16-rounded originals
         assert after[k].dtype == np.float32
         np.testing.assert_array_equal(after[k], before[k].astype(ml_dtypes.bfloat16).astype(np.float32))
 
@@ -187,15 +191,36 @@ def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
     from moe_jax.cli import main
 
     wd = tmp_path / "imported"
-    rc = main(["import", f"--hf={ds_export.out}", f"--workdir={wd}", "--no_progress",
-               f"--gin.SEQ_LEN={TRAIN_SEQ}", "--gin.BATCH_SIZE=8", f"--gin.TRAIN_STEPS={STEP + 2}",
-               "--gin.WARMUP_STEPS=2", f"--gin.TrainConfig.data_cache='{train_cache}'",
-               "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.peak_flops_per_device=1e10"])
+    rc = main(
+        [
+            "import",
+            f"--hf={ds_export.out}",
+            f"--workdir={wd}",
+            "--no_progress",
+            f"--gin.SEQ_LEN={TRAIN_SEQ}",
+            "--gin.BATCH_SIZE=8",
+            f"--gin.TRAIN_STEPS={STEP + 2}",
+            "--gin.WARMUP_STEPS=2",
+            f"--gin.TrainConfig.data_cache='{train_cache}'",
+            "--gin.TrainConfig.eval_batches=1",
+            "--gin.TrainConfig.peak_flops_per_device=1e10",
+        ]
+    )
     assert rc == 0
     assert json.loads((wd / "imported_from.json").read_text())["warnings"] == []
     # `moe-jax eval` scores it (held-out loss on the cache named in the imported config.gin) ...
-    rc = main(["eval", f"--workdir={wd}", "--tasks=none", "--heldout_batches=1", "--batch_size=8", "--no_progress",
-               "--quiet", f"--out={tmp_path / 'eval.json'}"])
+    rc = main(
+        [
+            "eval",
+            f"--workdir={wd}",
+            "--tasks=none",
+            "--heldout_batches=1",
+            "--batch_size=8",
+            "--no_progress",
+            "--quiet",
+            f"--out={tmp_path / 'eval.json'}",
+        ]
+    )
     assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["step"] == STEP
     # ... and `moe-jax train` continues it.
     rc = main(["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"])
@@ -206,7 +231,8 @@ def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
 
 def test_sharded_checkpoint_exports_chunk_by_chunk(tmp_path):
     """A checkpoint saved from a state sharded over (data 2, fsdp 2, expert 2) stores each array as
-    several chunks (per device shard; orbax's replica-parallel save splits replicated shards further); export decodes one chunk at a time (never a whole stacked array) and the round trip
+    several chunks (per device shard; orbax's replica-parallel save splits replicated shards further); export
+    decodes one chunk at a time (never a whole stacked array) and the round trip
     stays bitwise."""
     from moe_jax.export.hf import export_hf, import_hf
     from moe_jax.export.orbax_reader import OrbaxParamReader, state_dir
@@ -215,7 +241,7 @@ def test_sharded_checkpoint_exports_chunk_by_chunk(tmp_path):
     wd = make_workdir(tmp_path / "wd", bindings, mesh="data:2,fsdp:2,expert:2")
     reader = OrbaxParamReader(state_dir(wd)[0])
     assert reader.shape("stacks.1.blocks.ffn.wi") == (2, 8, 32, 2, 16)
-    chunk = reader.chunk_shape("stacks.1.blocks.ffn.wi")   # the device shard (orbax may split it further)
+    chunk = reader.chunk_shape("stacks.1.blocks.ffn.wi")  # the device shard (orbax may split it further)
     assert chunk[1] <= 4 and chunk[2] <= 16
     res = export_hf(wd, tmp_path / "hf", shard_size=50_000, progress=False)
     whole = max(math.prod(reader.shape(p)) * 4 for p in ("stacks.1.blocks.ffn.wi", "embed", "lm_head"))

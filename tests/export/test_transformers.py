@@ -4,6 +4,7 @@ text equal ours within 1e-5 relative, and imports back (bitwise, same logits); m
 itself saved import with the same parity and train/eval here; greedy `generate()` continues prompts
 as our decoder does; `AutoTokenizer` encodes as our SentencePiece model; refusals name the problem
 before any file is written."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,11 @@ import json
 import os
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"   # nothing may come from the hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
-
 from export_fixtures import STEP, TINY, make_workdir
 from helpers import TRAIN_SEQ, TRAIN_VOCAB, max_rel_err
 
@@ -30,14 +30,29 @@ KINDS = {
     "gshard": (MOE, TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=64"]),
     # Switch: top-1; MoE every other layer (mlp_only_layers [1]), head_dim 8 != d / heads, and an expert
     # width (18) that torch's grouped_mm cannot run (72-byte rows): config.json selects the eager kernel.
-    "switch": (MOE, TINY + ["FIRST_K_DENSE=0", "ModelConfig.moe_layer_freq=2", "NUM_EXPERTS=4", "TOP_K=1",
-                            "EXPERT_DIM=18", "HEAD_DIM=8"]),
+    "switch": (
+        MOE,
+        TINY
+        + [
+            "FIRST_K_DENSE=0",
+            "ModelConfig.moe_layer_freq=2",
+            "NUM_EXPERTS=4",
+            "TOP_K=1",
+            "EXPERT_DIM=18",
+            "HEAD_DIM=8",
+        ],
+    ),
     "dense": ("architectures/dense.gin", TINY),
     # Dense x4 (shared experts only): LlamaForCausalLM of width 4 x 16 = ffn_dim.
     "dense_x4": (MOE, TINY + ["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=0", "EXPERT_DIM=16"]),
 }
-ARCHITECTURES = {"deepseekmoe": "Qwen2MoeForCausalLM", "gshard": "Qwen2MoeForCausalLM",
-                 "switch": "Qwen2MoeForCausalLM", "dense": "LlamaForCausalLM", "dense_x4": "LlamaForCausalLM"}
+ARCHITECTURES = {
+    "deepseekmoe": "Qwen2MoeForCausalLM",
+    "gshard": "Qwen2MoeForCausalLM",
+    "switch": "Qwen2MoeForCausalLM",
+    "dense": "LlamaForCausalLM",
+    "dense_x4": "LlamaForCausalLM",
+}
 
 
 def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -104,6 +119,7 @@ def exported(tmp_path_factory, train_cache):
             res = export_hf(wd, root / "tf", fmt="transformers", progress=False)
             cache[kind] = Exported(wd, res.out, res)
         return cache[kind]
+
     return get
 
 
@@ -125,7 +141,7 @@ def test_logits_parity_both_directions(kind, exported, text_tokens, tmp_path):
     err = max_rel_err(theirs, ours)
     print(f"{kind}: max rel logits error transformers vs moe_jax: {err:.2e}")
     assert err < TOL
-    assert np.std(ours) > 0.1   # not vacuous: logits far from uniform
+    assert np.std(ours) > 0.1  # not vacuous: logits far from uniform
     back = import_hf(ex.out, tmp_path / "back", progress=False)
     assert back.step == STEP
     ours_back = _our_logits(tmp_path / "back", text_tokens)
@@ -153,10 +169,12 @@ def test_qwen2moe_layout_details(exported):
         w.update(load_file(ex.out / f))
     ours = {k: np.asarray(v) for k, v in flat_params(load_trained(ex.workdir).params).items()}
     np.testing.assert_array_equal(w["model.layers.1.mlp.shared_expert_gate.weight"], np.zeros((1, 32)))
-    np.testing.assert_array_equal(w["model.layers.2.mlp.shared_expert.down_proj.weight"],
-                                  2 * ours["stacks.1.blocks.ffn.shared.wo"][1].T)
-    np.testing.assert_array_equal(w["model.layers.1.mlp.experts.4.up_proj.weight"],
-                                  ours["stacks.1.blocks.ffn.wi"][0, 4, :, 1, :].T)
+    np.testing.assert_array_equal(
+        w["model.layers.2.mlp.shared_expert.down_proj.weight"], 2 * ours["stacks.1.blocks.ffn.shared.wo"][1].T
+    )
+    np.testing.assert_array_equal(
+        w["model.layers.1.mlp.experts.4.up_proj.weight"], ours["stacks.1.blocks.ffn.wi"][0, 4, :, 1, :].T
+    )
     gshard = exported("gshard")
     g = json.loads((gshard.out / "config.json").read_text())
     assert g["shared_expert_intermediate_size"] == 0 and g["mlp_only_layers"] == [0]
@@ -184,8 +202,9 @@ def test_16b_config_describes_the_planned_tensors():
     assert names["model.layers.1.mlp.shared_expert.gate_proj.weight"] == (2816, 2048)
     assert names["model.layers.1.mlp.shared_expert_gate.weight"] == (1, 2048)
     assert names["model.layers.0.mlp.gate_proj.weight"] == (10944, 2048)
-    config = to_transformers_config(cfg, dtype="bfloat16", max_position_embeddings=4096, bos_token_id=0,
-                                    eos_token_id=1, pad_token_id=0)
+    config = to_transformers_config(
+        cfg, dtype="bfloat16", max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=0
+    )
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "moe_jax", "torch_dtype")}
     with torch.device("meta"):
         model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**config))
@@ -193,7 +212,7 @@ def test_16b_config_describes_the_planned_tensors():
     ours_total = sum(math.prod(s) for s in names.values())
     assert sum(p.numel() for p in theirs.values()) == ours_total
     assert abs((ours_total - 27 * 2048) / 1e9 - 16.376) < 0.01
-    for n, p in theirs.items():   # transformers fuses the routed experts of a layer in memory
+    for n, p in theirs.items():  # transformers fuses the routed experts of a layer in memory
         if ".mlp.experts." not in n:
             assert tuple(p.shape) == names[n], n
     assert tuple(theirs["model.layers.5.mlp.experts.gate_up_proj"].shape) == (64, 2 * 1408, 2048)
@@ -203,11 +222,10 @@ def test_16b_config_describes_the_planned_tensors():
 def test_greedy_generate_matches_ours(kind, exported, corpus):
     """transformers' greedy generate() continues real-text prompts with our decoder's tokens."""
     import torch
+    from transformers import AutoTokenizer
 
     from moe_jax.evaluate.generate import greedy_generate
     from moe_jax.train.restore import load_trained
-
-    from transformers import AutoTokenizer
 
     ex = exported(kind)
     docs, _ = corpus
@@ -219,7 +237,7 @@ def test_greedy_generate_matches_ours(kind, exported, corpus):
         prompt = enc.input_ids[0].tolist()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-        theirs = out[0, len(prompt):].tolist()
+        theirs = out[0, len(prompt) :].tolist()
         ours = greedy_generate(ours_model, [prompt], max_new_tokens=10)[0]
         assert theirs == ours and len(ours) == 10, (theirs, ours)
 
@@ -233,8 +251,13 @@ def test_tokenizer_parity(exported, corpus):
     ex = exported("dense")
     tok = AutoTokenizer.from_pretrained(ex.out)
     docs, sp = corpus
-    samples = docs + ["Hello  World 12345 ünïcödé 日本語 🙂\n\ttabs   end ", " leading space", "a\n\nb", "x",
-                      "perlre: modifier C</s>. <pad> and <unk> are text here"]
+    samples = docs + [
+        "Hello  World 12345 ünïcödé 日本語 🙂\n\ttabs   end ",
+        " leading space",
+        "a\n\nb",
+        "x",
+        "perlre: modifier C</s>. <pad> and <unk> are text here",
+    ]
     assert tok.bos_token_id == 0 and tok.eos_token_id == 1 and tok.pad_token_id == 0
     for text in samples:
         ids = tok(text).input_ids
@@ -257,12 +280,16 @@ def test_tokenizer_json_matches_sentencepiece_on_a_larger_vocab(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     train = [line for f in sorted(root.glob("docs/*.md")) for line in f.read_text().splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(train), model_prefix=str(tmp_path / "big"),
-                                   **trainer_settings(1500, 10**6, 1))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(train), model_prefix=str(tmp_path / "big"), **trainer_settings(1500, 10**6, 1)
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "big.model"))
     tok = Tokenizer.from_str(json.dumps(tokenizer_json(tmp_path / "big.model", 0)))
-    held = [line for f in (root / "README.md", root / "moe_jax/config.py", root / "moe_jax/export/layout.py")
-            for line in f.read_text().splitlines()] + ["ünïcödé 日本語 🙂 x²  \t end", "  2048 x 1408 = 2883584"]
+    held = [
+        line
+        for f in (root / "README.md", root / "moe_jax/config.py", root / "moe_jax/export/layout.py")
+        for line in f.read_text().splitlines()
+    ] + ["ünïcödé 日本語 🙂 x²  \t end", "  2048 x 1408 = 2883584"]
     wrong = [line for line in held if tok.encode(line, add_special_tokens=False).ids != sp.encode(line)]
     assert not wrong and len(held) > 500, wrong[:3]
 
@@ -295,11 +322,27 @@ def _fresh_qwen2moe(path: Path, *, zero_shared_gate: bool = True) -> Path:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2MoeConfig(vocab_size=TRAIN_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_experts=5,
-                         num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32,
-                         mlp_only_layers=[0], qkv_bias=False, initializer_range=0.2, rope_theta=5000.0,
-                         max_position_embeddings=TRAIN_SEQ, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    cfg = Qwen2MoeConfig(
+        vocab_size=TRAIN_VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=5,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        mlp_only_layers=[0],
+        qkv_bias=False,
+        initializer_range=0.2,
+        rope_theta=5000.0,
+        max_position_embeddings=TRAIN_SEQ,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     model = Qwen2MoeForCausalLM(cfg)
     if zero_shared_gate:
         with torch.no_grad():
@@ -314,9 +357,17 @@ def _fresh_llama(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=TRAIN_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2, rms_norm_eps=1e-5,
-                      max_position_embeddings=TRAIN_SEQ)
+    cfg = LlamaConfig(
+        vocab_size=TRAIN_VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        initializer_range=0.2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=TRAIN_SEQ,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -328,9 +379,15 @@ def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_
     from moe_jax.cli import main
     from moe_jax.train.restore import parse_workdir_config
 
-    run = [f"--gin.SEQ_LEN={TRAIN_SEQ}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1",
-           f"--gin.TrainConfig.data_cache='{train_cache}'", "--gin.TrainConfig.eval_batches=1",
-           "--gin.TrainConfig.peak_flops_per_device=1e10"]
+    run = [
+        f"--gin.SEQ_LEN={TRAIN_SEQ}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.WARMUP_STEPS=1",
+        f"--gin.TrainConfig.data_cache='{train_cache}'",
+        "--gin.TrainConfig.eval_batches=1",
+        "--gin.TrainConfig.peak_flops_per_device=1e10",
+    ]
     for name, make in (("qwen2moe", _fresh_qwen2moe), ("llama", _fresh_llama)):
         hf, wd = make(tmp_path / name), tmp_path / f"{name}_wd"
         assert main(["import", f"--hf={hf}", f"--workdir={wd}", "--no_progress", *run]) == 0
@@ -347,8 +404,18 @@ def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_
     assert main(["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"]) == 0
     result = json.loads((wd / "result.json").read_text())
     assert result["step"] == 2 and np.isfinite(result["train_loss"])
-    rc = main(["eval", f"--workdir={wd}", "--tasks=none", "--heldout_batches=1", "--batch_size=8", "--no_progress",
-               "--quiet", f"--out={tmp_path / 'eval.json'}"])
+    rc = main(
+        [
+            "eval",
+            f"--workdir={wd}",
+            "--tasks=none",
+            "--heldout_batches=1",
+            "--batch_size=8",
+            "--no_progress",
+            "--quiet",
+            f"--out={tmp_path / 'eval.json'}",
+        ]
+    )
     assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["step"] == 2
 
 
@@ -364,37 +431,55 @@ def test_import_refuses_input_dependent_shared_gate(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_key_value_heads": 1}, "grouped-query attention is not supported"),
-    ({"qkv_bias": True}, "qkv_bias=True is not supported"),
-    ({"shared_expert_intermediate_size": 24}, "not a multiple of moe_intermediate_size=16"),
-    ({"mlp_only_layers": [2]}, "MoE layers [0, 1] do not follow our rule"),
-    ({"model_type": "mixtral"}, "model_type 'mixtral'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_key_value_heads": 1}, "grouped-query attention is not supported"),
+        ({"qkv_bias": True}, "qkv_bias=True is not supported"),
+        ({"shared_expert_intermediate_size": 24}, "not a multiple of moe_intermediate_size=16"),
+        ({"mlp_only_layers": [2]}, "MoE layers [0, 1] do not follow our rule"),
+        ({"model_type": "mixtral"}, "model_type 'mixtral'"),
+    ],
+)
 def test_import_refuses_unsupported_transformers_config(change, message):
     from moe_jax.export.hf import config_layout
     from moe_jax.export.layout import LayoutError
 
-    config = {"model_type": "qwen2_moe", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 48,
-              "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4,
-              "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
-              "mlp_only_layers": [0], "qkv_bias": False}
-    config_layout(config)   # the unchanged config imports
+    config = {
+        "model_type": "qwen2_moe",
+        "vocab_size": 320,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 32,
+        "mlp_only_layers": [0],
+        "qkv_bias": False,
+    }
+    config_layout(config)  # the unchanged config imports
     with pytest.raises(LayoutError) as err:
         config_layout({**config, **change})
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["ROUTER='hash'", "NUM_EXPERTS=7", "TOP_K=1", "EXPERT_DIM=16"], "Hash models cannot be exported"),
-    (["NUM_EXPERTS=4", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.dispatch='capacity'"],
-     "dispatch='capacity' drops tokens"),
-    (["NUM_EXPERTS=0", "NUM_SHARED=2", "TOP_K=0", "EXPERT_DIM=16"], "bind FFN_DIM=32 or FIRST_K_DENSE=0"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["ROUTER='hash'", "NUM_EXPERTS=7", "TOP_K=1", "EXPERT_DIM=16"], "Hash models cannot be exported"),
+        (
+            ["NUM_EXPERTS=4", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.dispatch='capacity'"],
+            "dispatch='capacity' drops tokens",
+        ),
+        (["NUM_EXPERTS=0", "NUM_SHARED=2", "TOP_K=0", "EXPERT_DIM=16"], "bind FFN_DIM=32 or FIRST_K_DENSE=0"),
+    ],
+)
 def test_export_refuses_before_writing(tmp_path, extra, message, capsys):
     """A model the format cannot hold fails with a named error before any file is written."""
     import gin
-
     from moe_jax.cli import main
     from moe_jax.configs.gin_utils import parse_gin
 
@@ -421,4 +506,4 @@ def test_non_empty_output_is_refused_without_overwrite(exported, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main(args + ["--overwrite"]) == 0
     assert (out / "config.json").exists() and (out / "notes.txt").read_text() == "mine"
-    _load(out)   # and the overwritten directory loads
+    _load(out)  # and the overwritten directory loads

@@ -8,6 +8,7 @@ available offline. float32 like transformers; a second oracle next to `moe_jax.e
   - MoEGate: softmax(x W^T) over the routed experts, `torch.topk`, optional renormalisation; routed
     experts applied by a dense one-hot combine; shared experts always on.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -28,14 +29,16 @@ def forward(cfg: Mapping, weights: Mapping[str, np.ndarray], tokens: np.ndarray)
         return w[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     def mlp(x, p):
-        return F.linear(F.silu(F.linear(x, w[f"{p}.gate_proj.weight"])) * F.linear(x, w[f"{p}.up_proj.weight"]),
-                        w[f"{p}.down_proj.weight"])
+        return F.linear(
+            F.silu(F.linear(x, w[f"{p}.gate_proj.weight"])) * F.linear(x, w[f"{p}.up_proj.weight"]),
+            w[f"{p}.down_proj.weight"],
+        )
 
     def rope(x):  # [B, H, S, Dh]
         inv = 1.0 / (float(cfg["rope_theta"]) ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
         ang = torch.arange(x.shape[2], dtype=torch.float32)[:, None] * inv[None]
         emb = torch.cat([ang, ang], -1)
-        rot = torch.cat([-x[..., dh // 2:], x[..., :dh // 2]], -1)
+        rot = torch.cat([-x[..., dh // 2 :], x[..., : dh // 2]], -1)
         return x * emb.cos() + rot * emb.sin()
 
     def attention(x, p):
@@ -50,8 +53,8 @@ def forward(cfg: Mapping, weights: Mapping[str, np.ndarray], tokens: np.ndarray)
         top_w, top_i = torch.topk(probs, int(cfg["num_experts_per_tok"]), dim=-1)
         if cfg.get("norm_topk_prob") and top_w.shape[-1] > 1:
             top_w = top_w / top_w.sum(-1, keepdim=True)
-        combine = torch.zeros_like(probs).scatter(1, top_i, top_w)         # [T, E]
-        y = sum(combine[:, e:e + 1] * mlp(flat, f"{p}.experts.{e}") for e in range(probs.shape[-1]))
+        combine = torch.zeros_like(probs).scatter(1, top_i, top_w)  # [T, E]
+        y = sum(combine[:, e : e + 1] * mlp(flat, f"{p}.experts.{e}") for e in range(probs.shape[-1]))
         if cfg.get("n_shared_experts") is not None:
             y = y + mlp(flat, f"{p}.shared_experts")
         return y.reshape(x.shape)
@@ -62,7 +65,10 @@ def forward(cfg: Mapping, weights: Mapping[str, np.ndarray], tokens: np.ndarray)
             p = f"model.layers.{layer}"
             h = h + attention(norm(h, f"{p}.input_layernorm.weight"), f"{p}.self_attn")
             x = norm(h, f"{p}.post_attention_layernorm.weight")
-            is_moe = (cfg.get("n_routed_experts") is not None and layer >= int(cfg["first_k_dense_replace"])
-                      and layer % int(cfg["moe_layer_freq"]) == 0)
+            is_moe = (
+                cfg.get("n_routed_experts") is not None
+                and layer >= int(cfg["first_k_dense_replace"])
+                and layer % int(cfg["moe_layer_freq"]) == 0
+            )
             h = h + (moe(x, f"{p}.mlp") if is_moe else mlp(x, f"{p}.mlp"))
         return F.linear(norm(h, "model.norm.weight"), w["lm_head.weight"]).numpy()

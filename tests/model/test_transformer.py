@@ -1,11 +1,11 @@
 """The decoder: scanned vs unrolled layers, aux losses reaching the loss, bf16, causality, packing."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
-import pytest
+import numpy as np
 from flax import nnx
-
 from helpers import assert_tree_close, max_rel_err
+
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.model.transformer import Transformer
 from moe_jax.train.loss import cross_entropy
@@ -14,8 +14,16 @@ VOCAB = 97
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=2, head_dim=16, ffn_dim=64,
-                first_k_dense=1, moe=MoEConfig.fine_grained(4, 2, 2, 1, 32, router_z_loss_alpha=1e-3))
+    base = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_layers=3,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        first_k_dense=1,
+        moe=MoEConfig.fine_grained(4, 2, 2, 1, 32, router_z_loss_alpha=1e-3),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -42,7 +50,7 @@ def test_layer_pattern_and_segments():
     assert [cfg2.is_moe_layer(l) for l in range(6)] == [False, False, True, False, True, False]
     assert small_cfg(moe=None).layer_segments() == [(False, 0, 3)]
     model = Transformer(cfg, nnx.Rngs(0))
-    assert model.stacks[1].blocks.ffn.wi.shape == (5, 7, 32, 2, 16)   # [layers, E, d, 2, f]
+    assert model.stacks[1].blocks.ffn.wi.shape == (5, 7, 32, 2, 16)  # [layers, E, d, 2, f]
     assert model.stacks[1].blocks.ffn.wi.get_metadata()["axes"] == ("layers", "experts", "embed", None, "expert_mlp")
 
 
@@ -54,7 +62,7 @@ def test_scan_and_unrolled_layers_agree_including_aux_losses():
     np.testing.assert_allclose(l_scan, l_loop, rtol=1e-6)
     assert_tree_close(out_scan.moe_losses, out_loop.moe_losses, 1e-6)
     assert_tree_close(g_scan, g_loop, 1e-5)
-    assert out_scan.stats.tokens_per_expert.shape == (2, 7)   # [MoE layers, routed experts]
+    assert out_scan.stats.tokens_per_expert.shape == (2, 7)  # [MoE layers, routed experts]
 
 
 def test_aux_losses_reach_the_router_gradient_under_scan():
@@ -84,7 +92,7 @@ def test_bfloat16_forward_backward_is_finite_and_close_to_float32():
     (l32, _), _ = loss_and_grads(cfg, toks)
     (l16, _), g16 = loss_and_grads(cfg.replace(dtype="bfloat16"), toks)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g16))
-    assert jax.tree.leaves(g16)[0].dtype == jnp.float32        # params (and their grads) stay float32
+    assert jax.tree.leaves(g16)[0].dtype == jnp.float32  # params (and their grads) stay float32
     assert abs(float(l16) - float(l32)) / float(l32) < 0.02, (float(l16), float(l32))
 
 

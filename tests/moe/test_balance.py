@@ -1,7 +1,8 @@
 """Hand-computed goldens for the balance losses of paper Eq 12-17 and the router z-loss."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe_jax.moe import balance as B
@@ -29,10 +30,10 @@ def test_expert_balance_per_sequence_hand_computed():
     # Sequence 1: choices {1,2}, {1,2}: counts [0,2,2] -> f = [0, 1.5, 1.5];
     #   P = ([.2,.5,.3] + [.1,.6,.3]) / 2 = [.15, .55, .3]; sum = .825 + .45 = 1.275
     # Batch mean: (1.0875 + 1.275) / 2 = 1.18125
-    probs = jnp.array([[[.5, .3, .2], [.4, .2, .4]], [[.2, .5, .3], [.1, .6, .3]]])
+    probs = jnp.array([[[0.5, 0.3, 0.2], [0.4, 0.2, 0.4]], [[0.2, 0.5, 0.3], [0.1, 0.6, 0.3]]])
     idx = jnp.array([[[0, 1], [0, 2]], [[1, 2], [2, 1]]])
     mask = jnp.ones(idx.shape, bool)
-    np.testing.assert_allclose(B.expert_fraction(idx, mask, 3), [[1.5, .75, .75], [0, 1.5, 1.5]], rtol=1e-6)
+    np.testing.assert_allclose(B.expert_fraction(idx, mask, 3), [[1.5, 0.75, 0.75], [0, 1.5, 1.5]], rtol=1e-6)
     assert float(B.expert_balance_loss(probs, idx, mask)) == pytest.approx(1.18125, rel=1e-6)
     # Global variant: counts over both sequences [2,3,3], T=4: f = 3/(2*4)*[2,3,3] = [.75,1.125,1.125]
     #   P = mean over 4 tokens = [.3, .4, .3]; sum = .225 + .45 + .3375 = 1.0125
@@ -52,19 +53,20 @@ def test_device_balance_hand_computed():
     # f = 4/(1*2)*[1,1,0,0] = [2,2,0,0]; f' = mean per group = [2, 0]
     # P = mean([.4,.3,.2,.1],[.3,.3,.2,.2]) = [.35,.3,.2,.15]; P' = sum per group = [.65, .35]
     # loss = 2 * .65 = 1.3
-    probs = jnp.array([[[.4, .3, .2, .1], [.3, .3, .2, .2]]])
+    probs = jnp.array([[[0.4, 0.3, 0.2, 0.1], [0.3, 0.3, 0.2, 0.2]]])
     idx = jnp.array([[[0], [1]]])
     mask = jnp.ones(idx.shape, bool)
     assert float(B.device_balance_loss(probs, idx, mask, 2)) == pytest.approx(1.3, rel=1e-6)
     # With D = E the device loss is E/... per-expert: f'=f, P'=P: equals the expert loss.
-    np.testing.assert_allclose(B.device_balance_loss(probs, idx, mask, 4),
-                               B.expert_balance_loss(probs, idx, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        B.device_balance_loss(probs, idx, mask, 4), B.expert_balance_loss(probs, idx, mask), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="3 groups do not divide 4 experts"):
         B.device_balance_loss(probs, idx, mask, 3)
 
 
 def test_balance_gradient_flows_through_probabilities_only():
-    probs = jnp.array([[[.4, .3, .2, .1], [.3, .3, .2, .2]]])
+    probs = jnp.array([[[0.4, 0.3, 0.2, 0.1], [0.3, 0.3, 0.2, 0.2]]])
     idx = jnp.array([[[0], [1]]])
     mask = jnp.ones(idx.shape, bool)
     g = jax.grad(lambda p: B.expert_balance_loss(p, idx, mask))(probs)

@@ -1,11 +1,13 @@
 """Oracle tests: every dispatch strategy against the naive per-expert loop, outputs and gradients."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-
 from helpers import assert_tree_close, max_rel_err
-from moe_jax.moe.dispatch import ExpertParams, get_dispatch, swiglu
+
+from moe_jax.layers.mlp import swiglu
+from moe_jax.moe.dispatch import ExpertParams, get_dispatch
 from moe_jax.moe.dispatch.capacity import capacity_positions, expert_capacity
 from moe_jax.moe.routing import Routing, router_logits, softmax_topk
 
@@ -30,15 +32,16 @@ def _run(name, params, rng, policy, k, **opts):
 def _loss(name, **opts):
     def f(params, rng, policy, k):
         out = _run(name, params, rng, policy, k, **opts)
-        return jnp.sum(jnp.sin(out.y)), out.y   # a non-linear loss so every gradient entry matters
+        return jnp.sum(jnp.sin(out.y)), out.y  # a non-linear loss so every gradient entry matters
+
     return f
 
 
 CASES = [  # (tokens, experts, k, policy)
-    (32, 4, 1, "greedy"),      # Switch-like
-    (32, 8, 2, "greedy"),      # GShard-like
-    (48, 15, 7, "greedy"),     # fine-grained, many active
-    (40, 8, 2, "random"),      # GShard random policy: masked second choices
+    (32, 4, 1, "greedy"),  # Switch-like
+    (32, 8, 2, "greedy"),  # GShard-like
+    (48, 15, 7, "greedy"),  # fine-grained, many active
+    (40, 8, 2, "random"),  # GShard random policy: masked second choices
 ]
 
 
@@ -48,14 +51,15 @@ def test_dispatch_matches_reference_outputs_and_gradients(name, opts, t, e, k, p
     params, rng, policy, k = _problem(t * e + k, t, e, k, policy)
     (l_ref, y_ref), g_ref = jax.value_and_grad(_loss("reference"), has_aux=True)(params, rng, policy, k)
     (l, y), g = jax.jit(jax.value_and_grad(_loss(name, **opts), has_aux=True), static_argnums=(2, 3))(
-        params, rng, policy, k)
+        params, rng, policy, k
+    )
     assert max_rel_err(y, y_ref) <= 1e-5
-    assert_tree_close(g, g_ref, 1e-5)   # gradients w.r.t. x, router kernel, wi, wo
+    assert_tree_close(g, g_ref, 1e-5)  # gradients w.r.t. x, router kernel, wi, wo
 
 
 def test_capacity_that_drops_nothing_equals_dropless():
     params, rng, policy, k = _problem(7, 64, 8, 2)
-    big = _run("capacity", params, rng, policy, k, capacity_factor=8 / 2)   # C = T: nothing can drop
+    big = _run("capacity", params, rng, policy, k, capacity_factor=8 / 2)  # C = T: nothing can drop
     ref = _run("dropless", params, rng, policy, k)
     assert not bool(big.dropped.any())
     assert max_rel_err(big.y, ref.y) <= 1e-6
@@ -75,7 +79,7 @@ def test_capacity_drops_exactly_the_hand_computed_tokens():
     # First choices in token order: t0->e0 (slot 0), t1->e0 (1), t2->e1 (0), t3->e0 (full: dropped).
     # Second choices after all first: t0->e1 (1), t1->e1 (full), t2->e0 (full), t3->e1 (full).
     indices = jnp.array([[0, 1], [0, 1], [1, 0], [0, 1]])
-    weights = jnp.array([[.6, .4], [.7, .3], [.8, .2], [.9, .1]])
+    weights = jnp.array([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]])
     routing = Routing(indices=indices, weights=weights, mask=jnp.ones((4, 2), bool))
     assert expert_capacity(4, 2, 2, 0.5) == 2
     np.testing.assert_array_equal(capacity_positions(indices, routing.mask, 2), [[0, 1], [1, 2], [0, 3], [2, 3]])
@@ -86,7 +90,7 @@ def test_capacity_drops_exactly_the_hand_computed_tokens():
     np.testing.assert_array_equal(out.dropped, [[False, False], [False, True], [False, True], [True, True]])
     np.testing.assert_array_equal(out.tokens_per_expert, [2, 2])
     f0, f1 = swiglu(x, wi[0], wo[0]), swiglu(x, wi[1], wo[1])
-    expected = jnp.stack([.6 * f0[0] + .4 * f1[0], .7 * f0[1], .8 * f1[2], jnp.zeros(D)])
+    expected = jnp.stack([0.6 * f0[0] + 0.4 * f1[0], 0.7 * f0[1], 0.8 * f1[2], jnp.zeros(D)])
     assert max_rel_err(out.y, expected) <= 1e-6
 
 

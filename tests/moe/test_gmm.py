@@ -1,13 +1,14 @@
 """Grouped-matmul kernels against a naive per-expert numpy loop (outputs, d lhs, d rhs), and the dropless
 dispatch with every kernel against the reference dispatch."""
+
 import functools
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-
 from helpers import assert_tree_close, max_rel_err
+
 from moe_jax.moe.dispatch import ExpertParams, get_dispatch
 from moe_jax.moe.dispatch import gmm as G
 from moe_jax.moe.dispatch.kernels_cpu import chunked_gmm
@@ -75,7 +76,7 @@ def test_kernel_matches_per_expert_loop(kernel, groups):
         assert got.shape == ref.shape
         assert max_rel_err(got, ref) <= 1e-5 if np.any(ref) else not np.any(np.asarray(got))
     total = sum(sizes)
-    assert not np.any(np.asarray(out)[total:]) and not np.any(np.asarray(dlhs)[total:])   # sentinel rows
+    assert not np.any(np.asarray(out)[total:]) and not np.any(np.asarray(dlhs)[total:])  # sentinel rows
 
 
 @pytest.mark.parametrize("kernel", [k for k in KERNELS if k.startswith("chunked")])
@@ -83,7 +84,7 @@ def test_chunked_kernel_under_jit_and_nan_in_sentinel_rows(kernel):
     m, sizes = GROUPS["sentinel_rows"]
     lhs, rhs, dy = _problem(m, sizes, seed=1)
     total = sum(sizes)
-    lhs[total:] = np.nan                         # whatever sits past the groups never leaks
+    lhs[total:] = np.nan  # whatever sits past the groups never leaks
     dy[total:] = np.inf
     gs = jnp.asarray(sizes, jnp.int32)
     fn = KERNELS[kernel]
@@ -134,7 +135,7 @@ def test_chunked_kernel_has_no_rows_times_experts_intermediate():
 
 def test_auto_choice_per_platform():
     assert G.resolve_gmm("auto", "cpu") == "chunked"
-    assert G.resolve_gmm("auto", "gpu") in G.GPU_PREFERENCE     # the first usable (test_gmm_mosaic.py)
+    assert G.resolve_gmm("auto", "gpu") in G.GPU_PREFERENCE  # the first usable (test_gmm_mosaic.py)
     assert G.resolve_gmm("auto", "tpu") == "ragged_dot"
     assert G.resolve_gmm("ragged_dot", "cpu") == "ragged_dot"
     assert G.get_gmm("auto", "cpu") is G.get_gmm("chunked")
@@ -154,6 +155,7 @@ def _dispatch_loss(name, backend, k, policy="greedy"):
         routing = softmax_topk(router_logits(x, kernel), k, second_expert_policy=policy, rng=rng)
         y = get_dispatch(name)(x, routing, ExpertParams(wi=wi, wo=wo), gmm_backend=backend).y
         return jnp.sum(jnp.sin(y)), y
+
     return f
 
 
@@ -164,8 +166,13 @@ DISPATCH_CASES = [(48, 15, 7, "greedy"), (40, 8, 2, "random"), (32, 4, 1, "greed
 @functools.lru_cache(maxsize=None)
 def _dispatch_grad(name, backend, t, e, k, policy):
     keys = jax.random.split(jax.random.key(t + e + k), 5)
-    args = (jax.random.normal(keys[0], (t, D)), jax.random.normal(keys[1], (D, e)),
-            0.3 * jax.random.normal(keys[2], (e, D, 2, F)), 0.3 * jax.random.normal(keys[3], (e, F, D)), keys[4])
+    args = (
+        jax.random.normal(keys[0], (t, D)),
+        jax.random.normal(keys[1], (D, e)),
+        0.3 * jax.random.normal(keys[2], (e, D, 2, F)),
+        0.3 * jax.random.normal(keys[3], (e, F, D)),
+        keys[4],
+    )
     fn = jax.value_and_grad(_dispatch_loss(name, backend, k, policy), argnums=(0, 1, 2, 3), has_aux=True)
     return jax.jit(fn)(*args)
 
@@ -186,13 +193,13 @@ def test_permutation_backward_is_a_gather_not_a_scatter():
     f = lambda x: jnp.sum(jnp.sin(permute_rows(gather_replicated(x, perm, inv, 3), inv, perm)))
     text = str(jax.make_jaxpr(jax.grad(f))(x))
     assert "scatter" not in text
-    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(lambda x: jnp.sum(jnp.sin(jnp.repeat(x, 3, 0))))(x),
-                               rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(lambda x: jnp.sum(jnp.sin(jnp.repeat(x, 3, 0))))(x), rtol=1e-6)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (run with JAX_PLATFORMS=cuda): the Triton lowering of ragged_dot")
 def test_triton_ragged_dot_on_gpu_matches_reference():
     from moe_jax.moe.dispatch import kernels_gpu
+
     assert G.prepare_gmm("ragged_dot_triton") == "ragged_dot_triton"
     m, sizes = 384, [100, 0, 37, 200, 20]
     lhs, rhs, dy = _problem(m, sizes)
@@ -203,9 +210,9 @@ def test_triton_ragged_dot_on_gpu_matches_reference():
         out, vjp = jax.vjp(lambda a, b: G.get_gmm("ragged_dot_triton")(a, b, gs), a, b)
         return (out,) + vjp(g)
 
-    with jax.default_matmul_precision("highest"):               # no TF32: the float32 bound holds
+    with jax.default_matmul_precision("highest"):  # no TF32: the float32 bound holds
         out, dlhs, drhs = run(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(dy))
     for got, ref in zip((out, dlhs, drhs), _reference(lhs, rhs, sizes, dy)):
         assert max_rel_err(got, ref) <= 1e-5
-    assert not np.any(np.asarray(out)[sum(sizes):])
+    assert not np.any(np.asarray(out)[sum(sizes) :])
     assert kernels_gpu.triton_lowering_available() == bool(getattr(jax.config, kernels_gpu.FLAG))

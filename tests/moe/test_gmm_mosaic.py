@@ -6,15 +6,16 @@ the real ones' contract (tile divisibility, unwritten rows = NaN, neighbour mask
 so a wrapper that skipped a pad or a mask fails. The real kernels are traced (not run) on CPU with
 the 2B model's shapes, and run against the reference on a Hopper GPU (skipped elsewhere).
 """
+
 import functools
 import types
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-
 from helpers import assert_tree_close, max_rel_err
+
 from moe_jax.moe.dispatch import ExpertParams, get_dispatch
 from moe_jax.moe.dispatch import gmm as G
 from moe_jax.moe.dispatch import kernels_mosaic as KM
@@ -52,8 +53,11 @@ def _reference(lhs, rhs, sizes, dy):
 
 def _problem(m, k, n, sizes, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((len(sizes), k, n)).astype(np.float32),
-            rng.standard_normal((m, n)).astype(np.float32))
+    return (
+        rng.standard_normal((m, k)).astype(np.float32),
+        rng.standard_normal((len(sizes), k, n)).astype(np.float32),
+        rng.standard_normal((m, n)).astype(np.float32),
+    )
 
 
 def _run(fn, lhs, rhs, dy, sizes, dtype=jnp.float32):
@@ -77,7 +81,7 @@ def test_wrapper_with_emulated_kernels_matches_per_expert_loop(case):
         assert g.shape == ref.shape and g.dtype == jnp.float32, what
         assert np.isfinite(np.asarray(g)).all(), what
         assert (max_rel_err(g, ref) <= 1e-5) if np.any(ref) else not np.any(np.asarray(g)), what
-    assert not np.any(np.asarray(got[0])[sum(sizes):]) and not np.any(np.asarray(got[1])[sum(sizes):])
+    assert not np.any(np.asarray(got[0])[sum(sizes) :]) and not np.any(np.asarray(got[1])[sum(sizes) :])
 
 
 @pytest.mark.parametrize("case", ["padded_everywhere", "one_group_last"])
@@ -109,7 +113,7 @@ def test_emulated_kernels_keep_the_hazards_the_wrapper_removes():
     tiles = dict(block_m=8, block_n=8, block_k=8, max_concurrent_steps=2, grid_block_n=1)
     out = KM._emulated_ragged_dot(jnp.ones((8, 8)), jnp.ones((2, 8, 8)), group_sizes=gs, **tiles)
     assert np.isnan(np.asarray(out)[5:]).all() and not np.isnan(np.asarray(out)[:5]).any()
-    x = jnp.ones((16, 8)).at[12].set(jnp.nan)       # past the groups, in group 1's block (rows 8-15)
+    x = jnp.ones((16, 8)).at[12].set(jnp.nan)  # past the groups, in group 1's block (rows 8-15)
     tg = KM._emulated_transposed_ragged_dot(x, jnp.ones((16, 8)), group_sizes=jnp.asarray([8, 2]), **tiles)
     assert np.isnan(np.asarray(tg)[1]).all() and np.isfinite(np.asarray(tg)[0]).all()
     with pytest.raises(ValueError, match="multiple of"):
@@ -152,13 +156,19 @@ class _JaxWithSMs(types.ModuleType):
         return [types.SimpleNamespace(core_count=132)]
 
 
-@pytest.mark.parametrize("k,n,sizes", [(1280, 1728, [3000, 0, 2000, 1192]),   # 2B wi: d -> 2 x 864
-                                       (864, 1280, [3000, 0, 2000, 1192]),    # 2B wo: 864 -> d (padded)
-                                       (853, 1280, [6000, 0, 0, 100])])       # paper's 2B width F/4 = 853
+@pytest.mark.parametrize(
+    "k,n,sizes",
+    [
+        (1280, 1728, [3000, 0, 2000, 1192]),  # 2B wi: d -> 2 x 864
+        (864, 1280, [3000, 0, 2000, 1192]),  # 2B wo: 864 -> d (padded)
+        (853, 1280, [6000, 0, 0, 100]),
+    ],
+)  # paper's 2B width F/4 = 853
 def test_real_kernels_accept_the_wrapper_shapes(monkeypatch, k, n, sizes):
     # Traced, not run (no GPU needed): the Mosaic kernels' own argument checks and Pallas tracing see
     # exactly what the wrapper passes them, forward and backward, at the 2B layer's shapes.
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
     monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", _JaxWithSMs())
     m = 8192
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
@@ -178,16 +188,18 @@ G.register_gmm("test_mosaic_emulated")(functools.partial(KM.mosaic_gmm, config=S
 
 @pytest.mark.parametrize("t,e,k", [(48, 15, 7), (40, 8, 2)])
 def test_dropless_dispatch_with_emulated_mosaic_matches_reference(t, e, k):
-    d, f = 16, 12                                              # f: the hidden width is padded (12 -> 16)
+    d, f = 16, 12  # f: the hidden width is padded (12 -> 16)
     keys = jax.random.split(jax.random.key(t + e), 5)
     x, router = jax.random.normal(keys[0], (t, d)), jax.random.normal(keys[1], (d, e))
     wi, wo = 0.3 * jax.random.normal(keys[2], (e, d, 2, f)), 0.3 * jax.random.normal(keys[3], (e, f, d))
 
     def run(name, backend):
         def loss(x, router, wi, wo):
-            y = get_dispatch(name)(x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo),
-                                   gmm_backend=backend).y
+            y = get_dispatch(name)(
+                x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo), gmm_backend=backend
+            ).y
             return jnp.sum(jnp.sin(y)), y
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, router, wi, wo)
 
     (_, y), g = run("dropless", "test_mosaic_emulated")
@@ -213,11 +225,11 @@ def test_mosaic_backend_without_a_hopper_gpu_names_the_fix():
     with pytest.raises(ValueError, match="needs a Hopper GPU.*gmm_backend='auto'"):
         G.get_gmm("mosaic_gpu")(lhs, rhs, jnp.asarray([4, 4]))
     out = G.get_gmm("mosaic_gpu")(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray([4, 4]))
-    np.testing.assert_allclose(out, 64.0)                     # float32: the ragged_dot fallback runs anywhere
+    np.testing.assert_allclose(out, 64.0)  # float32: the ragged_dot fallback runs anywhere
 
 
 def test_usability_checks_here():
-    assert KM.importable()                                   # the pinned jax wheel ships both kernels
+    assert KM.importable()  # the pinned jax wheel ships both kernels
     assert KM.available() == (KM.importable() and KM.hopper_visible())
     if jax.default_backend() == "cpu":
         assert not G.gmm_usable("mosaic_gpu") and G.gmm_usable("ragged_dot") and G.gmm_usable("chunked")
@@ -227,20 +239,22 @@ def test_usability_checks_here():
 # On a Hopper GPU: the real kernels
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "mosaic_gpu_chunked_dw"])
-@pytest.mark.parametrize("k,n,sizes", [(256, 192, [100, 0, 37, 500, 20]), (200, 100, [1, 600, 0, 80]),
-                                       (1280, 1728, [4000, 0, 3000, 1000])])
+@pytest.mark.parametrize(
+    "k,n,sizes", [(256, 192, [100, 0, 37, 500, 20]), (200, 100, [1, 600, 0, 80]), (1280, 1728, [4000, 0, 3000, 1000])]
+)
 def test_mosaic_kernels_on_gpu_match_per_expert_loop(backend, k, n, sizes):
     assert G.resolve_gmm("auto") == "mosaic_gpu"
-    m = sum(sizes) + 37                                      # rows past the groups
+    m = sum(sizes) + 37  # rows past the groups
     lhs, rhs, dy = _problem(m, k, n, sizes)
     got = _run(G.get_gmm(backend), lhs, rhs, dy, sizes, jnp.bfloat16)
     lb, rb, db = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (lhs, rhs, dy))
     for g, ref, what in zip(got, _reference(lb, rb, sizes, db), ("out", "dlhs", "drhs")):
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), what
-        assert max_rel_err(g, ref) <= 1e-2, what             # bf16 output rounding of f32 sums
-    assert not np.any(np.asarray(got[0], np.float32)[sum(sizes):])
+        assert max_rel_err(g, ref) <= 1e-2, what  # bf16 output rounding of f32 sums
+    assert not np.any(np.asarray(got[0], np.float32)[sum(sizes) :])
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
@@ -248,14 +262,17 @@ def test_dropless_dispatch_with_mosaic_on_gpu_matches_reference():
     t, d, f, e, k = 512, 128, 64, 8, 2
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (t, d), jnp.bfloat16)
-    experts = ExpertParams(wi=(0.1 * jax.random.normal(keys[1], (e, d, 2, f))).astype(jnp.bfloat16),
-                           wo=(0.1 * jax.random.normal(keys[2], (e, f, d))).astype(jnp.bfloat16))
+    experts = ExpertParams(
+        wi=(0.1 * jax.random.normal(keys[1], (e, d, 2, f))).astype(jnp.bfloat16),
+        wo=(0.1 * jax.random.normal(keys[2], (e, f, d))).astype(jnp.bfloat16),
+    )
     routing = softmax_topk(router_logits(x.astype(jnp.float32), jax.random.normal(keys[3], (d, e))), k)
 
     def loss(name, backend):
         def f(x, experts):
             y = get_dispatch(name)(x, routing, experts, gmm_backend=backend).y
             return jnp.sum(y.astype(jnp.float32) ** 2), y
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, experts)
 
     (_, y), g = loss("dropless", "mosaic_gpu")

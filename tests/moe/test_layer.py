@@ -1,22 +1,23 @@
 """The MoE layer: each paper model by configuration, dispatches against the oracle, losses and stats."""
+
 import dataclasses
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import assert_tree_close, max_rel_err
+
 from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.model.mlp import MLP
+from moe_jax.layers.mlp import MLP
 from moe_jax.moe import balance
 from moe_jax.moe.layer import MoELayer
 
 F = 32  # the "standard FFN" width of these tiny layers
 
 LAYERS = {
-    "deepseekmoe": MoEConfig.fine_grained(8, 2, 4, 1, F),            # 1 shared + 31 routed, top-7
+    "deepseekmoe": MoEConfig.fine_grained(8, 2, 4, 1, F),  # 1 shared + 31 routed, top-7
     "gshard": MoEConfig.fine_grained(8, 2, 1, 0, F),
     "gshard_random": MoEConfig.fine_grained(8, 2, 1, 0, F, second_expert_policy="random"),
     "switch": MoEConfig(num_experts=8, top_k=1, expert_dim=F),
@@ -26,9 +27,20 @@ LAYERS = {
 
 
 def _model_cfg(moe: MoEConfig) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, head_dim=8, ffn_dim=F,
-                       moe=dataclasses.replace(moe, router_z_loss_alpha=1e-3, device_balance_alpha=0.05,
-                                               num_device_groups=2 if moe.num_experts % 2 == 0 else 1))
+    return ModelConfig(
+        vocab_size=64,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        head_dim=8,
+        ffn_dim=F,
+        moe=dataclasses.replace(
+            moe,
+            router_z_loss_alpha=1e-3,
+            device_balance_alpha=0.05,
+            num_device_groups=2 if moe.num_experts % 2 == 0 else 1,
+        ),
+    )
 
 
 def _inputs():
@@ -43,6 +55,7 @@ def _layer_loss(dispatch, cfg):
         y, aux = layer(x, ids, rng)
         aux_total = 0.0 if aux is None else aux.losses.total
         return jnp.sum(jnp.sin(y)) + aux_total, (y, aux)
+
     return f
 
 
@@ -74,12 +87,15 @@ def test_layer_losses_are_the_alpha_weighted_equations():
     m = cfg.moe
     routing = layer.router(x.reshape(-1, 16), None, None)
     probs, idx, mask = (a.reshape(2, 12, -1) for a in (routing.probs, routing.indices, routing.mask))
-    np.testing.assert_allclose(aux.losses.expert_balance,
-                               m.expert_balance_alpha * balance.expert_balance_loss(probs, idx, mask), rtol=1e-6)
-    np.testing.assert_allclose(aux.losses.device_balance,
-                               m.device_balance_alpha * balance.device_balance_loss(probs, idx, mask, 1), rtol=1e-6)
-    np.testing.assert_allclose(aux.losses.z_loss, m.router_z_loss_alpha * balance.router_z_loss(routing.logits),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        aux.losses.expert_balance, m.expert_balance_alpha * balance.expert_balance_loss(probs, idx, mask), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        aux.losses.device_balance, m.device_balance_alpha * balance.device_balance_loss(probs, idx, mask, 1), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        aux.losses.z_loss, m.router_z_loss_alpha * balance.router_z_loss(routing.logits), rtol=1e-6
+    )
     assert int(aux.stats.tokens_per_expert.sum()) == 2 * 12 * m.top_k
     assert float(aux.stats.max_load) >= 1.0 and float(aux.stats.dropped_fraction) == 0.0
     assert 0.0 < float(aux.stats.router_entropy) <= np.log(m.num_experts) + 1e-5
@@ -95,8 +111,10 @@ def test_hash_layer_has_no_balance_loss_and_a_fixed_untrained_table():
     assert "table" not in str(jax.tree_util.tree_flatten_with_path(params)[0])
     table_before = np.asarray(layer.router.table[...])
     # The same token id goes to the same expert wherever it appears.
-    np.testing.assert_array_equal(np.asarray(layer.router(x.reshape(-1, 16), ids.reshape(-1), None).indices[:, 0]),
-                                  table_before[np.asarray(ids).reshape(-1)])
+    np.testing.assert_array_equal(
+        np.asarray(layer.router(x.reshape(-1, 16), ids.reshape(-1), None).indices[:, 0]),
+        table_before[np.asarray(ids).reshape(-1)],
+    )
     np.testing.assert_array_equal(MoELayer(cfg, nnx.Rngs(5)).router.table[...], table_before)  # seed, not rngs
 
 

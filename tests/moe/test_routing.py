@@ -1,8 +1,8 @@
 """Routing goldens: softmax gates without renormalisation, top-k, GShard's random policy, hash tables."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
-import pytest
+import numpy as np
 
 from moe_jax.moe import routing as R
 

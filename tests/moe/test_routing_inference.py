@@ -19,7 +19,7 @@ def test_disable_top_masks_the_highest_probabilities_and_keeps_raw_gates():
     r = R.softmax_topk(logits, 2, disable_top=1)
     np.testing.assert_array_equal(r.indices, [[2, 1], [1, 2]])
     np.testing.assert_allclose(r.weights, [[0.3, 0.2], [0.3, 0.2]], rtol=1e-6)  # original probabilities
-    np.testing.assert_allclose(r.probs, jax.nn.softmax(logits, -1), rtol=1e-6)   # scores untouched
+    np.testing.assert_allclose(r.probs, jax.nn.softmax(logits, -1), rtol=1e-6)  # scores untouched
     r2 = R.softmax_topk(logits, 1, disable_top=3)
     np.testing.assert_array_equal(r2.indices, [[0], [3]])
     np.testing.assert_allclose(r2.weights, [[0.1], [0.1]], rtol=1e-6)
@@ -52,8 +52,9 @@ def test_config_validation():
 def _cfg(**moe) -> ModelConfig:
     m = dict(num_experts=8, num_shared_experts=1, expert_dim=16, top_k=2)
     m.update(moe)
-    return ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn_dim=32,
-                       moe=MoEConfig(**m), init_std=0.05)
+    return ModelConfig(
+        vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn_dim=32, moe=MoEConfig(**m), init_std=0.05
+    )
 
 
 def test_layer_disable_shared_removes_exactly_the_shared_output():
@@ -61,7 +62,7 @@ def test_layer_disable_shared_removes_exactly_the_shared_output():
     layer = MoELayer(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 5, 32))
     y_full, _ = layer(x)
-    layer_off = MoELayer(cfg.replace_moe(disable_shared=True), nnx.Rngs(0))   # same init
+    layer_off = MoELayer(cfg.replace_moe(disable_shared=True), nnx.Rngs(0))  # same init
     y_off, _ = layer_off(x)
     shared = layer.shared(x.reshape(10, 32)).reshape(2, 5, 32)
     np.testing.assert_allclose(y_off, y_full - shared, atol=1e-6)

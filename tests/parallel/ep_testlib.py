@@ -1,4 +1,5 @@
 """Tiny models, meshes and a loss/grad step shared by the expert-parallel tests (not a test module)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,9 +22,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 MOE = {
     # DeepSeekMoE: fine-grained routed experts + shared expert isolation, all three balance terms.
-    "deepseekmoe": MoEConfig(num_experts=16, num_shared_experts=2, expert_dim=8, top_k=6,
-                             expert_balance_alpha=0.01, device_balance_alpha=0.05, num_device_groups=4,
-                             router_z_loss_alpha=1e-3),
+    "deepseekmoe": MoEConfig(
+        num_experts=16,
+        num_shared_experts=2,
+        expert_dim=8,
+        top_k=6,
+        expert_balance_alpha=0.01,
+        device_balance_alpha=0.05,
+        num_device_groups=4,
+        router_z_loss_alpha=1e-3,
+    ),
     # GShard: top-2 with the random second-expert policy (needs the step rng).
     "gshard": MoEConfig(num_experts=8, expert_dim=32, top_k=2, second_expert_policy="random"),
     "switch": MoEConfig(num_experts=8, expert_dim=32, top_k=1),
@@ -33,9 +41,16 @@ MOE = {
 
 def model_config(name: str, **moe_overrides) -> ModelConfig:
     """2 layers, d_model 32; DeepSeekMoE has a dense first layer as at 16B/145B."""
-    return ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn_dim=64,
-                       moe=dataclasses.replace(MOE[name], **moe_overrides),
-                       first_k_dense=1 if name == "deepseekmoe" else 0)
+    return ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        moe=dataclasses.replace(MOE[name], **moe_overrides),
+        first_k_dense=1 if name == "deepseekmoe" else 0,
+    )
 
 
 def tokens(seed: int = 1, batch: int = BATCH) -> np.ndarray:

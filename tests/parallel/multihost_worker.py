@@ -6,6 +6,7 @@
 Trains a tiny DeepSeekMoE model for a few AdamW steps on a mesh spanning every process, each process
 feeding only its own rows of the global batch, and prints "LOSSES <json list>" from process 0.
 """
+
 import argparse
 import json
 import os
@@ -18,9 +19,10 @@ def train_losses(mesh_spec: str, steps: int) -> tuple[list[float], str]:
     saying which rows and experts this process held."""
     import jax
     import optax
+    from ep_testlib import BATCH, FAST_COMPILE, loss_fn, model_config, tokens
+    from ep_testlib import mesh as make_mesh
     from flax import nnx
 
-    from ep_testlib import BATCH, FAST_COMPILE, loss_fn, mesh as make_mesh, model_config, tokens
     from moe_jax.model.transformer import Transformer
     from moe_jax.parallel import abstract_state, create_sharded, process_batch_rows, shard_batch, validate
 
@@ -44,7 +46,7 @@ def train_losses(mesh_spec: str, steps: int) -> tuple[list[float], str]:
     compiled = None
     with jax.set_mesh(mesh):
         for i in range(steps):
-            batch = shard_batch(tokens(seed=100)[rows], mesh)       # this process's rows only
+            batch = shard_batch(tokens(seed=100)[rows], mesh)  # this process's rows only
             args = (params, opt_state, rest_state, batch, jax.random.key(i))
             if compiled is None:
                 compiled = step.lower(*args).compile(compiler_options=FAST_COMPILE)
@@ -52,8 +54,10 @@ def train_losses(mesh_spec: str, steps: int) -> tuple[list[float], str]:
             losses.append(float(loss))
     wi = params["stacks"][1]["blocks"]["ffn"]["wi"][...]
     local_experts = sorted({s.index[1].start for s in wi.addressable_shards})
-    report = (f"PROCESS {jax.process_index()}/{jax.process_count()} devices={jax.local_device_count()} "
-              f"rows={rows.start}:{rows.stop} expert_shard_starts={local_experts}")
+    report = (
+        f"PROCESS {jax.process_index()}/{jax.process_count()} devices={jax.local_device_count()} "
+        f"rows={rows.start}:{rows.stop} expert_shard_starts={local_experts}"
+    )
     return losses, report
 
 
@@ -69,6 +73,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     from moe_jax.parallel import add_distributed_args, distributed_config_from_args, initialize_distributed
+
     dist_parser = argparse.ArgumentParser()
     add_distributed_args(dist_parser)
     initialize_distributed(distributed_config_from_args(dist_parser.parse_args(rest)), initialization_timeout=120)
@@ -76,6 +81,7 @@ def main(argv=None) -> int:
     losses, report = train_losses(args.mesh, args.steps)
     print(report, flush=True)
     import jax
+
     if jax.process_index() == 0:
         print("LOSSES " + json.dumps(losses), flush=True)
     return 0

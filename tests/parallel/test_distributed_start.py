@@ -1,6 +1,7 @@
 """Issue 18: multi-host start-up says whom it waits for and for how long, the timeout is a flag, and a
 coordinator that never answers or a process_id out of range ends in one line (no hang, no traceback),
 before anything is written to the workdir."""
+
 import os
 import socket
 import subprocess
@@ -20,8 +21,16 @@ def _free_port() -> int:
 
 
 def _train(workdir, *flags):
-    cmd = [sys.executable, "-m", "moe_jax.cli", "train", "--model=deepseekmoe_tiny", "--gin_file=runs/proxy_cpu.gin",
-           f"--workdir={workdir}", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_jax.cli",
+        "train",
+        "--model=deepseekmoe_tiny",
+        "--gin_file=runs/proxy_cpu.gin",
+        f"--workdir={workdir}",
+        *flags,
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     t = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -34,18 +43,29 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("process_id,expected", [
-    (1, "the coordinator at 127.0.0.1:{port} was unreachable for 3 s (process 1 of 2)"),
-    (0, "not every one of the 2 processes joined the coordinator at 127.0.0.1:{port} within 3 s"),
-])
+@pytest.mark.parametrize(
+    "process_id,expected",
+    [
+        (1, "the coordinator at 127.0.0.1:{port} was unreachable for 3 s (process 1 of 2)"),
+        (0, "not every one of the 2 processes joined the coordinator at 127.0.0.1:{port} within 3 s"),
+    ],
+)
 def test_nobody_answers_within_the_timeout(tmp_path, process_id, expected):
     port = _free_port()
-    proc, seconds = _train(tmp_path / "wd", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                           f"--process_id={process_id}", "--distributed_timeout=3")
+    proc, seconds = _train(
+        tmp_path / "wd",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={process_id}",
+        "--distributed_timeout=3",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert f"waiting up to 3 s for " in proc.stdout
-    assert ("the coordinator (process 0) at 127.0.0.1:" in proc.stdout if process_id else
-            "for the other 1 process(es) to join" in proc.stdout)
+    assert "waiting up to 3 s for " in proc.stdout
+    assert (
+        "the coordinator (process 0) at 127.0.0.1:" in proc.stdout
+        if process_id
+        else "for the other 1 process(es) to join" in proc.stdout
+    )
     line = _one_line(proc.stderr)
     assert expected.format(port=port) in line and "--distributed_timeout" in line
     assert seconds < 60

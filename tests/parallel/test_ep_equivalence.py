@@ -1,11 +1,11 @@
 """Issue 4, item 1: on 8 CPU devices the loss, outputs and every parameter gradient of each paper
 model under expert parallelism equal the single-device dropless run (float32, 1e-5 relative)."""
+
 import functools
 
 import jax
 import numpy as np
 import pytest
-
 from ep_testlib import MOE, mesh, model_config, run, tokens
 from helpers import max_rel_err
 
@@ -30,9 +30,12 @@ def _compare(name, scheme, spec, num_devices=8):
     cfg = model_config(name, expert_parallel=scheme)
     loss0, out0, grads0 = single_device(name, scheme)
     loss, out, grads = run(cfg, tokens(), mesh(spec, jax.devices()[:num_devices]))
-    errors = {"loss": max_rel_err(loss, loss0), "logits": max_rel_err(out.logits, out0.logits),
-              "aux_loss": max_rel_err(out.aux_loss, out0.aux_loss),
-              "tokens_per_expert": max_rel_err(out.stats.tokens_per_expert, out0.stats.tokens_per_expert)}
+    errors = {
+        "loss": max_rel_err(loss, loss0),
+        "logits": max_rel_err(out.logits, out0.logits),
+        "aux_loss": max_rel_err(out.aux_loss, out0.aux_loss),
+        "tokens_per_expert": max_rel_err(out.stats.tokens_per_expert, out0.stats.tokens_per_expert),
+    }
     flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         errors["grad" + jax.tree_util.keystr(path)] = max_rel_err(g, flat0[path])

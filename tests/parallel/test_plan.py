@@ -1,4 +1,5 @@
 """`moe-jax plan` (issue 5 item 4): ahead-of-time compile of one training step on a fake-device mesh."""
+
 import json
 
 from moe_jax import cli
@@ -6,12 +7,21 @@ from moe_jax.parallel import plan
 
 
 def test_plan_reports_per_device_memory(capsys):
-    code = cli.main(["plan", "--model=gshard_tiny", "--gin_file=runs/proxy_cpu.gin", "--mesh=data:2,expert:4",
-                     "--batch_size=8", "--seq_len=32", "--json"])
+    code = cli.main(
+        [
+            "plan",
+            "--model=gshard_tiny",
+            "--gin_file=runs/proxy_cpu.gin",
+            "--mesh=data:2,expert:4",
+            "--batch_size=8",
+            "--seq_len=32",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["fits"]
     assert report["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-    assert 0 < 2 * report["params"] <= report["opt_state"] < 2 * report["params"] + 64   # AdamW mu, nu + counts
+    assert 0 < 2 * report["params"] <= report["opt_state"] < 2 * report["params"] + 64  # AdamW mu, nu + counts
     assert report["peak"] >= report["arguments"] > report["params"]
     assert report["temporaries"] > 0
 

@@ -12,6 +12,7 @@ block (`shard_shape`). Regenerate after an intended rule change with
     MOE_JAX_UPDATE_GOLDEN=1 pytest tests/parallel/test_rules_golden.py
 and review the diff.
 """
+
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ CASES = {
 
 def _config(name):
     from moe_jax.configs.gin_utils import model_config_from_gin
+
     return model_config_from_gin([f"models/{name}.gin"])
 
 
@@ -44,10 +46,19 @@ def golden_document(name: str) -> dict:
     validate(cfg, mesh, global_batch=64, state=state, num_devices=8)
     moe = cfg.moe
     return {
-        "model": {"gin": f"gin/models/{name}.gin", "num_layers": cfg.num_layers, "d_model": cfg.d_model,
-                  "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
-                  "num_experts": moe.num_experts, "num_shared_experts": moe.num_shared_experts,
-                  "expert_dim": moe.expert_dim, "top_k": moe.top_k, "first_k_dense": cfg.first_k_dense},
+        "model": {
+            "gin": f"gin/models/{name}.gin",
+            "num_layers": cfg.num_layers,
+            "d_model": cfg.d_model,
+            "num_heads": cfg.num_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "num_experts": moe.num_experts,
+            "num_shared_experts": moe.num_shared_experts,
+            "expert_dim": moe.expert_dim,
+            "top_k": moe.top_k,
+            "first_k_dense": cfg.first_k_dense,
+        },
         "mesh": sizes,
         "rules": {k: v if v is None or isinstance(v, str) else list(v) for k, v in LOGICAL_RULES.items()},
         "params": sharding_table(state, mesh),
@@ -56,12 +67,16 @@ def golden_document(name: str) -> dict:
 
 def dump(document: dict) -> str:
     """JSON with one line per parameter (and per rule), so a drift is a one-line diff."""
+
     def block(items: dict) -> str:
         lines = [f"    {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(items.items())]
         return "{\n" + ",\n".join(lines) + "\n  }"
-    parts = [f"  {json.dumps(key)}: " + (block(document[key]) if key in ("params", "rules") else
-                                         json.dumps(document[key], sort_keys=True))
-             for key in sorted(document)]
+
+    parts = [
+        f"  {json.dumps(key)}: "
+        + (block(document[key]) if key in ("params", "rules") else json.dumps(document[key], sort_keys=True))
+        for key in sorted(document)
+    ]
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 

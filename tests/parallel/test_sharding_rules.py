@@ -1,22 +1,30 @@
 """The rules table and placement: every device holds only its experts; shared experts, attention,
 optimizer state and batches follow the data/fsdp/tensor rules."""
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ep_testlib import mesh, model_config, tokens
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ep_testlib import mesh, model_config, tokens
 from moe_jax.model.transformer import Transformer
-from moe_jax.parallel import (LOGICAL_RULES, batch_sharding, create_sharded, logical_to_spec, process_batch_rows,
-                              shard_batch, state_shardings, tree_shardings_like)
+from moe_jax.parallel import (
+    batch_sharding,
+    create_sharded,
+    logical_to_spec,
+    process_batch_rows,
+    shard_batch,
+    state_shardings,
+    tree_shardings_like,
+)
 
 
 def test_logical_to_spec():
     assert logical_to_spec(("layers", "experts", "embed", None, "expert_mlp")) == P(
-        None, "expert", "fsdp", None, "tensor")
+        None, "expert", "fsdp", None, "tensor"
+    )
     assert logical_to_spec(("embed", "heads", "head_dim")) == P("fsdp", "tensor", None)
     assert logical_to_spec(("batch", None)) == P(("data", "fsdp", "expert"), None)
     with pytest.raises(KeyError, match="'nonsense' has no sharding rule"):
@@ -29,10 +37,10 @@ def test_logical_to_spec():
 
 
 def test_each_device_holds_only_its_experts():
-    cfg = model_config("deepseekmoe")                    # 16 routed experts, layer 1 is MoE
+    cfg = model_config("deepseekmoe")  # 16 routed experts, layer 1 is MoE
     m = mesh("data:2,expert:4")
     model = create_sharded(lambda: Transformer(cfg, nnx.Rngs(0)), m)
-    full = Transformer(cfg, nnx.Rngs(0))                  # same seed on one device
+    full = Transformer(cfg, nnx.Rngs(0))  # same seed on one device
     ffn, full_ffn = model.stacks[1].blocks.ffn, full.stacks[1].blocks.ffn
     for name in ("wi", "wo"):
         arr = getattr(ffn, name)[...]
@@ -45,7 +53,7 @@ def test_each_device_holds_only_its_experts():
             assert shard.data.shape[1] == 4
             assert shard.index[1] == slice(4 * j, 4 * (j + 1))
             # (jit-compiled and eager initialisers differ in the last ulp, sharded or not)
-            np.testing.assert_allclose(np.asarray(shard.data), ref[:, 4 * j:4 * (j + 1)], rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(np.asarray(shard.data), ref[:, 4 * j : 4 * (j + 1)], rtol=1e-6, atol=1e-8)
     # Shared experts and attention are not split over `expert` (replicated there, fsdp/tensor = 1).
     for arr in (ffn.shared.wi[...], model.stacks[1].blocks.attn.wq[...], ffn.router.kernel[...]):
         assert "expert" not in jax.tree.leaves(tuple(arr.sharding.spec))
@@ -88,4 +96,4 @@ def test_batch_is_split_over_data_and_expert():
     assert batch.sharding == batch_sharding(m)
     assert batch.sharding.shard_shape(batch.shape) == (1, toks.shape[1])
     np.testing.assert_array_equal(np.asarray(batch), toks)
-    assert process_batch_rows(m, 8) == slice(0, 8)        # one process feeds everything
+    assert process_batch_rows(m, 8) == slice(0, 8)  # one process feeds everything

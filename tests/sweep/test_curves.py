@@ -1,4 +1,5 @@
 """Paired differences and crossover detection of the sweep report (hand-computed goldens)."""
+
 import math
 
 import numpy as np
@@ -9,8 +10,10 @@ from moe_jax.sweep.family import Family, Member
 
 
 def test_paired_uses_common_seeds_and_points():
-    cur = {"moe": {0: {10: 3.0, 20: 2.0, 40: 1.0}, 1: {10: 3.2, 20: 2.1, 40: 1.1}, 2: {10: 9.0}},
-           "dense": {0: {10: 2.5, 20: 2.2, 40: 1.5}, 1: {10: 2.6, 20: 2.3, 40: 1.4}}}
+    cur = {
+        "moe": {0: {10: 3.0, 20: 2.0, 40: 1.0}, 1: {10: 3.2, 20: 2.1, 40: 1.1}, 2: {10: 9.0}},
+        "dense": {0: {10: 2.5, 20: 2.2, 40: 1.5}, 1: {10: 2.6, 20: 2.3, 40: 1.4}},
+    }
     tokens, diffs = C.paired(cur, "moe", "dense")
     assert tokens.tolist() == [10, 20, 40]
     np.testing.assert_allclose(diffs, [[0.5, -0.2, -0.5], [0.6, -0.2, -0.3]])
@@ -20,23 +23,28 @@ def test_crossover_first_point_that_stays_below():
     tokens = np.array([1e5, 1e6, 2e6, 4e6, 8e6])
     diffs = np.array([[0.3, -0.1, 0.05, -0.1, -0.2], [0.3, -0.1, 0.05, -0.12, -0.22]])
     c = C.crossover(tokens, diffs)
-    assert c["tokens"] == 4e6                      # 1e6 dips below, but 2e6 is above again
+    assert c["tokens"] == 4e6  # 1e6 dips below, but 2e6 is above again
     assert c["final"] == pytest.approx(-0.21) and c["final_std"] == pytest.approx(np.std([-0.2, -0.22], ddof=1))
 
 
 def test_crossover_trend_when_not_reached():
     tokens = np.array([1e6, 1e7, 1e8, 1e9])
-    diffs = np.array([[0.4, 0.3, 0.2, 0.1]])      # falls 0.1 per decade: reaches 0 at 1e10
+    diffs = np.array([[0.4, 0.3, 0.2, 0.1]])  # falls 0.1 per decade: reaches 0 at 1e10
     c = C.crossover(tokens, diffs)
     assert c["tokens"] is None and c["final_std"] == 0.0
     assert math.isclose(c["trend_tokens"], 1e10, rel_tol=1e-6)
-    assert C.crossover(tokens, -diffs[:, ::-1] * 0 + 0.1)["trend_tokens"] is None   # flat: no prediction
+    assert C.crossover(tokens, -diffs[:, ::-1] * 0 + 0.1)["trend_tokens"] is None  # flat: no prediction
 
 
 def test_paired_table_golden():
     fam = Family("f", members=(Member("a", "x"), Member("b", "y")), pairs=(("a", "b"),))
-    rows = [{"member": "a", "seed": 0, "m": 1.0}, {"member": "a", "seed": 1, "m": 2.0},
-            {"member": "b", "seed": 0, "m": 1.5}, {"member": "b", "seed": 1, "m": 1.0}, {"member": "b", "seed": 2, "m": 0.0}]
+    rows = [
+        {"member": "a", "seed": 0, "m": 1.0},
+        {"member": "a", "seed": 1, "m": 2.0},
+        {"member": "b", "seed": 0, "m": 1.5},
+        {"member": "b", "seed": 1, "m": 1.0},
+        {"member": "b", "seed": 2, "m": 0.0},
+    ]
     table = C.paired_table(rows, fam, "m")
     assert f"| a - b | 2 | +0.2500 ± {np.std([-0.5, 1.0], ddof=1):.4f} | -0.5000, +1.0000 |" in table
 

@@ -1,5 +1,6 @@
 """The sweep runner: members in their own workdirs, finished members skipped after an interruption,
 reports regenerated from stored results alone."""
+
 import json
 import os
 import signal
@@ -9,50 +10,75 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
+
 from moe_jax.sweep.family import Family, Member, Scale, load_family
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def write_family(path: Path, cache: Path) -> Path:
-    shrink = [f"VOCAB_SIZE={TRAIN_VOCAB}", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16", "FFN_DIM=64",
-              f"SEQ_LEN={TRAIN_SEQ}", "BATCH_SIZE=8", "TRAIN_STEPS=4", "WARMUP_STEPS=1",
-              f"TrainConfig.data_cache='{cache}'", "TrainConfig.eval_batches=1", "TrainConfig.log_every=1",
-              "TrainConfig.peak_flops_per_device=1e10"]
-    path.write_text(f'''from moe_jax.sweep.family import Family, Member
+    shrink = [
+        f"VOCAB_SIZE={TRAIN_VOCAB}",
+        "D_MODEL=32",
+        "NUM_HEADS=2",
+        "HEAD_DIM=16",
+        "FFN_DIM=64",
+        f"SEQ_LEN={TRAIN_SEQ}",
+        "BATCH_SIZE=8",
+        "TRAIN_STEPS=4",
+        "WARMUP_STEPS=1",
+        f"TrainConfig.data_cache='{cache}'",
+        "TrainConfig.eval_batches=1",
+        "TrainConfig.log_every=1",
+        "TrainConfig.peak_flops_per_device=1e10",
+    ]
+    path.write_text(f"""from moe_jax.sweep.family import Family, Member
 FAMILY = Family(
     name="tiny_family",
     members=(Member("dense", "dense_tiny"), Member("moe", "switch_tiny", bindings=("EXPERT_DIM=16",))),
     bindings={tuple(shrink)!r},
     paper={{"dense": {{"pile_loss": 2.06}}, "moe": {{"pile_loss": 1.88}}}},
 )
-''')
+""")
     return path
 
 
 def sweep(args, **kw):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "moe_jax.cli", "sweep", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_jax.cli", "sweep", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_family_expands_members_seeds_and_scales():
-    fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny", ("TOP_K=3",))),
-                 seeds=(0, 1), scales={"paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))})
+    fam = Family(
+        name="f",
+        members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny", ("TOP_K=3",))),
+        seeds=(0, 1),
+        scales={"paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",))},
+    )
     runs = fam.runs()
     assert [r.name for r in runs] == ["a_s0", "a_s1", "b_s0", "b_s1"]
     assert runs[3].bindings == ("TOP_K=3", "TrainConfig.seed=1")
     paper = fam.runs(seeds=[5], scale="paper")
-    assert [(r.model, r.gin_files) for r in paper] == [("gshard_2b", ("runs/pretrain_2b.gin",)),
-                                                        ("deepseekmoe_2b", ("runs/pretrain_2b.gin",))]
+    assert [(r.model, r.gin_files) for r in paper] == [
+        ("gshard_2b", ("runs/pretrain_2b.gin",)),
+        ("deepseekmoe_2b", ("runs/pretrain_2b.gin",)),
+    ]
     with pytest.raises(ValueError, match="no scale 'huge'"):
         fam.runs(scale="huge")
 
 
 def test_every_experiment_file_loads_and_names_existing_models():
     from moe_jax.configs.gin_utils import model_gin_path
+
     for path in sorted((REPO / "experiments").glob("*.py")):
         fam = load_family(path)
         for scale in (None, *fam.scales):
@@ -68,7 +94,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     while not (root / "dense_s0" / "result.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)   # while the second member trains (or starts)
+    proc.send_signal(signal.SIGINT)  # while the second member trains (or starts)
     proc.wait(timeout=120)
     first = (root / "dense_s0" / "result.json").stat().st_mtime_ns
     assert json.loads((root / "dense_s0" / "result.json").read_text())["stopped"] == "done"
@@ -78,13 +104,13 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     assert "dense_s0: finished, skipped" in out
     # moe_s0 resumes, unless (on a loaded machine) it finished before the interrupt arrived.
     assert "[1/1] moe_s0: launched on CPU core" in out or "moe_s0: finished, skipped" in out, out[-3000:]
-    assert (root / "dense_s0" / "result.json").stat().st_mtime_ns == first     # not retrained
+    assert (root / "dense_s0" / "result.json").stat().st_mtime_ns == first  # not retrained
     assert json.loads((root / "moe_s0" / "result.json").read_text())["stopped"] == "done"
     report = root / "report"
     for name in ("results.csv", "summary.md", "loss_curves.png", "bar_heldout_loss.png"):
         assert (report / name).exists(), name
     summary = (report / "summary.md").read_text()
-    assert "| dense |" in summary and "2.0600" in summary   # the paper's number beside ours
+    assert "| dense |" in summary and "2.0600" in summary  # the paper's number beside ours
     meta = json.loads((train_cache / "meta.json").read_text())
     assert f"Data: token cache `{meta['corpus_fingerprint'][:8]}/{meta['vocab_sha256'][:8]}`" in summary
     # The report is regenerated from stored results alone.
@@ -104,8 +130,9 @@ def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
     from moe_jax.sweep.report import collect
     from moe_jax.sweep.runner import pending_commands
 
-    step = FollowUp(("analyze", "--heldout_batches=2"), "analysis/specialization.json",
-                    "moe_jax.evaluate.analyze:summary_metrics")
+    step = FollowUp(
+        ("analyze", "--heldout_batches=2"), "analysis/specialization.json", "moe_jax.evaluate.analyze:summary_metrics"
+    )
     fam = Family(name="f", members=(Member("a", "deepseekmoe_tiny"),), follow_ups=(step,))
     run = fam.runs()[0]
     wd = tmp_path / run.name
@@ -114,12 +141,17 @@ def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
     wd.mkdir()
     (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.5}))
     (wd / "member.json").write_text(json.dumps({"member": "a", "seed": 0, "model": "deepseekmoe_tiny"}))
-    assert [c[3] for c in pending_commands(run, wd, fam)] == ["analyze"]     # trained: only the analysis left
-    report = {"plain": {"loss": 5.5},
-              "disable_top_experts": [{"label": "0", "loss": 5.5}, {"label": "1/16", "loss": 5.9},
-                                      {"label": "4/16", "skipped": "too few experts"}],
-              "fewer_activated": [{"activated_routed": 6, "loss": 5.6}, {"activated_routed": 7, "loss": 5.5}],
-              "shared_disabled": {"loss": 6.2}}
+    assert [c[3] for c in pending_commands(run, wd, fam)] == ["analyze"]  # trained: only the analysis left
+    report = {
+        "plain": {"loss": 5.5},
+        "disable_top_experts": [
+            {"label": "0", "loss": 5.5},
+            {"label": "1/16", "loss": 5.9},
+            {"label": "4/16", "skipped": "too few experts"},
+        ],
+        "fewer_activated": [{"activated_routed": 6, "loss": 5.6}, {"activated_routed": 7, "loss": 5.5}],
+        "shared_disabled": {"loss": 6.2},
+    }
     (wd / "analysis").mkdir()
     (wd / step.output).write_text(json.dumps(report))
     assert pending_commands(run, wd, fam) == []
@@ -130,21 +162,24 @@ def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
 
 def test_only_runs_the_named_members_and_rejects_unknown_ones(tmp_path):
     from moe_jax.sweep.runner import run_family
+
     fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny")))
     with pytest.raises(ValueError, match=r"no member \['c'\].*\['a', 'b'\]"):
         run_family(fam, tmp_path, only=["c"])
     (tmp_path / "b_s0").mkdir()
     (tmp_path / "b_s0" / "result.json").write_text(json.dumps({"stopped": "done"}))
-    assert [r.name for r in run_family(fam, tmp_path, only=["b"])] == ["b_s0"]     # finished: nothing launched
+    assert [r.name for r in run_family(fam, tmp_path, only=["b"])] == ["b_s0"]  # finished: nothing launched
     assert not (tmp_path / "a_s0").exists()
 
 
 def test_a_run_linked_from_another_family_is_reported_under_this_family_member(tmp_path):
     from moe_jax.sweep.report import collect
+
     other = tmp_path / "table1" / "deepseekmoe_s0"
     other.mkdir(parents=True)
-    (other / "member.json").write_text(json.dumps({"member": "deepseekmoe", "label": "DeepSeekMoE", "seed": 0,
-                                                   "model": "deepseekmoe_tiny"}))
+    (other / "member.json").write_text(
+        json.dumps({"member": "deepseekmoe", "label": "DeepSeekMoE", "seed": 0, "model": "deepseekmoe_tiny"})
+    )
     (other / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.8}))
     fam = Family(name="fig3", members=(Member("1s_7of63", "ablation_1s_7of63_tiny", label="1 + 7/63"),))
     root = tmp_path / "fig3"
@@ -156,17 +191,26 @@ def test_a_run_linked_from_another_family_is_reported_under_this_family_member(t
 
 def test_runs_on_different_data_builds_are_flagged_in_the_report(tmp_path):
     from moe_jax.sweep.report import collect, data_note
+
     fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny")))
     for run, corpus in (("a_s0", "c0ffee00aa"), ("b_s0", "c0ffee00aa"), ("b_s1", "deadbeefbb")):
         (tmp_path / run).mkdir()
-        (tmp_path / run / "member.json").write_text(json.dumps({"member": run[0], "seed": int(run[-1]),
-                                                                "model": "x"}))
-        (tmp_path / run / "result.json").write_text(json.dumps(
-            {"stopped": "done", "heldout_loss": 5.5,
-             "data": {"cache": "default_v8192_s512", "corpus_fingerprint": corpus, "vocab_sha256": "0123456789"}}))
+        (tmp_path / run / "member.json").write_text(json.dumps({"member": run[0], "seed": int(run[-1]), "model": "x"}))
+        (tmp_path / run / "result.json").write_text(
+            json.dumps(
+                {
+                    "stopped": "done",
+                    "heldout_loss": 5.5,
+                    "data": {"cache": "default_v8192_s512", "corpus_fingerprint": corpus, "vocab_sha256": "0123456789"},
+                }
+            )
+        )
     rows = collect(tmp_path, fam)
     assert [r["data"] for r in rows] == ["c0ffee00/01234567", "c0ffee00/01234567", "deadbeef/01234567"]
     note = data_note(rows)
     assert note.startswith("**Warning") and "`deadbeef/01234567`: b_s1" in note and "a_s0, b_s0" in note
     (tmp_path / "b_s1" / "result.json").unlink()
-    assert data_note(collect(tmp_path, fam)) == "Data: token cache `c0ffee00/01234567` (corpus/vocab fingerprints) for every run."
+    assert (
+        data_note(collect(tmp_path, fam))
+        == "Data: token cache `c0ffee00/01234567` (corpus/vocab fingerprints) for every run."
+    )

@@ -1,10 +1,10 @@
 """Router diagnostics: hand-computed goldens for the statistics and the top-k change share, the
 per-machine matmul peak cache, and the diagnostics reaching metrics.jsonl in a real run."""
+
 import json
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from moe_jax.moe.stats import routing_stats
 from moe_jax.train import metrics as M
@@ -21,10 +21,10 @@ def test_routing_stats_goldens():
     h1 = np.log(4.0)
     np.testing.assert_allclose(st.router_entropy, (h0 + h1) / 2, rtol=1e-6)
     np.testing.assert_allclose(st.router_entropy_norm, (h0 + h1) / 2 / np.log(4.0), rtol=1e-6)
-    np.testing.assert_allclose(st.topk_mass, ((0.5 + 0.25) + 0.25) / 2, rtol=1e-6)   # masked choice excluded
+    np.testing.assert_allclose(st.topk_mass, ((0.5 + 0.25) + 0.25) / 2, rtol=1e-6)  # masked choice excluded
     np.testing.assert_allclose(st.load_cv, np.std([1, 1, 0, 1]) / 0.75, rtol=1e-6)
     assert float(st.dead_experts) == 1.0
-    np.testing.assert_allclose(st.routed_norm, 2.5, rtol=1e-6)                      # (5 + 0) / 2
+    np.testing.assert_allclose(st.routed_norm, 2.5, rtol=1e-6)  # (5 + 0) / 2
     assert float(st.shared_norm) == 0.0
 
 
@@ -52,5 +52,5 @@ def test_machine_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     flops, note = M.machine_peak_flops(jnp.float32, cache=path)
     assert flops == 1e11 and "measured now" in note and calls == [20]
     flops2, note2 = M.machine_peak_flops(jnp.float32, cache=path)
-    assert flops2 == 1e11 and "measured 20" in note2 and calls == [20]   # read back, not measured again
+    assert flops2 == 1e11 and "measured 20" in note2 and calls == [20]  # read back, not measured again
     assert M.machine_key(jnp.float32) in json.loads(path.read_text())

@@ -1,5 +1,5 @@
 """The paper's schedules (linear warmup, x0.316 at 80% and 90%, or constant) and the decay mask."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -20,8 +20,8 @@ def test_step_decay_schedule_golden():
     assert float(lr(799)) == pytest.approx(1.0)
     assert float(lr(800)) == pytest.approx(0.316)
     assert float(lr(899)) == pytest.approx(0.316)
-    assert float(lr(900)) == pytest.approx(0.316 ** 2)
-    assert float(lr(999)) == pytest.approx(0.316 ** 2)
+    assert float(lr(900)) == pytest.approx(0.316**2)
+    assert float(lr(999)) == pytest.approx(0.316**2)
 
 
 def test_paper_2b_schedule_boundaries():
@@ -29,7 +29,7 @@ def test_paper_2b_schedule_boundaries():
     assert float(lr(2000)) == pytest.approx(1.08e-3)
     assert float(lr(19999)) == pytest.approx(1.08e-3)
     assert float(lr(20000)) == pytest.approx(1.08e-3 * 0.316)
-    assert float(lr(22500)) == pytest.approx(1.08e-3 * 0.316 ** 2)
+    assert float(lr(22500)) == pytest.approx(1.08e-3 * 0.316**2)
 
 
 def test_constant_schedule_of_the_145b_run():
@@ -39,8 +39,15 @@ def test_constant_schedule_of_the_145b_run():
 
 
 def test_weight_decay_skips_norms_only():
-    cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, head_dim=8, ffn_dim=16,
-                      moe=MoEConfig(num_experts=4, expert_dim=8))
+    cfg = ModelConfig(
+        vocab_size=32,
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        head_dim=8,
+        ffn_dim=16,
+        moe=MoEConfig(num_experts=4, expert_dim=8),
+    )
     params = nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     mask = weight_decay_mask(params)
     flat = {"/".join(map(str, k)): bool(v.get_value()) for k, v in nnx.to_flat_state(mask)}

@@ -1,35 +1,52 @@
 """End-to-end training on a tiny cache: the loss falls, every metric is written, accumulation agrees."""
+
 import json
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, assert_tree_close
 
-from helpers import assert_tree_close
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel import MeshConfig
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.loop import NonFiniteLossError, train
 from moe_jax.train.metrics import read_metrics
-from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.step import TrainState, make_train_step
-
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 
 def tiny_model(**moe) -> ModelConfig:
-    return ModelConfig(vocab_size=TRAIN_VOCAB, d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn_dim=64,
-                       init_std=0.02, moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, **moe))
+    return ModelConfig(
+        vocab_size=TRAIN_VOCAB,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        init_std=0.02,
+        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, **moe),
+    )
 
 
 def tiny_train(cache, **kw) -> TrainConfig:
-    base = dict(steps=30, batch_size=8, seq_len=TRAIN_SEQ, learning_rate=3e-3, warmup_steps=5, log_every=5,
-                eval_every=15, eval_batches=2, checkpoint_every=15, data_cache=str(cache), async_checkpointing=False,
-                peak_flops_per_device=1e10)
+    base = dict(
+        steps=30,
+        batch_size=8,
+        seq_len=TRAIN_SEQ,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        log_every=5,
+        eval_every=15,
+        eval_batches=2,
+        checkpoint_every=15,
+        data_cache=str(cache),
+        async_checkpointing=False,
+        peak_flops_per_device=1e10,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -40,11 +57,27 @@ def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path)
     steps = [r for r in records if "ce" in r]
     assert [r["step"] for r in steps] == [5, 10, 15, 20, 25, 30]
     assert steps[-1]["ce"] < steps[0]["ce"] - 0.3, (steps[0]["ce"], steps[-1]["ce"])
-    for key in ("loss", "ce", "expert_balance", "device_balance", "z_loss", "learning_rate", "grad_norm",
-                "tokens_per_second", "mfu", "moe/layer0/max_load", "moe/layer1/max_load",
-                "moe/layer0/dropped_fraction", "moe/layer1/router_entropy", "moe/mean_router_entropy_norm",
-                "moe/layer0/topk_mass", "moe/layer1/load_cv", "moe/mean_dead_experts", "moe/layer0/routed_norm",
-                "moe/layer0/shared_norm"):
+    for key in (
+        "loss",
+        "ce",
+        "expert_balance",
+        "device_balance",
+        "z_loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "mfu",
+        "moe/layer0/max_load",
+        "moe/layer1/max_load",
+        "moe/layer0/dropped_fraction",
+        "moe/layer1/router_entropy",
+        "moe/mean_router_entropy_norm",
+        "moe/layer0/topk_mass",
+        "moe/layer1/load_cv",
+        "moe/mean_dead_experts",
+        "moe/layer0/routed_norm",
+        "moe/layer0/shared_norm",
+    ):
         assert key in steps[-1], key
     assert 0.0 < steps[-1]["moe/mean_router_entropy_norm"] <= 1.0 and steps[-1]["moe/layer0/shared_norm"] > 0.0
     heldout = [r for r in records if "heldout/loss" in r]
@@ -60,18 +93,31 @@ def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path)
     written = json.loads((tmp_path / "result.json").read_text())
     meta = json.loads((train_cache / "meta.json").read_text())
     assert written["heldout_bits_per_byte"] == pytest.approx(heldout[-1]["heldout/bits_per_byte"])
-    assert written["step"] == 30 and written["data"] == {"cache": meta["name"], "vocab_sha256": meta["vocab_sha256"],
-                                                         "corpus_fingerprint": meta["corpus_fingerprint"]}
+    assert written["step"] == 30 and written["data"] == {
+        "cache": meta["name"],
+        "vocab_sha256": meta["vocab_sha256"],
+        "corpus_fingerprint": meta["corpus_fingerprint"],
+    }
 
 
 def test_tensorboard_events_hold_the_metrics(train_cache, tmp_path):
     train(tmp_path, tiny_model(), tiny_train(train_cache, steps=5, eval_every=0), MeshConfig(data=-1), progress=False)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"ce", "loss", "expert_balance", "learning_rate", "grad_norm", "tokens_per_second", "mfu",
-            "moe/layer0/max_load", "heldout/loss"} <= tags
+    assert {
+        "ce",
+        "loss",
+        "expert_balance",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "mfu",
+        "moe/layer0/max_load",
+        "heldout/loss",
+    } <= tags
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(train_cache, tmp_path):
@@ -81,8 +127,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(train_cache, tmp_pat
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+.*last good checkpoint .*checkpoints/5"):
         train(tmp_path, tiny_model(), huge, MeshConfig(data=-1), progress=False)
     # The checkpoint is intact: a sane run resumes from it.
-    ok = train(tmp_path, tiny_model(), cfg.__class__(**{**cfg.__dict__, "steps": 8}), MeshConfig(data=-1),
-               progress=False)
+    ok = train(
+        tmp_path, tiny_model(), cfg.__class__(**{**cfg.__dict__, "steps": 8}), MeshConfig(data=-1), progress=False
+    )
     assert ok.step == 8 and np.isfinite(ok.train_loss)
 
 
@@ -93,9 +140,13 @@ def test_gradient_accumulation_matches_one_big_batch():
     # would amplify round-off in near-zero gradient entries).
     tx, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
     toks = jax.random.randint(jax.random.key(0), (8, 16), 0, TRAIN_VOCAB)
-    batch = {"decoder_input_tokens": toks, "decoder_target_tokens": jnp.roll(toks, -1, 1),
-             "decoder_loss_weights": jnp.ones_like(toks), "decoder_segment_ids": jnp.ones_like(toks),
-             "decoder_positions": jnp.broadcast_to(jnp.arange(16), (8, 16))}
+    batch = {
+        "decoder_input_tokens": toks,
+        "decoder_target_tokens": jnp.roll(toks, -1, 1),
+        "decoder_loss_weights": jnp.ones_like(toks),
+        "decoder_segment_ids": jnp.ones_like(toks),
+        "decoder_positions": jnp.broadcast_to(jnp.arange(16), (8, 16)),
+    }
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
     s1, m1 = jax.jit(make_train_step(graphdef, rest, tx, sched, 1))(state, batch, jax.random.key(1))
     s2, m2 = jax.jit(make_train_step(graphdef, rest, tx, sched, 4))(state, batch, jax.random.key(1))

@@ -1,5 +1,6 @@
 """Resume through the real command line: SIGKILL then resume is bitwise exact; a save killed midway
 leaves the previous checkpoint; a 1-device checkpoint continues on 8 devices with expert parallelism."""
+
 import json
 import os
 import signal
@@ -9,26 +10,50 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cmd(workdir, cache, steps, *extra):
-    return [sys.executable, "-m", "moe_jax.cli", "train", "--model=deepseekmoe_tiny", "--gin_file=runs/proxy_cpu.gin",
-            f"--workdir={workdir}", f"--gin.TRAIN_STEPS={steps}", "--gin.WARMUP_STEPS=2",
-            f"--gin.VOCAB_SIZE={TRAIN_VOCAB}", "--gin.D_MODEL=32", "--gin.NUM_HEADS=2", "--gin.HEAD_DIM=16",
-            "--gin.FFN_DIM=64", "--gin.NUM_EXPERTS=8", "--gin.TOP_K=3", "--gin.EXPERT_DIM=16",
-            f"--gin.SEQ_LEN={TRAIN_SEQ}", "--gin.BATCH_SIZE=8", "--gin.LEARNING_RATE=3e-3",
-            f"--gin.TrainConfig.data_cache='{cache}'", "--gin.TrainConfig.log_every=1",
-            "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.eval_batches=1",
-            "--gin.TrainConfig.peak_flops_per_device=1e10", "--no_progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "moe_jax.cli",
+        "train",
+        "--model=deepseekmoe_tiny",
+        "--gin_file=runs/proxy_cpu.gin",
+        f"--workdir={workdir}",
+        f"--gin.TRAIN_STEPS={steps}",
+        "--gin.WARMUP_STEPS=2",
+        f"--gin.VOCAB_SIZE={TRAIN_VOCAB}",
+        "--gin.D_MODEL=32",
+        "--gin.NUM_HEADS=2",
+        "--gin.HEAD_DIM=16",
+        "--gin.FFN_DIM=64",
+        "--gin.NUM_EXPERTS=8",
+        "--gin.TOP_K=3",
+        "--gin.EXPERT_DIM=16",
+        f"--gin.SEQ_LEN={TRAIN_SEQ}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.LEARNING_RATE=3e-3",
+        f"--gin.TrainConfig.data_cache='{cache}'",
+        "--gin.TrainConfig.log_every=1",
+        "--gin.TrainConfig.eval_every=0",
+        "--gin.TrainConfig.eval_batches=1",
+        "--gin.TrainConfig.peak_flops_per_device=1e10",
+        "--no_progress",
+        *extra,
+    ]
 
 
 def run(cmd, devices=1, env=None, **kw):
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                "JAX_PLATFORMS": "cpu", **(env or {})}
+    full_env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+    }
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -37,7 +62,7 @@ def losses(workdir) -> dict[int, float]:
     for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
-            out[rec["step"]] = rec["loss"]   # a resumed run overwrites the steps it repeats
+            out[rec["step"]] = rec["loss"]  # a resumed run overwrites the steps it repeats
     return out
 
 
@@ -46,13 +71,20 @@ def test_sigkill_then_resume_is_bitwise_exact(train_cache, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     # The same run, killed with SIGKILL once the step-4 checkpoint is committed, then resumed.
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(wd, train_cache, 8, "--gin.TrainConfig.checkpoint_every=4",
-                                      "--gin.TrainConfig.async_checkpointing=False"),
-                            cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                                           "JAX_PLATFORMS": "cpu"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(
+            wd, train_cache, 8, "--gin.TrainConfig.checkpoint_every=4", "--gin.TrainConfig.async_checkpointing=False"
+        ),
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
-    while not (wd / "checkpoints" / "4" / "commit_success.txt").exists() and not (wd / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+    while (
+        not (wd / "checkpoints" / "4" / "commit_success.txt").exists()
+        and not (wd / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists()
+    ):
         assert proc.poll() is None and time.time() < deadline, "run ended or timed out before its step-4 checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -64,16 +96,17 @@ def test_sigkill_then_resume_is_bitwise_exact(train_cache, tmp_path):
     assert "restored checkpoint" in resumed.stdout
     a, b = losses(tmp_path / "full"), losses(wd)
     assert sorted(a) == list(range(1, 9))
-    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]   # bitwise: exact float equality
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise: exact float equality
 
 
 def test_kill_during_checkpoint_save_resumes_from_the_previous_one(train_cache, tmp_path):
     wd = tmp_path / "run"
-    crashed = run(train_cmd(wd, train_cache, 6, "--gin.TrainConfig.checkpoint_every=3"),
-                  env={"MOE_JAX_KILL_DURING_SAVE": "6"})
+    crashed = run(
+        train_cmd(wd, train_cache, 6, "--gin.TrainConfig.checkpoint_every=3"), env={"MOE_JAX_KILL_DURING_SAVE": "6"}
+    )
     assert crashed.returncode == -signal.SIGKILL
     ckpts = wd / "checkpoints"
-    assert (ckpts / "3").is_dir() and (ckpts / "3" / "moe_jax_sha256.json").is_file()   # checksummed
+    assert (ckpts / "3").is_dir() and (ckpts / "3" / "moe_jax_sha256.json").is_file()  # checksummed
     before = {p: p.read_bytes() for p in sorted((ckpts / "3").rglob("*")) if p.is_file()}
     config = (wd / "config.gin").read_text()
     resumed = run(train_cmd(wd, train_cache, 6, "--gin.TrainConfig.checkpoint_every=3"))
@@ -95,8 +128,9 @@ def test_checkpoint_moves_between_one_and_eight_devices(train_cache, tmp_path):
     for name, devices, mesh in [("1dev", 1, "data:1"), ("8dev", 8, "data:2,expert:4")]:
         wd = tmp_path / name
         subprocess.run(["cp", "-r", str(base), str(wd)], check=True)
-        cont = run(train_cmd(wd, train_cache, 7, "--gin.TrainConfig.checkpoint_every=7", f"--mesh={mesh}"),
-                   devices=devices)
+        cont = run(
+            train_cmd(wd, train_cache, 7, "--gin.TrainConfig.checkpoint_every=7", f"--mesh={mesh}"), devices=devices
+        )
         assert cont.returncode == 0, cont.stderr[-3000:]
         results[name] = losses(wd)
     for step in (5, 6, 7):

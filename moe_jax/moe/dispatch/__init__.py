@@ -1,5 +1,6 @@
 """Dispatch strategies behind one interface (see `base.py`), selected by `MoEConfig.dispatch`."""
-from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, swiglu
+
+from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams
 from moe_jax.moe.dispatch.capacity import capacity_dispatch
 from moe_jax.moe.dispatch.dropless import dropless_dispatch
 from moe_jax.moe.dispatch.reference import reference_dispatch
@@ -17,4 +18,4 @@ def get_dispatch(name: str):
     return DISPATCHERS[name]
 
 
-__all__ = ["DISPATCHERS", "DispatchOutput", "ExpertParams", "get_dispatch", "swiglu"]
+__all__ = ["DISPATCHERS", "DispatchOutput", "ExpertParams", "get_dispatch"]

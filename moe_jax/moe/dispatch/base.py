@@ -5,6 +5,7 @@ A dispatch strategy is a function
 that computes  y_t = sum_k mask[t,k] * weights[t,k] * FFN_{indices[t,k]}(x_t)  (paper Eq 3 / 9
 without the shared experts and the residual), possibly dropping assignments (capacity).
 """
+
 from __future__ import annotations
 
 import jax
@@ -42,12 +43,6 @@ class DispatchOutput:
     y: jax.Array
     tokens_per_expert: jax.Array
     dropped: jax.Array
-
-
-def swiglu(x: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
-    """One SwiGLU FFN: down(silu(gate(x)) * up(x)). x [..., d], wi [d, 2, f], wo [f, d] -> [..., d]."""
-    h = jnp.einsum("...d,dcf->...cf", x, wi)
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(h[..., 0, :]) * h[..., 1, :], wo)
 
 
 def combine(expert_out: jax.Array, weights: jax.Array, mask: jax.Array, dtype) -> jax.Array:

@@ -10,6 +10,7 @@ choices keep it close to a dense FFN's:
     backward pass: of the whole expert computation only the first projection h [T*k, 2f] is saved
     (plus x itself); the two grouped matmuls are not recomputed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,16 +19,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moe_jax.layers.mlp import swiglu_activation
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, active_expert_ids, count_per_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, inverse_permutation, permute_rows
 from moe_jax.moe.routing import Routing
 
-SAVED_NAME = "moe_expert_h"   # the only activation of the expert computation kept for the backward pass
+SAVED_NAME = "moe_expert_h"  # the only activation of the expert computation kept for the backward pass
 
 
-def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, experts: ExpertParams, gmm: GmmFn,
-                   row_weights: jax.Array | None = None) -> jax.Array:
+def grouped_swiglu(
+    xs: jax.Array, group_sizes: jax.Array, experts: ExpertParams, gmm: GmmFn, row_weights: jax.Array | None = None
+) -> jax.Array:
     """SwiGLU of expert e on its rows. xs [M, d] sorted by expert, group_sizes [E] -> [M, d].
 
     `row_weights` [M] (optional) scales each row's activation before the output projection, i.e.
@@ -36,7 +39,7 @@ def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, experts: ExpertParams,
     e, d, _, f = experts.wi.shape
     h = gmm(xs, experts.wi.reshape(e, d, 2 * f), group_sizes)
     h = checkpoint_name(h, SAVED_NAME).reshape(-1, 2, f)
-    a = jax.nn.silu(h[:, 0]) * h[:, 1]
+    a = swiglu_activation(h)
     if row_weights is not None:
         a = a * row_weights[:, None].astype(a.dtype)
     return gmm(a, experts.wo, group_sizes)
@@ -52,23 +55,26 @@ def sort_by_expert(routing: Routing, num_experts: int):
     return order, inverse_permutation(order), count_per_expert(ids, num_experts)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 7),
-                   policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME))
-def _sorted_expert_outputs(x, order, inv, k: int, row_weights, group_sizes, experts: ExpertParams,
-                           gmm: GmmFn) -> jax.Array:
+@functools.partial(
+    jax.checkpoint, static_argnums=(3, 7), policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
+)
+def _sorted_expert_outputs(
+    x, order, inv, k: int, row_weights, group_sizes, experts: ExpertParams, gmm: GmmFn
+) -> jax.Array:
     """x [T, d] -> [T*k, d] gate-weighted expert outputs in sorted order (zero past the groups)."""
-    xs = gather_replicated(x, order, inv, k)                     # [T*k, d] sorted by expert
+    xs = gather_replicated(x, order, inv, k)  # [T*k, d] sorted by expert
     return grouped_swiglu(xs, group_sizes, experts, gmm, row_weights)
 
 
-def dropless_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto",
-                      **_) -> DispatchOutput:
+def dropless_dispatch(
+    x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto", **_
+) -> DispatchOutput:
     """x [T, d] -> DispatchOutput with y [T, d]; every active assignment is computed."""
     t, k = routing.indices.shape
     order, inv, group_sizes = sort_by_expert(routing, experts.num_experts)
     gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
-    row_weights = permute_rows(gates, order, inv)               # [T*k] gate of each sorted row
+    row_weights = permute_rows(gates, order, inv)  # [T*k] gate of each sorted row
     out = _sorted_expert_outputs(x, order, inv, k, row_weights, group_sizes, experts, get_gmm(gmm_backend))
-    out_tk = permute_rows(out, inv, order).reshape(t, k, -1)     # back to token-major
+    out_tk = permute_rows(out, inv, order).reshape(t, k, -1)  # back to token-major
     y = out_tk.astype(jnp.float32).sum(axis=1).astype(x.dtype)
     return DispatchOutput(y=y, tokens_per_expert=group_sizes, dropped=jnp.zeros((t, k), bool))

@@ -32,6 +32,7 @@ expert group, i.e. it equals `capacity_dispatch` run on the T_g tokens of each d
 Padded rows (empty buffer slots, assignments owned by other devices) are removed with `jnp.where`
 before every reduction, so they never reach outputs or gradients even if they hold NaN or Inf.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,8 +73,10 @@ def expert_axis_size(mesh=None) -> int:
 # Local computation (inside shard_map)
 # ----------------------------------------------------------------------------------------------
 
-def local_expert_outputs(x: jax.Array, local_ids: jax.Array, mask: jax.Array, experts: ExpertParams,
-                         gmm: GmmFn) -> tuple[jax.Array, jax.Array]:
+
+def local_expert_outputs(
+    x: jax.Array, local_ids: jax.Array, mask: jax.Array, experts: ExpertParams, gmm: GmmFn
+) -> tuple[jax.Array, jax.Array]:
     """Run the local experts on the active assignments (sort + grouped matmul, as the dropless dispatch).
 
     Args:
@@ -93,8 +96,9 @@ def local_expert_outputs(x: jax.Array, local_ids: jax.Array, mask: jax.Array, ex
     return jnp.where(mask[..., None], out_tk, jnp.zeros((), out_tk.dtype)), group_sizes
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 6),
-                   policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME))
+@functools.partial(
+    jax.checkpoint, static_argnums=(3, 6), policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
+)
 def _sorted_rows(x, order, inv, k: int, group_sizes, experts: ExpertParams, gmm: GmmFn) -> jax.Array:
     """x [T, d] -> [T*k, d] expert outputs in expert order; as in the dropless dispatch only the first
     projection h is kept for the backward pass (the gather and the rest are recomputed)."""
@@ -120,25 +124,26 @@ def _gshard_positions_in_group(ids: jax.Array, mask: jax.Array, num_experts: int
       all-gathered [EP*T_l, k] routing.
     """
     k = ids.shape[1]
-    onehot = jax.nn.one_hot(jnp.where(mask, ids, num_experts), num_experts, dtype=jnp.int32)    # [T, k, E]
-    per_choice = onehot.sum(0)                                                                  # [k, E]
-    local_rank = capacity_positions(ids, mask, num_experts)                                     # [T, k]
-    local_before_choice = jnp.cumsum(per_choice, axis=0) - per_choice                           # [k, E]
+    onehot = jax.nn.one_hot(jnp.where(mask, ids, num_experts), num_experts, dtype=jnp.int32)  # [T, k, E]
+    per_choice = onehot.sum(0)  # [k, E]
+    local_rank = capacity_positions(ids, mask, num_experts)  # [T, k]
+    local_before_choice = jnp.cumsum(per_choice, axis=0) - per_choice  # [k, E]
     if axis is None:
         return local_rank
-    every = jax.lax.all_gather(per_choice, axis)                                                # [EP, k, E]
+    every = jax.lax.all_gather(per_choice, axis)  # [EP, k, E]
     me = jax.lax.axis_index(axis)
     earlier = (jnp.arange(every.shape[0]) < me)[:, None, None]
     group_per_choice = every.sum(0)
-    group_before_choice = jnp.cumsum(group_per_choice, axis=0) - group_per_choice                # [k, E]
-    before_me = jnp.where(earlier, every, 0).sum(0)                                             # [k, E]
-    offset = group_before_choice + before_me - local_before_choice                              # [k, E]
+    group_before_choice = jnp.cumsum(group_per_choice, axis=0) - group_per_choice  # [k, E]
+    before_me = jnp.where(earlier, every, 0).sum(0)  # [k, E]
+    offset = group_before_choice + before_me - local_before_choice  # [k, E]
     safe = jnp.where(mask, ids, 0)
     return local_rank + offset[jnp.arange(k)[None, :], safe]
 
 
-def _ring_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_factor, gmm, expert_axis,
-               reduce_axes, tensor_axis):
+def _ring_body(
+    x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_factor, gmm, expert_axis, reduce_axes, tensor_axis
+):
     """shard_map body of the ring scheme. x [T_l, d]; ids/weights/mask [T_l, k]; wi/wo local experts."""
     e_local = wi.shape[0]
     if expert_axis is not None:
@@ -155,7 +160,7 @@ def _ring_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_fac
         cap = expert_capacity(t_g, k, num_experts, capacity_factor)
         keep = mine & (capacity_positions(ids, mine, num_experts) < cap)
     out_tk, counts = local_expert_outputs(x, local, keep, ExpertParams(wi=wi, wo=wo), gmm)
-    y = _weighted_sum(out_tk, weights, keep)                                                    # [T_g, d] f32
+    y = _weighted_sum(out_tk, weights, keep)  # [T_g, d] f32
     dropped = (mine & ~keep).astype(jnp.int32)
     if expert_axis is not None:
         y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
@@ -167,8 +172,23 @@ def _ring_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_fac
     return y, counts, dropped > 0
 
 
-def _all_to_all_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_factor, buffer_factor, gmm,
-                     expert_axis, reduce_axes, tensor_axis):
+def _all_to_all_body(
+    x,
+    ids,
+    weights,
+    mask,
+    wi,
+    wo,
+    *,
+    num_experts,
+    mode,
+    capacity_factor,
+    buffer_factor,
+    gmm,
+    expert_axis,
+    reduce_axes,
+    tensor_axis,
+):
     """shard_map body of the all_to_all scheme. x [T_l, d]; ids/weights/mask [T_l, k]."""
     t, k = ids.shape
     d = x.shape[1]
@@ -183,25 +203,26 @@ def _all_to_all_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capaci
         worst = min(worst, e_local * cap)
     rows = worst if buffer_factor <= 0 else max(1, min(worst, math.ceil(buffer_factor * t * k / ep)))
     dest = ids // e_local
-    rank = capacity_positions(dest, keep, ep)                                                  # [T, k] in dest queue
+    rank = capacity_positions(dest, keep, ep)  # [T, k] in dest queue
     keep = keep & (rank < rows)
-    slot = jnp.where(keep, dest * rows + rank, ep * rows).reshape(-1)                          # [T*k]; ep*rows = trash
+    slot = jnp.where(keep, dest * rows + rank, ep * rows).reshape(-1)  # [T*k]; ep*rows = trash
     token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    slot_token = jnp.full(ep * rows + 1, t, jnp.int32).at[slot].set(token)[:-1]                # [EP*C]; t = empty
-    slot_expert = jnp.full(ep * rows + 1, e_local, jnp.int32).at[slot].set(
-        (ids % e_local).reshape(-1).astype(jnp.int32))[:-1]                                    # e_local = empty
+    slot_token = jnp.full(ep * rows + 1, t, jnp.int32).at[slot].set(token)[:-1]  # [EP*C]; t = empty
+    slot_expert = (
+        jnp.full(ep * rows + 1, e_local, jnp.int32).at[slot].set((ids % e_local).reshape(-1).astype(jnp.int32))[:-1]
+    )  # e_local = empty
     x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
     send = jnp.take(x_pad, slot_token, axis=0).reshape(ep, rows, d)
     send_ids = slot_expert.reshape(ep, rows)
     if expert_axis is not None:
-        exchange = functools.partial(jax.lax.all_to_all, axis_name=expert_axis, split_axis=0, concat_axis=0,
-                                     tiled=True)
+        exchange = functools.partial(jax.lax.all_to_all, axis_name=expert_axis, split_axis=0, concat_axis=0, tiled=True)
         recv, recv_ids = exchange(send), exchange(send_ids)
     else:
         recv, recv_ids = send, send_ids
-    valid = (recv_ids < e_local).reshape(-1, 1)                                                # [EP*C, 1]
-    out, counts = local_expert_outputs(recv.reshape(-1, d), recv_ids.reshape(-1, 1), valid,
-                                       ExpertParams(wi=wi, wo=wo), gmm)
+    valid = (recv_ids < e_local).reshape(-1, 1)  # [EP*C, 1]
+    out, counts = local_expert_outputs(
+        recv.reshape(-1, d), recv_ids.reshape(-1, 1), valid, ExpertParams(wi=wi, wo=wo), gmm
+    )
     back = out.reshape(ep, rows, d)
     if expert_axis is not None:
         back = exchange(back)
@@ -219,22 +240,37 @@ def _all_to_all_body(x, ids, weights, mask, wi, wo, *, num_experts, mode, capaci
 # The dispatch
 # ----------------------------------------------------------------------------------------------
 
+
 def check_expert_parallel_sizes(num_tokens: int, num_experts: int, mesh) -> None:
     """Raise ValueError (before anything compiles) when E or T do not split over the mesh."""
     ep = axis_size(mesh, EXPERT_AXIS)
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = math.prod(axis_size(mesh, a) for a in batch_axes)
     if num_experts % ep:
-        raise ValueError(f"expert parallelism: num_experts={num_experts} routed experts do not divide by the "
-                         f"expert axis size {ep} (mesh {describe(mesh)})")
+        raise ValueError(
+            f"expert parallelism: num_experts={num_experts} routed experts do not divide by the "
+            f"expert axis size {ep} (mesh {describe(mesh)})"
+        )
     if num_tokens % shards:
-        raise ValueError(f"expert parallelism: {num_tokens} tokens do not divide by the {shards} batch shards "
-                         f"({' x '.join(f'{a}={axis_size(mesh, a)}' for a in batch_axes)}; mesh {describe(mesh)})")
+        raise ValueError(
+            f"expert parallelism: {num_tokens} tokens do not divide by the {shards} batch shards "
+            f"({' x '.join(f'{a}={axis_size(mesh, a)}' for a in batch_axes)}; mesh {describe(mesh)})"
+        )
 
 
-def expert_parallel_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, *, mesh=None,
-                             mode: str = "dropless", scheme: str = "ring", capacity_factor: float = 1.25,
-                             buffer_factor: float = 0.0, gmm_backend: str = "auto", **_) -> DispatchOutput:
+def expert_parallel_dispatch(
+    x: jax.Array,
+    routing: Routing,
+    experts: ExpertParams,
+    *,
+    mesh=None,
+    mode: str = "dropless",
+    scheme: str = "ring",
+    capacity_factor: float = 1.25,
+    buffer_factor: float = 0.0,
+    gmm_backend: str = "auto",
+    **_,
+) -> DispatchOutput:
     """The MoE dispatch on a device mesh. Same contract as every dispatch:
     x [T, d] (global view), routing [T, k], experts [E, ...] -> DispatchOutput(y [T, d], counts [E], dropped [T, k]).
 
@@ -266,8 +302,15 @@ def expert_parallel_dispatch(x: jax.Array, routing: Routing, experts: ExpertPara
     tok = P(batch_axes, None)
     in_specs = (tok, tok, tok, tok, P(expert_axis, None, None, tensor_axis), P(expert_axis, tensor_axis, None))
     out_specs = (tok, P(expert_axis), tok)
-    common = dict(num_experts=e, mode=mode, capacity_factor=capacity_factor, gmm=get_gmm(gmm_backend),
-                  expert_axis=expert_axis, reduce_axes=reduce_axes, tensor_axis=tensor_axis)
+    common = dict(
+        num_experts=e,
+        mode=mode,
+        capacity_factor=capacity_factor,
+        gmm=get_gmm(gmm_backend),
+        expert_axis=expert_axis,
+        reduce_axes=reduce_axes,
+        tensor_axis=tensor_axis,
+    )
     if scheme == "ring":
         body = functools.partial(_ring_body, **common)
     else:

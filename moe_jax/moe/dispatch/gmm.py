@@ -21,6 +21,7 @@ Triton lowering (the 0.10.2 wheel does not), else "ragged_dot". The order is the
 (Hopper wgmma kernel > Triton grouped GEMM > XLA's default); benchmarks/gpu_check.py measures every
 usable one and prints which "auto" chose. Measurements behind the choices: benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,14 @@ GmmFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 _GMM_KERNELS: dict[str, GmmFn] = {}
 
-GPU_PREFERENCE = ("mosaic_gpu", "ragged_dot_triton", "ragged_dot")   # fastest first; see gmm_usable
-AUTO_BY_PLATFORM = {"cpu": "chunked", "gpu": GPU_PREFERENCE, "cuda": GPU_PREFERENCE,
-                    "rocm": ("ragged_dot_triton", "ragged_dot"), "tpu": "ragged_dot"}
+GPU_PREFERENCE = ("mosaic_gpu", "ragged_dot_triton", "ragged_dot")  # fastest first; see gmm_usable
+AUTO_BY_PLATFORM = {
+    "cpu": "chunked",
+    "gpu": GPU_PREFERENCE,
+    "cuda": GPU_PREFERENCE,
+    "rocm": ("ragged_dot_triton", "ragged_dot"),
+    "tpu": "ragged_dot",
+}
 
 
 def register_gmm(name: str):
@@ -60,12 +66,16 @@ register_gmm("ragged_dot_triton")(kernels_gpu.triton_ragged_dot_gmm)
 register_gmm("mosaic_gpu")(kernels_mosaic.mosaic_gmm)
 # The same with the weight gradient as XLA dots over row chunks (not chosen by "auto"; measured by
 # benchmarks/gpu_check.py next to "mosaic_gpu", in case jax's transposed Mosaic kernel misbehaves).
-register_gmm("mosaic_gpu_chunked_dw")(functools.partial(
-    kernels_mosaic.mosaic_gmm, config=kernels_mosaic.MosaicConfig(weight_grad="chunked")))
+register_gmm("mosaic_gpu_chunked_dw")(
+    functools.partial(kernels_mosaic.mosaic_gmm, config=kernels_mosaic.MosaicConfig(weight_grad="chunked"))
+)
 
 # Whether a GPU kernel can run in this process (a name not listed here always can).
-_USABLE = {"mosaic_gpu": kernels_mosaic.available, "mosaic_gpu_chunked_dw": kernels_mosaic.available,
-           "ragged_dot_triton": kernels_gpu.triton_lowering_available}
+_USABLE = {
+    "mosaic_gpu": kernels_mosaic.available,
+    "mosaic_gpu_chunked_dw": kernels_mosaic.available,
+    "ragged_dot_triton": kernels_gpu.triton_lowering_available,
+}
 
 
 def gmm_usable(name: str) -> bool:

@@ -16,6 +16,7 @@ The three products of forward and backward each run the same loop (custom VJP):
 Memory is the inputs and outputs plus one chunk: no [M, E] or [E, M, K] intermediate.
 The dynamic-update-slices run in place inside the while loops (checked in the compiled HLO).
 """
+
 from __future__ import annotations
 
 import functools
@@ -126,12 +127,14 @@ def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, sizes) -
                 xc, dc = jnp.where(valid[:, None], xc, 0), jnp.where(valid[:, None], dc, 0)
             return acc + lax.dot_general(xc, dc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
-        acc = _expert_chunks(starts[e], gs[e], m, sizes, body,
-                             _varying_like(jnp.zeros((k, n), jnp.float32), x, dy, group_sizes))
+        acc = _expert_chunks(
+            starts[e], gs[e], m, sizes, body, _varying_like(jnp.zeros((k, n), jnp.float32), x, dy, group_sizes)
+        )
         return lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), e, 0)
 
-    return lax.fori_loop(0, num_groups, expert,
-                         _varying_like(jnp.zeros((num_groups, k, n), x.dtype), x, dy, group_sizes))
+    return lax.fori_loop(
+        0, num_groups, expert, _varying_like(jnp.zeros((num_groups, k, n), x.dtype), x, dy, group_sizes)
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -153,8 +156,9 @@ def _bwd(sizes, res, g):
 _chunked_gmm.defvjp(_fwd, _bwd)
 
 
-def chunked_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-                chunks: tuple[int, ...] = DEFAULT_CHUNKS) -> jax.Array:
+def chunked_gmm(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, chunks: tuple[int, ...] = DEFAULT_CHUNKS
+) -> jax.Array:
     """Grouped matmul by per-expert static-size row chunks. lhs [M, K], rhs [E, K, N], group_sizes [E]
     -> [M, N]; rows past sum(group_sizes) are zero, and so are their gradients.
 

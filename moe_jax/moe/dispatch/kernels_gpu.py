@@ -15,6 +15,7 @@ the dense ragged_dot fallback: correct (tested) but slow.
 The gradients are JAX's ragged_dot transposes (dlhs: ragged_dot with rhs transposed; drhs: the
 ragged-contraction form), lowered by the same rule.
 """
+
 from __future__ import annotations
 
 import importlib.util

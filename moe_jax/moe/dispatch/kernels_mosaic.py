@@ -36,6 +36,7 @@ What the kernels accept, and what `mosaic_gmm` does about the rest (all decided 
 is that contract in plain jnp (CPU), which the tests use to check this wrapper's padding, masking,
 slicing and custom VJP against the per-expert reference without a GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,6 +90,7 @@ class Kernels(NamedTuple):
 def mosaic_kernels() -> Kernels:
     """The Pallas Mosaic-GPU kernels of this jax (ImportError if it lacks them)."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
     return Kernels(ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
 
 
@@ -119,6 +121,7 @@ def available() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Padding and masking
 # ------------------------------------------------------------------------------------------------
+
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
@@ -155,12 +158,14 @@ def _row_multiple(cfg: MosaicConfig) -> int:
 # The three products
 # ------------------------------------------------------------------------------------------------
 
+
 def _tiles(cfg: MosaicConfig) -> dict:
     return dict(block_k=cfg.block_k, max_concurrent_steps=cfg.max_concurrent_steps, grid_block_n=cfg.grid_block_n)
 
 
-def _grouped_rows(x: jax.Array, w: jax.Array, group_sizes: jax.Array, kern: Kernels, cfg: MosaicConfig,
-                  transpose_w: bool) -> jax.Array:
+def _grouped_rows(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, kern: Kernels, cfg: MosaicConfig, transpose_w: bool
+) -> jax.Array:
     """Rows of group e times w[e] (transpose_w: times w[e]^T), zero past the groups.
 
     x [M, A]; w [E, A, B], or [E, B, A] with transpose_w -> [M, B] in x.dtype. A is padded to a
@@ -171,13 +176,19 @@ def _grouped_rows(x: jax.Array, w: jax.Array, group_sizes: jax.Array, kern: Kern
     bn = _out_block(b, cfg.block_n)
     mp, ap, bp = _round_up(m, _row_multiple(cfg)), _round_up(a, cfg.block_k), _round_up(b, bn)
     wp = _pad_to(w, (w.shape[0], bp, ap) if transpose_w else (w.shape[0], ap, bp))
-    out = kern.ragged_dot(_pad_to(x, (mp, ap)), wp, group_sizes=group_sizes, block_m=cfg.block_m, block_n=bn,
-                          transpose_rhs=transpose_w, **_tiles(cfg))
+    out = kern.ragged_dot(
+        _pad_to(x, (mp, ap)),
+        wp,
+        group_sizes=group_sizes,
+        block_m=cfg.block_m,
+        block_n=bn,
+        transpose_rhs=transpose_w,
+        **_tiles(cfg),
+    )
     return _rows_in_groups(out[:m, :b], group_sizes)
 
 
-def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, kern: Kernels,
-                   cfg: MosaicConfig) -> jax.Array:
+def _grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, kern: Kernels, cfg: MosaicConfig) -> jax.Array:
     """tgmm: [E, K, N] with [e] = x_e^T @ dy_e over the rows of group e (an empty group: zeros).
 
     x [M, K], dy [M, N] -> [E, K, N] in x.dtype. Rows past the groups are zeroed first (the kernel
@@ -220,8 +231,14 @@ def _bwd(kern, cfg, res, g):
 _mosaic_gmm.defvjp(_fwd, _bwd)
 
 
-def mosaic_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, config: MosaicConfig = MosaicConfig(),
-               kernels: Kernels | None = None) -> jax.Array:
+def mosaic_gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    config: MosaicConfig = MosaicConfig(),
+    kernels: Kernels | None = None,
+) -> jax.Array:
     """Grouped matmul on the Mosaic-GPU kernels (module docstring). lhs [M, K], rhs [E, K, N],
     group_sizes [E] -> [M, N] in lhs.dtype; rows past sum(group_sizes) are zero, and so are their
     gradients. Operands the kernels do not take (see `Kernels.dtypes`) go to jax.lax.ragged_dot.
@@ -234,9 +251,11 @@ def mosaic_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, config
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
     if kernels is None:
         if not hopper_visible():
-            raise ValueError(f"gmm backend mosaic_gpu needs a Hopper GPU (compute capability 9.x) as the default "
-                             f"device, not {jax.devices()[0].device_kind}: use gmm_backend='auto' (it picks what "
-                             f"runs here) or 'ragged_dot'")
+            raise ValueError(
+                f"gmm backend mosaic_gpu needs a Hopper GPU (compute capability 9.x) as the default "
+                f"device, not {jax.devices()[0].device_kind}: use gmm_backend='auto' (it picks what "
+                f"runs here) or 'ragged_dot'"
+            )
         kern = mosaic_kernels()
     if lhs.shape[0] == 0:
         return jnp.zeros((0, rhs.shape[2]), lhs.dtype)
@@ -248,14 +267,16 @@ def mosaic_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, config
 # The kernels' contract in plain jnp (for testing the wrapper on CPU)
 # ------------------------------------------------------------------------------------------------
 
+
 def _check_tiles(name: str, dims: dict[str, tuple[int, int]]) -> None:
     for what, (size, block) in dims.items():
         if size % block:
             raise ValueError(f"{name}: {what}={size} must be a multiple of {block}")
 
 
-def _emulated_ragged_dot(lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps,
-                         grid_block_n, transpose_rhs=False):
+def _emulated_ragged_dot(
+    lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps, grid_block_n, transpose_rhs=False
+):
     """ragged_dot_mgpu.ragged_dot's contract: same dtype, tiles dividing M, K, N; out in lhs.dtype
     from a float32 accumulation; rows outside every group unwritten (here: NaN)."""
     if lhs.dtype != rhs.dtype:
@@ -263,26 +284,28 @@ def _emulated_ragged_dot(lhs, rhs, *, group_sizes, block_m, block_n, block_k, ma
     w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     if w.shape[1] != lhs.shape[1]:
         raise ValueError(f"contracted sizes differ: lhs {lhs.shape}, rhs {rhs.shape}, transpose_rhs={transpose_rhs}")
-    _check_tiles("ragged_dot", {"m": (lhs.shape[0], block_m), "k": (lhs.shape[1], block_k),
-                                "n": (w.shape[2], block_n)})
+    _check_tiles("ragged_dot", {"m": (lhs.shape[0], block_m), "k": (lhs.shape[1], block_k), "n": (w.shape[2], block_n)})
     out = jax.lax.ragged_dot(lhs, w, group_sizes, preferred_element_type=jnp.float32)
     rows = jnp.arange(lhs.shape[0])
     out = jnp.where((rows < jnp.sum(group_sizes))[:, None], out, jnp.nan)
     return out.astype(lhs.dtype)
 
 
-def _emulated_transposed_ragged_dot(lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps,
-                                    grid_block_n):
+def _emulated_transposed_ragged_dot(
+    lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps, grid_block_n
+):
     """transposed_ragged_dot's contract: [g] = lhs_g^T @ rhs_g, read in whole block_k-row blocks whose
     rows outside group g are masked by a product with 0 (a NaN there leaks into [g]); empty: zeros."""
     if lhs.dtype != rhs.dtype:
         raise NotImplementedError(f"lhs and rhs must have the same dtype, got {lhs.dtype} and {rhs.dtype}")
-    _check_tiles("transposed_ragged_dot", {"rows": (lhs.shape[0], block_k), "m": (lhs.shape[1], block_m),
-                                           "n": (rhs.shape[1], block_n)})
+    _check_tiles(
+        "transposed_ragged_dot",
+        {"rows": (lhs.shape[0], block_k), "m": (lhs.shape[1], block_m), "n": (rhs.shape[1], block_n)},
+    )
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
     rows = jnp.arange(lhs.shape[0])[None, :]
-    in_group = (rows >= starts[:, None]) & (rows < ends[:, None])                         # [G, R]
+    in_group = (rows >= starts[:, None]) & (rows < ends[:, None])  # [G, R]
     read = (rows >= starts[:, None] // block_k * block_k) & (rows < -(-ends[:, None] // block_k) * block_k)
     a = jnp.where(read[..., None], lhs.astype(jnp.float32) * in_group[..., None], 0.0)  # NaN * 0 stays NaN
     b = jnp.where(read[..., None], rhs.astype(jnp.float32)[None], 0.0)

@@ -4,6 +4,7 @@
 backends). For a permutation the transpose is just the gather with the inverse permutation, so we
 say so with a custom VJP (the same fix as MaxText's `use_custom_sort_vjp`).
 """
+
 from __future__ import annotations
 
 import functools

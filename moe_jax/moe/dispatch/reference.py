@@ -2,11 +2,13 @@
 
 O(E * T) expert FLOPs; only for tests and tiny models. Everything else is checked against it.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, count_per_expert, active_expert_ids, swiglu
+from moe_jax.layers.mlp import swiglu
+from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, active_expert_ids, count_per_expert
 from moe_jax.moe.routing import Routing
 
 
@@ -17,5 +19,8 @@ def reference_dispatch(x, routing: Routing, experts: ExpertParams, **_) -> Dispa
         gate = jnp.sum(jnp.where((routing.indices == e) & routing.mask, routing.weights, 0.0), axis=-1)
         y = y + gate[:, None] * swiglu(x, experts.wi[e], experts.wo[e]).astype(jnp.float32)
     ids = active_expert_ids(routing.indices, routing.mask, experts.num_experts)
-    return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=count_per_expert(ids, experts.num_experts),
-                          dropped=jnp.zeros(routing.mask.shape, bool))
+    return DispatchOutput(
+        y=y.astype(x.dtype),
+        tokens_per_expert=count_per_expert(ids, experts.num_experts),
+        dropped=jnp.zeros(routing.mask.shape, bool),
+    )

@@ -1,4 +1,5 @@
 """Causal multi-head self-attention with RoPE (no biases, as DeepSeek's models)."""
+
 from __future__ import annotations
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.rope import apply_rope, rope_frequencies
+from moe_jax.layers.rope import apply_rope, rope_frequencies
 
 
 def attention_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:

@@ -1,4 +1,5 @@
 """Rotary position embeddings in the rotate-half convention of DeepSeek/LLaMA's HF code."""
+
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables [B, S, head_dim] for integer positions [B, S]."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, S, head_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

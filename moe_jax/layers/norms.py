@@ -1,4 +1,5 @@
 """RMSNorm, computed in float32 as DeepSeek's models do."""
+
 from __future__ import annotations
 
 import jax
