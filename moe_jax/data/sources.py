@@ -10,9 +10,7 @@ Sizes are of the extracted UTF-8 text, measured on Debian bookworm in 2026-11.
 """
 from __future__ import annotations
 
-import base64
 import gzip
-import json
 import re
 import subprocess
 import tarfile
@@ -127,7 +125,7 @@ def _kjv(files):
 
 def _linux_docs(files):
     """Kernel Documentation/*.rst|*.txt (no translations) from the tarball inside linux-source."""
-    for path, tar, m in iter_deb(files["linux-source-6.1"], r"usr/src/linux-source-[\d.]+\.tar\.xz$"):
+    for _path, tar, m in iter_deb(files["linux-source-6.1"], r"usr/src/linux-source-[\d.]+\.tar\.xz$"):
         with tarfile.open(fileobj=tar.extractfile(m), mode="r|xz") as inner:
             for im in inner:
                 n = im.name
@@ -158,7 +156,7 @@ _WN_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "a
 
 def _wordnet(files):
     """One record per synset: `word, word (pos): gloss; "examples"`."""
-    for path, tar, m in iter_deb(files["wordnet-base"], r"usr/share/wordnet/data\.(noun|verb|adj|adv)$"):
+    for _path, tar, m in iter_deb(files["wordnet-base"], r"usr/share/wordnet/data\.(noun|verb|adj|adv)$"):
         for line in _read_member(tar, m).splitlines():
             if line.startswith(" ") or " | " not in line:
                 continue  # licence header lines start with two spaces
@@ -173,7 +171,7 @@ def _wordnet(files):
 
 
 def _fortunes(files):
-    for path, tar, m in iter_deb(files["fortunes"], r"usr/share/games/fortunes/[^/.]+$"):
+    for _path, tar, m in iter_deb(files["fortunes"], r"usr/share/games/fortunes/[^/.]+$"):
         for fortune in re.split(r"\n%\n", _read_member(tar, m)):
             if fortune.strip() and fortune.strip() != "%":
                 yield fortune
@@ -296,11 +294,3 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
 
 DEFAULT_SOURCES = tuple(n for n, s in SOURCES.items() if s.default)
 
-
-def extract_records(source: Source, files: dict[str, Path]) -> Iterator[str]:
-    """The source's raw records (not yet normalised)."""
-    return source.extract(files)
-
-
-def jsonl_line(text: str) -> str:
-    return json.dumps({"text": text}, ensure_ascii=False) + "\n"

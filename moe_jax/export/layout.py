@@ -282,19 +282,6 @@ LAYOUTS = {lay.name: lay for lay in (DEEPSEEK, QWEN2_MOE, LLAMA)}
 ALL_RULES = DEEPSEEK.rows()
 
 
-def layout_table(lay: Layout = DEEPSEEK) -> list[tuple[str, str, str]]:
-    """(our path, HF name, spec) for every row of `lay`: the table as printed in docs/export.md
-    (constants: our path "-", spec "= value")."""
-    out = []
-    for rule in lay.rows():
-        if isinstance(rule, Const):
-            out.append(("-", rule.hf, f"= {rule.value:g} {list(rule.shape)}"))
-            continue
-        ours = rule.ours if rule in GLOBAL_RULES else f"stacks.{{s}}.blocks.{rule.ours}"
-        out.append((ours, rule.hf, rule.spec.text + (f" (x {rule.scale:g})" if rule.scale != 1 else "")))
-    return out
-
-
 def transformers_layout(cfg: ModelConfig) -> Layout:
     """The native transformers architecture of a model: Llama for dense (and Dense-xN) models,
     Qwen2Moe for softmax-routed MoE models."""
