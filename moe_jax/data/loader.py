@@ -119,6 +119,7 @@ class TokenLoader:
             raise DataError(f"split {split!r} has {self.num_units} rows of {seq_len}, fewer than one global "
                             f"batch of {batch_size}: use a smaller batch or more data")
         import tensorstore  # noqa: F401  (fail early with a clear ImportError)
+
         from moe_jax.data.store import open_array
 
         self._tokens = open_array(self.cache_dir / split / "tokens")
@@ -291,7 +292,7 @@ class TokenLoader:
             candidates.append(("given", Path(vocab)))
         elif recorded.get("path") and Path(recorded["path"]).is_file():
             candidates.append(("recorded", Path(recorded["path"])))
-        for how, path in candidates:
+        for _how, path in candidates:
             if not path.exists():
                 raise VocabMismatchError(f"vocabulary {path} does not exist: run `moe-jax data build`")
             sha = hashlib.sha256(path.read_bytes()).hexdigest()

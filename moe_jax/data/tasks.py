@@ -32,8 +32,7 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from moe_jax.data.corpus import (  # noqa: E402
-    SPLITS, dedupe_group_split, expand_glob, iter_docs, load_manifest, read_text_file_docs)
+from moe_jax.data.corpus import SPLITS, dedupe_group_split, expand_glob, iter_docs, load_manifest, read_text_file_docs  # noqa: E402
 from moe_jax.data.errors import CorpusMissingError, DataError, EmptyCorpusError  # noqa: E402
 from moe_jax.data.textutil import normalise  # noqa: E402
 
