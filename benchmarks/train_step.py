@@ -5,7 +5,7 @@ One full step (forward, backward, AdamW update) of `moe_jax.model.transformer.Tr
 = token cross-entropy + the MoE auxiliary losses, jitted with the parameters and optimizer state
 donated. Each model is compiled and warmed up, then the two alternate for `--steps` steps and each
 reports its median step time (wall, and process CPU time: the steadier one on a shared machine). Model FLOPs
-follow paper §3.4 (`moe_jax.configs.params`):
+follow docs/paper.md §3.4 (`moe_jax.configs.params`):
 6 x activated non-embedding parameters x tokens + attention 12 L T^2 (heads x head_dim); MFU divides
 the achieved model FLOP rate by a large square matmul's rate measured in the same run. Peak memory
 is XLA's buffer assignment of the compiled step (arguments + outputs + temporaries - aliased).

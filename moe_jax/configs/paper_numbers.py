@@ -1,6 +1,6 @@
 """The parameter and FLOP numbers the paper prints for each of its models, with sources.
 
-Sources are paper.md (`/work/shared/reference/paper.md`) sections and the paper's tables ("P Tab n").
+Sources are the paper's tables and sections ("P Tab n", "P §n": arXiv:2401.06066) and docs/paper.md.
 A printed number is kept as its text ("2.0B", "585.6T") because the number of printed digits matters:
 "2.0B" only says the value lies in [1.95B, 2.05B), i.e. +-2.5%, so a 1.5% tolerance around 2.0 would
 be stricter than the paper itself (see `Printed.check`).
@@ -25,7 +25,7 @@ class Check:
         last printed digit).
       ok: |rel| <= tolerance, or in_interval (the printed value cannot resolve a finer difference).
       status: "ok" (within the tolerance), "ok~" (outside the tolerance but inside the printed
-        digits' interval), "FAIL", or "exempt" (paper.md marks the printed value as inconsistent).
+        digits' interval), "FAIL", or "exempt" (docs/paper.md marks the printed value as inconsistent).
     """
 
     rel: float
@@ -41,7 +41,7 @@ class Printed:
     Attributes:
       text: the printed text with its unit (M/B/T), "~" in front for "about".
       source: where it is printed.
-      inconsistent: why paper.md marks it as inconsistent ("" if it is not); such a value is shown
+      inconsistent: why docs/paper.md marks it as inconsistent ("" if it is not); such a value is shown
         but exempt from the tolerance.
     """
 
@@ -108,15 +108,15 @@ class PaperModel:
 PARAM_TOLERANCE = 0.015
 FLOPS_TOLERANCE = 0.03
 
-_T1 = "P Tab 1 (paper.md §3.1)"
-_ABL = "P §4.4: same total/activated as Tab 1 (paper.md §3.1)"
+_T1 = "P Tab 1 (docs/paper.md §3.1)"
+_ABL = "P §4.4: same total/activated as Tab 1 (docs/paper.md §3.1)"
 _INCONSISTENT_142B = (
-    "paper.md §3.3: 12.2B is inconsistent with the printed 374.6T FLOPs, which imply "
+    "docs/paper.md §3.3: 12.2B is inconsistent with the printed 374.6T FLOPs, which imply "
     "~13.6B activated under the accounting that reproduces every other FLOPs number"
 )
 
 PAPER_MODELS: tuple[PaperModel, ...] = (
-    # --- 2B validation scale (paper.md §3.1) ---
+    # --- 2B validation scale (docs/paper.md §3.1) ---
     PaperModel(
         "dense_2b",
         "Dense",
@@ -189,7 +189,7 @@ PAPER_MODELS: tuple[PaperModel, ...] = (
         expert=Printed("1.89B", "P Tab 2"),
         activated_expert=Printed("1.89B", "P Tab 2"),
     ),
-    # --- ablations (paper.md §5.4-§5.5); "same total and activated params" (P §4.4) ---
+    # --- ablations (docs/paper.md §5.4-§5.5); "same total and activated params" (P §4.4) ---
     PaperModel(
         "ablation_0s_2of16_2b",
         "Fig 3: 0 shared + 2/16 (GShard)",
@@ -236,9 +236,9 @@ PAPER_MODELS: tuple[PaperModel, ...] = (
         "ablation_1s_3of63_2b",
         "Fig 6: half activated 1 + 3/63",
         "pretrain_2b",
-        total=Printed("2.0B", "P §4.5: same total as DeepSeekMoE (paper.md §3.1)"),
+        total=Printed("2.0B", "P §4.5: same total as DeepSeekMoE (docs/paper.md §3.1)"),
     ),
-    # --- 16B (paper.md §3.2) ---
+    # --- 16B (docs/paper.md §3.2) ---
     PaperModel(
         "deepseekmoe_16b",
         "DeepSeekMoE 16B",
@@ -248,7 +248,7 @@ PAPER_MODELS: tuple[PaperModel, ...] = (
         flops=Printed("74.4T", "P Tab 3"),
         attention=Printed("~0.5B", "P §5.2.1 ('about 0.5B')"),
     ),
-    # --- ~140B (paper.md §3.3) ---
+    # --- ~140B (docs/paper.md §3.3) ---
     PaperModel(
         "deepseekmoe_145b",
         "DeepSeekMoE 145B",

@@ -3,7 +3,7 @@
 The model is built under `nnx.eval_shape`, so a 145B configuration costs a fraction of a second and
 no memory; every `nnx.Param` leaf is then classified by its path in the module tree.
 
-The paper's accounting (paper.md §3.1-§3.4, [derived] there):
+The paper's accounting (docs/paper.md §3.1-§3.4, [derived] there):
   total      = every parameter, embedding and LM head counted once each (they are untied).
   activated  = total - routed experts + (top_k / num_experts) * routed experts, per MoE layer:
                a token runs K' of the N' routed experts (all routed experts of a layer are the same
@@ -50,7 +50,7 @@ class ParamCounts:
       expert: shared + routed expert parameters (paper Tab 2 "expert params").
       activated_expert: shared + top_k routed expert parameters.
       seq_len: T used for `flops`.
-      flops: training FLOPs for one sequence of `seq_len` tokens (paper §3.4 accounting).
+      flops: training FLOPs for one sequence of `seq_len` tokens (docs/paper.md §3.4 accounting).
     """
 
     by_category: dict[str, int]

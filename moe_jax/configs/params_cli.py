@@ -175,21 +175,21 @@ def proxy_table() -> str:
 NOTES = f"""\
 How to read this:
 - total counts every parameter once (the embedding and the LM head are untied, so both count);
-  activated = total - routed experts + top_k/num_experts x routed experts (paper.md §3.4).
+  activated = total - routed experts + top_k/num_experts x routed experts (docs/paper.md §3.4).
 - FLOPs/seq = training FLOPs (forward + backward) for one sequence of T tokens:
-  6 x (activated - embedding) x T + 12 x layers x T^2 x (heads x head_dim)  (paper.md §3.4).
+  6 x (activated - embedding) x T + 12 x layers x T^2 x (heads x head_dim)  (docs/paper.md §3.4).
 - diff = (ours - printed) / printed. status: ok = |diff| <= {PARAM_TOLERANCE:.1%} for parameters,
   {FLOPS_TOLERANCE:.0%} for FLOPs; ok~ = outside that but inside the interval the printed digits admit
   (printed +- half a unit of its last digit: "2.0B" means [1.95B, 2.05B), i.e. +-2.5%, so 1.5% cannot
-  be judged against it); FAIL = neither; exempt = paper.md marks the printed value inconsistent.
-- Exception: DeepSeekMoE 142B activated, printed 12.2B. paper.md §3.3: inconsistent with the printed
+  be judged against it); FAIL = neither; exempt = docs/paper.md marks the printed value inconsistent.
+- Exception: DeepSeekMoE 142B activated, printed 12.2B. docs/paper.md §3.3: inconsistent with the printed
   374.6T FLOPs, which imply ~13.6B under the accounting that reproduces every other FLOPs number
   (our 13.6B reproduces 374.6T to 0.1%); probably a typo in the paper.
 - 2B: total 1.967B vs "2.0B" (-1.6%) and activated 0.316-0.317B vs "0.3B" (+5.5%) are what the printed
   2B trunk gives (attention 59M + embedding and head 21M + 16 x 9 x 8d^2 = 1.887B of experts); both lie
   inside the printed digits' intervals, and the 3-digit expert parameters the paper prints for the
   same models (Tab 2: 1.89B, 2.83B; Tab 9: 0.47B) are matched to 0.4%.
-- UNVERIFIED sizes (paper.md §3.1, §3.3): the 2B FFN width 3412 (~8d/3, SwiGLU) and the 145B expert
+- UNVERIFIED sizes (docs/paper.md §3.1, §3.3): the 2B FFN width 3412 (~8d/3, SwiGLU) and the 145B expert
   width 1408 / dense first layer 10944; the 16B sizes are from its released config.json.
 - Ablation rows compare against Tab 1's 2.0B / 0.3B because P §4.4 holds total and activated
   parameters fixed; no FLOPs are printed for them (nor for GShard x1.2 or Dense x4).

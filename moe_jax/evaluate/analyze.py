@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-# Paper §4.5 (paper.md §5.5; values extracted from the PDF's figures).
+# Paper §4.5 (docs/paper.md §5.5; values extracted from the PDF's figures).
 PAPER_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
 PAPER_FIG4_DEEPSEEKMOE = (1.808, 7.468, 8.196, 8.706, 9.071)
 PAPER_FIG4_GSHARD_X15 = (1.808, 5.586, 7.518, 7.627, 7.721)

@@ -1,6 +1,6 @@
 """`config.json` of DeepSeek's HF layout (`model_type: "deepseek"`) <-> our gin bindings.
 
-Keys and defaults follow DeepSeekMoE 16B's `config.json` and `DeepseekConfig` (paper.md §3.2). What the
+Keys and defaults follow DeepSeekMoE 16B's `config.json` and `DeepseekConfig` (docs/paper.md §3.2). What the
 HF config cannot say but a round trip needs (our head_dim, parameter dtype, training-only MoE settings,
 the checkpoint step) goes under the extra key `"moe_jax"`, which HF's `PretrainedConfig` keeps as an
 ordinary attribute and otherwise ignores.

@@ -1,7 +1,7 @@
 """An independent forward pass of DeepSeek's HF layout in plain NumPy (float64): the parity oracle.
 
 It reads only config.json keys and HF tensor names, and follows the semantics of DeepSeek's
-`modeling_deepseek.py` (paper.md §1) rather than our Flax model:
+`modeling_deepseek.py` (docs/paper.md §1) rather than our Flax model:
   - DeepseekRMSNorm: x * rsqrt(mean(x^2) + eps) * weight;
   - attention: q/k/v/o `nn.Linear` without bias ([out, in] weights), rotate-half RoPE with
     inv_freq = theta^(-arange(0, Dh, 2)/Dh) and emb = cat(freqs, freqs), scores / sqrt(Dh), causal

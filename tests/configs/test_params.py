@@ -56,7 +56,7 @@ def test_paper_numbers_within_tolerance(name):
         check = printed.check(ours, tol)
         assert check.ok, f"{name} {what}: ours {ours:.4g} vs printed {printed.text}: {check}"
         if printed.inconsistent:
-            assert (name, what) == ("deepseekmoe_142b_half", "activated")  # the only one paper.md flags
+            assert (name, what) == ("deepseekmoe_142b_half", "activated")  # the only one docs/paper.md §3.3 flags
 
 
 def test_values_printed_to_three_digits_are_within_the_plain_tolerance():
@@ -75,7 +75,7 @@ def test_values_printed_to_three_digits_are_within_the_plain_tolerance():
 
 
 def test_exact_counts_of_the_derivations_in_paper_md():
-    """paper.md §3.2/§3.3 [derived]: 16B 16.376B/2.829B/attn 0.470B; 145B 144.5B; 142B 142.4B; GShard 136.4B."""
+    """docs/paper.md §3.2/§3.3 [derived]: 16B 16.376B/2.829B/attn 0.470B; 145B 144.5B; 142B 142.4B; GShard 136.4B."""
     c16 = REPORTS["deepseekmoe_16b"].counts
     assert round(c16.total / 1e9, 3) == 16.376 and round(c16.activated / 1e9, 3) == 2.829
     assert round(c16.attention / 1e9, 3) == 0.470

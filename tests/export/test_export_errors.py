@@ -183,7 +183,7 @@ def test_plan_covers_every_parameter_element_once():
         covered[e.ours] += math.prod(e.hf_shape)
     assert all(covered[p] == math.prod(s) for p, s in shapes.items())
     names = {e.hf_name: e.hf_shape for e in entries}
-    # The published 16B layout (paper.md §3.2).
+    # The published 16B layout (docs/paper.md §3.2).
     assert names["model.layers.0.mlp.gate_proj.weight"] == (10944, 2048)
     assert names["model.layers.1.mlp.gate.weight"] == (64, 2048)
     assert names["model.layers.27.mlp.experts.63.down_proj.weight"] == (2048, 1408)

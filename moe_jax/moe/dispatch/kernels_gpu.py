@@ -3,10 +3,11 @@
     triton_ragged_dot_gmm(lhs [M, K], rhs [E, K, N], group_sizes [E]) -> [M, N]
 
 XLA's default GPU lowering of ragged_dot reaches ~15% of an H100's matmul peak and may rewrite the
-weight gradient into a dense [E, M, ...] product that runs out of memory (shared/reference/perf.md
-section 3.2). jax >= 0.10 has an opt-in lowering to a Pallas/Triton grouped GEMM, switched on by the
-config flag `jax_ragged_dot_use_gpu_pallas_triton_lowering`. The flag is read when XLA lowers the
-whole program (not when our function is traced), so it must be set process-wide before jitting:
+weight gradient into a dense [E, M, ...] product that runs out of memory (reported in the marin project,
+github.com/marin-community/marin PR #4297 and issue #6979). jax >= 0.10 has an opt-in lowering to a
+Pallas/Triton grouped GEMM, switched on by the config flag `jax_ragged_dot_use_gpu_pallas_triton_lowering`.
+The flag is read when XLA lowers the whole program (not when our function is traced), so it must be set
+process-wide before jitting:
 `gmm.prepare_gmm("auto")` does that on a GPU; the kernel also sets it when first traced on a GPU
 (a program traced before that is then lowered once more). Where the Pallas lowering module is
 missing (e.g. some jax builds) the default lowering is kept. On CPU the flag is ignored and this is
