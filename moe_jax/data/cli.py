@@ -1,13 +1,14 @@
 """`moe-jax data ...`: build the offline corpus, vocabulary and token cache; inspect them.
 
-    moe-jax data build                     # default corpus + 8K vocab + seq-512 cache + eval sets
-    moe-jax data build --seq_len 256,512   # one cache per length
-    moe-jax data build --text_files 'mine=/path/**/*.txt' --name mine   # your own text files
-    moe-jax data evalsets                  # only the evaluation-set packages
-    moe-jax data info                      # what is built, with sizes and token counts
-    moe-jax data sources                   # the package sources of the default corpus
-    moe-jax data seqio_cache --task c4_en --vocab data/vocab/spm_8192.model --out data/cache/c4_v8192_s512
+moe-jax data build                     # default corpus + 8K vocab + seq-512 cache + eval sets
+moe-jax data build --seq_len 256,512   # one cache per length
+moe-jax data build --text_files 'mine=/path/**/*.txt' --name mine   # your own text files
+moe-jax data evalsets                  # only the evaluation-set packages
+moe-jax data info                      # what is built, with sizes and token counts
+moe-jax data sources                   # the package sources of the default corpus
+moe-jax data seqio_cache --task c4_en --vocab data/vocab/spm_8192.model --out data/cache/c4_v8192_s512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,32 +26,49 @@ def _csv(s: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data_dir", default=None,
-                   help=f"data directory (default: ${paths.ENV_VAR} or <repo>/data)")
-    p.add_argument("--name", default=paths.DEFAULT_NAME,
-                   help="corpus name; 'default' is the package corpus, other names are --text_files corpora")
+    p.add_argument("--data_dir", default=None, help=f"data directory (default: ${paths.ENV_VAR} or <repo>/data)")
+    p.add_argument(
+        "--name",
+        default=paths.DEFAULT_NAME,
+        help="corpus name; 'default' is the package corpus, other names are --text_files corpora",
+    )
     p.add_argument("--vocab_size", type=int, default=paths.DEFAULT_VOCAB_SIZE)
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moe-jax data", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="moe-jax data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build", help="build corpus, vocabulary, token cache (and fetch eval sets)")
     _add_common(b)
-    b.set_defaults(vocab_size=None)   # None: not given (checked against --vocab), then the default
-    b.add_argument("--seq_len", default=str(paths.DEFAULT_SEQ_LEN),
-                   help="cache sequence length(s), comma-separated (default 512)")
+    b.set_defaults(vocab_size=None)  # None: not given (checked against --vocab), then the default
+    b.add_argument(
+        "--seq_len", default=str(paths.DEFAULT_SEQ_LEN), help="cache sequence length(s), comma-separated (default 512)"
+    )
     b.add_argument("--sources", type=_csv, default=None, help="package sources to use (default: all default ones)")
     b.add_argument("--skip_sources", type=_csv, default=[], help="package sources to leave out")
     b.add_argument("--with_code", action="store_true", help="add the optional code sources (CPython stdlib)")
-    b.add_argument("--text_files", action="append", default=[], metavar="[NAME=]GLOB",
-                   help="build from your own files instead of the packages (repeatable; one source per NAME)")
-    b.add_argument("--doc_split", default="blank", choices=["blank", "file", "line"],
-                   help="how --text_files are cut into documents (default: at blank lines)")
-    b.add_argument("--encoding_errors", default="strict", choices=["strict", "replace"],
-                   help="non-UTF-8 bytes in --text_files: fail (default) or replace with U+FFFD")
+    b.add_argument(
+        "--text_files",
+        action="append",
+        default=[],
+        metavar="[NAME=]GLOB",
+        help="build from your own files instead of the packages (repeatable; one source per NAME)",
+    )
+    b.add_argument(
+        "--doc_split",
+        default="blank",
+        choices=["blank", "file", "line"],
+        help="how --text_files are cut into documents (default: at blank lines)",
+    )
+    b.add_argument(
+        "--encoding_errors",
+        default="strict",
+        choices=["strict", "replace"],
+        help="non-UTF-8 bytes in --text_files: fail (default) or replace with U+FFFD",
+    )
     b.add_argument("--vocab", default=None, help="use this existing SentencePiece model instead of training one")
     b.add_argument("--heldout_frac", type=float, default=0.005)
     b.add_argument("--heldout_min_bytes", type=int, default=65536)
@@ -73,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sources", help="list the package sources")
 
     s = sub.add_parser("seqio_cache", help="materialise a seqio Task/Mixture (e.g. C4 via TFDS) as a token cache")
-    s.add_argument("--task", required=True,
-                   help="c4_en | text_files (with --text_files) | default (the corpus mixture) | a registered name")
+    s.add_argument(
+        "--task",
+        required=True,
+        help="c4_en | text_files (with --text_files) | default (the corpus mixture) | a registered name",
+    )
     s.add_argument("--vocab", required=True, help="SentencePiece model (pad 0, eos 1)")
     s.add_argument("--out", required=True, help="cache directory to write")
     s.add_argument("--seq_len", type=int, default=paths.DEFAULT_SEQ_LEN)
@@ -97,9 +118,11 @@ def _check_vocab_args(a) -> None:
 
         size = spm.SentencePieceProcessor(model_file=str(vpath)).get_piece_size()
         if size != a.vocab_size:
-            raise DataError(f"--vocab {vpath} has {size} pieces, but --vocab_size {a.vocab_size} was given: leave out "
-                            f"--vocab_size (the vocabulary's own size is used), or leave out --vocab to train a "
-                            f"{a.vocab_size}-piece vocabulary. Nothing was built.")
+            raise DataError(
+                f"--vocab {vpath} has {size} pieces, but --vocab_size {a.vocab_size} was given: leave out "
+                f"--vocab_size (the vocabulary's own size is used), or leave out --vocab to train a "
+                f"{a.vocab_size}-piece vocabulary. Nothing was built."
+            )
 
 
 def _build(a) -> int:
@@ -149,16 +172,31 @@ def _build_corpus(a, root: Path, cdir: Path, progress: bool) -> dict:
 
     if a.text_files:
         return corpus_mod.build_text_corpus(
-            cdir, a.text_files, doc_split=a.doc_split, encoding_errors=a.encoding_errors,
-            heldout_frac=a.heldout_frac, heldout_min_bytes=a.heldout_min_bytes, force=a.force, progress=progress)
+            cdir,
+            a.text_files,
+            doc_split=a.doc_split,
+            encoding_errors=a.encoding_errors,
+            heldout_frac=a.heldout_frac,
+            heldout_min_bytes=a.heldout_min_bytes,
+            force=a.force,
+            progress=progress,
+        )
     chosen = list(a.sources) if a.sources else list(DEFAULT_SOURCES)
     if a.with_code:
         chosen += [n for n, s in SOURCES.items() if s.kind == "code" and n not in chosen]
     chosen = [s for s in chosen if s not in set(a.skip_sources)]
     return corpus_mod.build_package_corpus(
-        cdir, paths.raw_dir(root), chosen, keep_going=a.keep_going, heldout_frac=a.heldout_frac,
-        heldout_min_bytes=a.heldout_min_bytes, workers=a.workers, offline=a.offline, force=a.force,
-        progress=progress)
+        cdir,
+        paths.raw_dir(root),
+        chosen,
+        keep_going=a.keep_going,
+        heldout_frac=a.heldout_frac,
+        heldout_min_bytes=a.heldout_min_bytes,
+        workers=a.workers,
+        offline=a.offline,
+        force=a.force,
+        progress=progress,
+    )
 
 
 def _build_vocab(a, root: Path, cdir: Path, name: str, progress: bool) -> Path:
@@ -171,13 +209,21 @@ def _build_vocab(a, root: Path, cdir: Path, name: str, progress: bool) -> Path:
             raise DataError(f"--vocab {vpath} does not exist")
         return vpath
     vpath = paths.vocab_path(root, a.vocab_size, name)
-    train_vocab(cdir, vpath, a.vocab_size, input_sentence_size=a.vocab_sentences, threads=a.workers,
-                force=a.force, progress=progress)
+    train_vocab(
+        cdir,
+        vpath,
+        a.vocab_size,
+        input_sentence_size=a.vocab_sentences,
+        threads=a.workers,
+        force=a.force,
+        progress=progress,
+    )
     return vpath
 
 
-def _build_caches(a, root: Path, cdir: Path, name: str, vpath: Path, seq_lens: list[int],
-                  progress: bool) -> tuple[int, list[tuple[Path, dict]]]:
+def _build_caches(
+    a, root: Path, cdir: Path, name: str, vpath: Path, seq_lens: list[int], progress: bool
+) -> tuple[int, list[tuple[Path, dict]]]:
     """Step 4 of `data build`: one token cache per sequence length. Returns (vocabulary size, [(dir, meta)])."""
     import sentencepiece as spm
 
@@ -187,26 +233,35 @@ def _build_caches(a, root: Path, cdir: Path, name: str, vpath: Path, seq_lens: l
     metas = []
     for L in seq_lens:
         cache = paths.cache_dir(root, vsize, L, name)
-        metas.append((cache, build_cache(cdir, vpath, cache, L, threads=a.workers,
-                                         force=a.force or a.force_cache, progress=progress)))
+        metas.append(
+            (
+                cache,
+                build_cache(
+                    cdir, vpath, cache, L, threads=a.workers, force=a.force or a.force_cache, progress=progress
+                ),
+            )
+        )
     return vsize, metas
 
 
-def _print_build_summary(cdir: Path, manifest: dict, vpath: Path, vsize: int,
-                         metas: list[tuple[Path, dict]]) -> None:
+def _print_build_summary(cdir: Path, manifest: dict, vpath: Path, vsize: int, metas: list[tuple[Path, dict]]) -> None:
     tot = manifest["totals"]
-    print(f"corpus  {cdir}: {len(manifest['sources'])} sources, "
-          f"train {tot['train']['bytes'] / 1e6:.1f} MB / {tot['train']['docs']} docs, "
-          f"heldout {tot['heldout']['bytes'] / 1e6:.2f} MB / {tot['heldout']['docs']} docs")
+    print(
+        f"corpus  {cdir}: {len(manifest['sources'])} sources, "
+        f"train {tot['train']['bytes'] / 1e6:.1f} MB / {tot['train']['docs']} docs, "
+        f"heldout {tot['heldout']['bytes'] / 1e6:.2f} MB / {tot['heldout']['docs']} docs"
+    )
     if manifest.get("failed"):
         for src, why in manifest["failed"].items():
             print(f"        FAILED source {src}: {why}")
     print(f"vocab   {vpath}: {vsize} pieces")
     for cache, meta in metas:
         tr, he = meta["splits"]["train"], meta["splits"]["heldout"]
-        print(f"cache   {cache}: seq_len {meta['seq_len']}, train {tr['tokens'] / 1e6:.2f} M tokens "
-              f"({tr['rows']} rows, {tr['utf8_bytes'] / max(1, tr['tokens']):.2f} bytes/token), "
-              f"heldout {he['tokens'] / 1e6:.3f} M tokens ({he['rows']} rows)")
+        print(
+            f"cache   {cache}: seq_len {meta['seq_len']}, train {tr['tokens'] / 1e6:.2f} M tokens "
+            f"({tr['rows']} rows, {tr['utf8_bytes'] / max(1, tr['tokens']):.2f} bytes/token), "
+            f"heldout {he['tokens'] / 1e6:.3f} M tokens ({he['rows']} rows)"
+        )
 
 
 def _info(a) -> int:
@@ -218,8 +273,10 @@ def _info(a) -> int:
     print(f"corpus {cdir} (fingerprint {m['fingerprint']})")
     for n, s in m["sources"].items():
         tr, he = s["splits"]["train"], s["splits"]["heldout"]
-        print(f"  {n:14s} train {tr['docs']:6d} docs {tr['bytes'] / 1e6:7.2f} MB   heldout {he['docs']:4d} docs "
-              f"{he['bytes'] / 1e6:6.3f} MB")
+        print(
+            f"  {n:14s} train {tr['docs']:6d} docs {tr['bytes'] / 1e6:7.2f} MB   heldout {he['docs']:4d} docs "
+            f"{he['bytes'] / 1e6:6.3f} MB"
+        )
     for src, why in m.get("failed", {}).items():
         print(f"  {src:14s} FAILED: {why}")
     caches = sorted((root / "cache").glob(f"{a.name}_v*_s*")) if (root / "cache").exists() else []
@@ -263,8 +320,13 @@ def _seqio_cache(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"build": _build, "evalsets": lambda a: _evalsets(a), "info": _info, "sources": _sources,
-                "seqio_cache": _seqio_cache}[a.cmd](a)
+        return {
+            "build": _build,
+            "evalsets": lambda a: _evalsets(a),
+            "info": _info,
+            "sources": _sources,
+            "seqio_cache": _seqio_cache,
+        }[a.cmd](a)
     except DataError as e:
         print(f"moe-jax data {a.cmd}: error: {e}", file=sys.stderr)
         return 1

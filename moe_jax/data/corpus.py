@@ -9,6 +9,7 @@ train and held-out documents by a stable hash of the text (independent of order 
 Each line of a split file is `{"text": "..."}`. The manifest records per source and split the number of
 documents, UTF-8 bytes and the sha256 of the file, plus the packages (file, size, sha256) used.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -48,12 +49,14 @@ def load_manifest(corpus_dir: Path) -> dict:
     if not mp.exists():
         raise CorpusMissingError(
             f"no corpus at {corpus_dir} (missing {MANIFEST}): run `moe-jax data build` "
-            f"(or `moe-jax data build --text_files 'GLOB'` for your own files)")
+            f"(or `moe-jax data build --text_files 'GLOB'` for your own files)"
+        )
     manifest = json.loads(mp.read_text())
     if not manifest.get("sources") or manifest.get("totals", {}).get("train", {}).get("docs", 0) == 0:
         raise EmptyCorpusError(
             f"corpus at {corpus_dir} is empty (no training documents): rebuild it with "
-            f"`moe-jax data build --force`, and check that your --text_files match non-empty files")
+            f"`moe-jax data build --force`, and check that your --text_files match non-empty files"
+        )
     return manifest
 
 
@@ -79,7 +82,7 @@ def corpus_fingerprint(manifest: dict) -> str:
 # ------------------------------------------------------------------------------------------- writing
 
 
-sha256_file = file_sha256   # one chunked SHA-256 for every file the project checks (moe_jax.data.vocab)
+sha256_file = file_sha256  # one chunked SHA-256 for every file the project checks (moe_jax.data.vocab)
 
 
 def heldout_indices(docs: Sequence[str], frac: float, min_bytes: int) -> set[int]:
@@ -110,31 +113,40 @@ def _write_jsonl(path: Path, docs: Iterable[str]) -> dict:
             n += 1
             nbytes += len(d.encode("utf-8"))
     os.replace(tmp, path)
-    return {"path": str(path.relative_to(path.parent.parent)), "docs": n, "bytes": nbytes,
-            "sha256": sha256_file(path)}
+    return {"path": str(path.relative_to(path.parent.parent)), "docs": n, "bytes": nbytes, "sha256": sha256_file(path)}
 
 
-def _finish_sources(corpus_dir: Path, records_by_source: dict[str, list[str]], group_bytes: dict[str, int],
-                    heldout_frac: float, heldout_min_bytes: int, info: dict[str, dict],
-                    progress: bool) -> dict[str, dict]:
+def _finish_sources(
+    corpus_dir: Path,
+    records_by_source: dict[str, list[str]],
+    group_bytes: dict[str, int],
+    heldout_frac: float,
+    heldout_min_bytes: int,
+    info: dict[str, dict],
+    progress: bool,
+) -> dict[str, dict]:
     """Deduplicate (across sources, in order), group, split and write. Returns the manifest's sources."""
     seen: set[bytes] = set()
     out: dict[str, dict] = {}
     for name, records in records_by_source.items():
-        train, held, dups = dedupe_group_split(records, seen, group_bytes.get(name, 0), heldout_frac,
-                                               heldout_min_bytes)
-        splits = {"train": _write_jsonl(split_path(corpus_dir, name, "train"), train),
-                  "heldout": _write_jsonl(split_path(corpus_dir, name, "heldout"), held)}
+        train, held, dups = dedupe_group_split(records, seen, group_bytes.get(name, 0), heldout_frac, heldout_min_bytes)
+        splits = {
+            "train": _write_jsonl(split_path(corpus_dir, name, "train"), train),
+            "heldout": _write_jsonl(split_path(corpus_dir, name, "heldout"), held),
+        }
         out[name] = dict(info.get(name, {}), records=len(records), duplicates_dropped=dups, splits=splits)
         if progress:
             mb = (splits["train"]["bytes"] + splits["heldout"]["bytes"]) / 1e6
-            print(f"  {name:14s} {len(train) + len(held):7d} docs {mb:7.2f} MB  (dropped {dups} duplicates)",
-                  file=sys.stderr)
+            print(
+                f"  {name:14s} {len(train) + len(held):7d} docs {mb:7.2f} MB  (dropped {dups} duplicates)",
+                file=sys.stderr,
+            )
     return out
 
 
-def dedupe_group_split(records: Iterable[str], seen: set[bytes], group_bytes: int, heldout_frac: float,
-                       heldout_min_bytes: int) -> tuple[list[str], list[str], int]:
+def dedupe_group_split(
+    records: Iterable[str], seen: set[bytes], group_bytes: int, heldout_frac: float, heldout_min_bytes: int
+) -> tuple[list[str], list[str], int]:
     """One source's normalised records -> (train docs, held-out docs, duplicates dropped). `seen` holds the
     keys of documents kept so far (shared across sources) and is updated."""
     kept: list[str] = []
@@ -220,9 +232,19 @@ def _extract_worker(name: str, files: dict[str, str]) -> tuple[str, list[str], f
     return name, recs, time.time() - t
 
 
-def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str], *, keep_going: bool = False,
-                         heldout_frac: float = 0.005, heldout_min_bytes: int = 65536, workers: int = 2,
-                         offline: bool = False, force: bool = False, progress: bool = True) -> dict:
+def build_package_corpus(
+    corpus_dir: Path,
+    raw_root: Path,
+    sources: Sequence[str],
+    *,
+    keep_going: bool = False,
+    heldout_frac: float = 0.005,
+    heldout_min_bytes: int = 65536,
+    workers: int = 2,
+    offline: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Fetch, extract, normalise, deduplicate and split the package sources. Idempotent: returns the
     existing manifest when the packages and settings have not changed."""
     from moe_jax.data.sources import SOURCES
@@ -240,34 +262,54 @@ def build_package_corpus(corpus_dir: Path, raw_root: Path, sources: Sequence[str
     if not ok:
         raise EmptyCorpusError(f"no source could be fetched: {failed}")
 
-    fp = hashlib.sha256(json.dumps({
-        "recipe": RECIPE_VERSION, "heldout": [heldout_frac, heldout_min_bytes],
-        "sources": {n: {k: [v.name, v.stat().st_size] for k, v in sorted(files[n].items())} for n in ok},
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    fp = hashlib.sha256(
+        json.dumps(
+            {
+                "recipe": RECIPE_VERSION,
+                "heldout": [heldout_frac, heldout_min_bytes],
+                "sources": {n: {k: [v.name, v.stat().st_size] for k, v in sorted(files[n].items())} for n in ok},
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     if not force and (m := _manifest_valid(corpus_dir, fp)) is not None:
         if progress:
-            print(f"corpus: up to date at {corpus_dir} ({m['totals']['train']['bytes'] / 1e6:.1f} MB train)",
-                  file=sys.stderr)
+            print(
+                f"corpus: up to date at {corpus_dir} ({m['totals']['train']['bytes'] / 1e6:.1f} MB train)",
+                file=sys.stderr,
+            )
         return m
 
     # 2. extract + normalise, in parallel, biggest first
     records = _extract_sources(files, ok, workers, keep_going, failed, progress)
 
     # 3. dedupe, group, split, write
-    src_manifest = _finish_sources(corpus_dir, records, {n: SOURCES[n].group_bytes for n in records},
-                                   heldout_frac, heldout_min_bytes, _package_info(files, records), progress)
+    src_manifest = _finish_sources(
+        corpus_dir,
+        records,
+        {n: SOURCES[n].group_bytes for n in records},
+        heldout_frac,
+        heldout_min_bytes,
+        _package_info(files, records),
+        progress,
+    )
     manifest = {
-        "recipe_version": RECIPE_VERSION, "kind": "packages", "input_fingerprint": fp,
+        "recipe_version": RECIPE_VERSION,
+        "kind": "packages",
+        "input_fingerprint": fp,
         "heldout": {"frac": heldout_frac, "min_bytes": heldout_min_bytes},
-        "sources": src_manifest, "failed": failed, "totals": _totals(src_manifest),
+        "sources": src_manifest,
+        "failed": failed,
+        "totals": _totals(src_manifest),
     }
     manifest["fingerprint"] = corpus_fingerprint(manifest)
     _write_manifest(corpus_dir, manifest)
     return manifest
 
 
-def _fetch_sources(sources: Sequence[str], raw_root: Path, offline: bool, keep_going: bool,
-                   progress: bool) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+def _fetch_sources(
+    sources: Sequence[str], raw_root: Path, offline: bool, keep_going: bool, progress: bool
+) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
     """The package files of each source ({source: {package name: path}}) and the sources that failed to
     fetch ({source: why}; only with keep_going, else the FetchError is raised)."""
     from tqdm import tqdm
@@ -284,16 +326,24 @@ def _fetch_sources(sources: Sequence[str], raw_root: Path, offline: bool, keep_g
             files[name] = {p.name: fetch(p, raw_root, offline=offline) for p in SOURCES[name].packages}
         except FetchError as e:
             if not keep_going:
-                raise FetchError(f"source {name!r} failed: {e}. Fix that, or pass --keep_going to build "
-                                 f"the corpus without it (or --skip_sources {name}).") from None
+                raise FetchError(
+                    f"source {name!r} failed: {e}. Fix that, or pass --keep_going to build "
+                    f"the corpus without it (or --skip_sources {name})."
+                ) from None
             failed[name] = str(e)
             print(f"WARNING: source {name!r} skipped: {e}", file=sys.stderr)
     bar.close()
     return files, failed
 
 
-def _extract_sources(files: dict[str, dict[str, Path]], ok: list[str], workers: int, keep_going: bool,
-                     failed: dict[str, str], progress: bool) -> dict[str, list[str]]:
+def _extract_sources(
+    files: dict[str, dict[str, Path]],
+    ok: list[str],
+    workers: int,
+    keep_going: bool,
+    failed: dict[str, str],
+    progress: bool,
+) -> dict[str, list[str]]:
     """The normalised records of each source in `ok` (in `ok`'s order), extracted by `workers` processes,
     biggest source first. A source that fails or yields no text raises, or with keep_going is added to
     `failed` and left out."""
@@ -304,12 +354,18 @@ def _extract_sources(files: dict[str, dict[str, Path]], ok: list[str], workers: 
     t0 = time.time()
     records: dict[str, list[str]] = {}
     order = sorted(ok, key=lambda n: -SOURCES[n].approx_mb)
-    with (ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess()) as ex:
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as ex:
         futs = {ex.submit(_extract_worker, n, {k: str(v) for k, v in files[n].items()}): n for n in order}
-        bar = tqdm(total=sum(SOURCES[n].approx_mb for n in ok), desc="extract", unit="MB",
-                   disable=not progress, leave=False, delay=1,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]")
-        for fut in (as_completed(futs) if workers > 1 else list(futs)):
+        bar = tqdm(
+            total=sum(SOURCES[n].approx_mb for n in ok),
+            desc="extract",
+            unit="MB",
+            disable=not progress,
+            leave=False,
+            delay=1,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]",
+        )
+        for fut in as_completed(futs) if workers > 1 else list(futs):
             name = futs[fut]
             try:
                 _, recs, dt = fut.result()
@@ -341,11 +397,22 @@ def _package_info(files: dict[str, dict[str, Path]], records: dict[str, list[str
 
     info = {}
     for n in records:
-        info[n] = {"description": SOURCES[n].description, "license": SOURCES[n].license,
-                   "kind": SOURCES[n].kind, "group_bytes": SOURCES[n].group_bytes,
-                   "packages": [{"registry": p.registry, "spec": p.spec, "file": files[n][p.name].name,
-                                 "bytes": files[n][p.name].stat().st_size,
-                                 "sha256": sha256_file(files[n][p.name])} for p in SOURCES[n].packages]}
+        info[n] = {
+            "description": SOURCES[n].description,
+            "license": SOURCES[n].license,
+            "kind": SOURCES[n].kind,
+            "group_bytes": SOURCES[n].group_bytes,
+            "packages": [
+                {
+                    "registry": p.registry,
+                    "spec": p.spec,
+                    "file": files[n][p.name].name,
+                    "bytes": files[n][p.name].stat().st_size,
+                    "sha256": sha256_file(files[n][p.name]),
+                }
+                for p in SOURCES[n].packages
+            ],
+        }
     return info
 
 
@@ -375,14 +442,22 @@ def read_text_file_docs(path: Path, doc_split: str = "blank", encoding_errors: s
                 try:
                     docs.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
+                    raise DataError(f'{path}:{i} is not a JSON object with a "text" field') from None
         return docs
     return split_documents(read_text(path, encoding_errors), doc_split)
 
 
-def build_text_corpus(corpus_dir: Path, specs: Sequence[str], *, doc_split: str = "blank",
-                      encoding_errors: str = "strict", heldout_frac: float = 0.005,
-                      heldout_min_bytes: int = 65536, force: bool = False, progress: bool = True) -> dict:
+def build_text_corpus(
+    corpus_dir: Path,
+    specs: Sequence[str],
+    *,
+    doc_split: str = "blank",
+    encoding_errors: str = "strict",
+    heldout_frac: float = 0.005,
+    heldout_min_bytes: int = 65536,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """A corpus from your own files: each spec is `[name=]GLOB`; each name becomes one source."""
     corpus_dir = Path(corpus_dir)
     if not specs:
@@ -392,14 +467,26 @@ def build_text_corpus(corpus_dir: Path, specs: Sequence[str], *, doc_split: str 
         name, pattern = parse_text_files_spec(spec)
         paths = expand_glob(pattern)
         if not paths:
-            raise CorpusMissingError(f"no files match {pattern!r}: check the path/glob (quote it so the "
-                                     f"shell does not expand it; use ** for subdirectories)")
+            raise CorpusMissingError(
+                f"no files match {pattern!r}: check the path/glob (quote it so the "
+                f"shell does not expand it; use ** for subdirectories)"
+            )
         groups.setdefault(name, []).extend(paths)
-    fp = hashlib.sha256(json.dumps({
-        "recipe": RECIPE_VERSION, "split": doc_split, "errors": encoding_errors,
-        "heldout": [heldout_frac, heldout_min_bytes],
-        "files": {n: [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ps]
-                  for n, ps in groups.items()}}, sort_keys=True).encode()).hexdigest()[:16]
+    fp = hashlib.sha256(
+        json.dumps(
+            {
+                "recipe": RECIPE_VERSION,
+                "split": doc_split,
+                "errors": encoding_errors,
+                "heldout": [heldout_frac, heldout_min_bytes],
+                "files": {
+                    n: [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ps]
+                    for n, ps in groups.items()
+                },
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     if not force and (m := _manifest_valid(corpus_dir, fp)) is not None:
         return m
     records: dict[str, list[str]] = {}
@@ -414,14 +501,26 @@ def build_text_corpus(corpus_dir: Path, specs: Sequence[str], *, doc_split: str 
     n_docs = sum(len(r) for r in records.values())
     if n_docs == 0:
         raise EmptyCorpusError(f"the files given by {list(specs)} contain no text: nothing to build")
-    info = {n: {"description": f"text files: {', '.join(s for s in specs)}", "kind": "text",
-                "files": len(ps), "file_bytes": sum(p.stat().st_size for p in ps)} for n, ps in groups.items()}
+    info = {
+        n: {
+            "description": f"text files: {', '.join(s for s in specs)}",
+            "kind": "text",
+            "files": len(ps),
+            "file_bytes": sum(p.stat().st_size for p in ps),
+        }
+        for n, ps in groups.items()
+    }
     src_manifest = _finish_sources(corpus_dir, records, {}, heldout_frac, heldout_min_bytes, info, progress)
     manifest = {
-        "recipe_version": RECIPE_VERSION, "kind": "text_files", "input_fingerprint": fp,
-        "text_files": list(specs), "doc_split": doc_split,
+        "recipe_version": RECIPE_VERSION,
+        "kind": "text_files",
+        "input_fingerprint": fp,
+        "text_files": list(specs),
+        "doc_split": doc_split,
         "heldout": {"frac": heldout_frac, "min_bytes": heldout_min_bytes},
-        "sources": src_manifest, "failed": {}, "totals": _totals(src_manifest),
+        "sources": src_manifest,
+        "failed": {},
+        "totals": _totals(src_manifest),
     }
     manifest["fingerprint"] = corpus_fingerprint(manifest)
     if manifest["totals"]["train"]["docs"] == 0:

@@ -3,6 +3,7 @@
 Every message names the fix (usually a command to run). All of them derive from `DataError`, which is a
 `ValueError`, so callers that only want "bad data input" can catch that.
 """
+
 from __future__ import annotations
 
 

