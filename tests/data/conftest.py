@@ -1,5 +1,6 @@
 """Fixtures for the data-pipeline tests: tiny text corpora built in temporary directories (no network,
 no real corpus). A whole corpus + vocabulary + token cache builds in about a second."""
+
 from __future__ import annotations
 
 import random
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-         "in old towns near rivers and hills during winter summer autumn spring 2024 1999 42 café naïve "
-         "déjà vu — “quoted” text, with commas; colons: and periods. Why? Because!").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+    "in old towns near rivers and hills during winter summer autumn spring 2024 1999 42 café naïve "
+    "déjà vu — “quoted” text, with commas; colons: and periods. Why? Because!"
+).split()
 
 SEQ_LEN = 64
 VOCAB_SIZE = 320
@@ -41,8 +44,7 @@ def write_fixture_files(folder: Path, seed: int = 0, n_files: int = 2, docs_per_
 @pytest.fixture(scope="session")
 def fixture_texts(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("texts")
-    return {"alpha": write_fixture_files(base / "alpha", seed=1),
-            "beta": write_fixture_files(base / "beta", seed=2)}
+    return {"alpha": write_fixture_files(base / "alpha", seed=1), "beta": write_fixture_files(base / "beta", seed=2)}
 
 
 @pytest.fixture(scope="session")
@@ -60,5 +62,12 @@ def tiny_data(tmp_path_factory, fixture_texts) -> dict:
     train_vocab(corpus, vocab, VOCAB_SIZE, progress=False)
     cache = root / "cache" / f"tiny_v{VOCAB_SIZE}_s{SEQ_LEN}"
     meta = build_cache(corpus, vocab, cache, SEQ_LEN, progress=False)
-    return {"root": root, "corpus": corpus, "vocab": vocab, "cache": cache, "manifest": manifest, "meta": meta,
-            "specs": specs}
+    return {
+        "root": root,
+        "corpus": corpus,
+        "vocab": vocab,
+        "cache": cache,
+        "manifest": manifest,
+        "meta": meta,
+        "specs": specs,
+    }

@@ -1,5 +1,6 @@
 """`moe-jax data ...` end to end on fixture text files (no network): build, idempotent rebuild, info,
 and clear errors with exit code 1."""
+
 import json
 import time
 
@@ -8,8 +9,20 @@ from moe_jax.data.cli import main
 
 
 def test_build_text_files_end_to_end_and_rebuild_is_a_no_op(tmp_path, fixture_texts, capsys):
-    args = ["build", "--data_dir", str(tmp_path), "--name", "mine", "--text_files",
-            f"mine={fixture_texts['alpha']}/*.txt", "--vocab_size", "320", "--seq_len", "64,32", "--quiet"]
+    args = [
+        "build",
+        "--data_dir",
+        str(tmp_path),
+        "--name",
+        "mine",
+        "--text_files",
+        f"mine={fixture_texts['alpha']}/*.txt",
+        "--vocab_size",
+        "320",
+        "--seq_len",
+        "64,32",
+        "--quiet",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "corpus" in out and "vocab" in out and out.count("cache") >= 2
@@ -39,8 +52,18 @@ def test_build_errors_exit_1_with_the_fix(tmp_path, capsys):
     rc = main(["build", "--data_dir", str(tmp_path / "d"), "--text_files", str(tmp_path / "no*.txt"), "--quiet"])
     assert rc == 1 and "no files match" in capsys.readouterr().err
     (tmp_path / "few.txt").write_text("tiny text")
-    rc = main(["build", "--data_dir", str(tmp_path / "d"), "--text_files", str(tmp_path / "few.txt"), "--quiet",
-               "--vocab_size", "8"])
+    rc = main(
+        [
+            "build",
+            "--data_dir",
+            str(tmp_path / "d"),
+            "--text_files",
+            str(tmp_path / "few.txt"),
+            "--quiet",
+            "--vocab_size",
+            "8",
+        ]
+    )
     assert rc == 1 and "larger --vocab_size" in capsys.readouterr().err
     rc = main(["info", "--data_dir", str(tmp_path / "empty")])
     assert rc == 1 and "moe-jax data build" in capsys.readouterr().err

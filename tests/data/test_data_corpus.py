@@ -1,5 +1,6 @@
 """Corpus building: normalisation, deduplication, held-out split, manifest, idempotence, and the errors for
 missing/empty/non-UTF-8 input and failing package sources (all on tiny fixtures, no network)."""
+
 import gzip
 import io
 import json
@@ -26,8 +27,10 @@ def test_decode_lenient_keeps_utf8_and_reads_cp1252_bytes():
 
 
 def test_html_to_text():
-    page = ('<html><head><title>T</title><style>x{}</style></head><body><div class="navheader">Prev Next</div>'
-            '<h2>Title</h2><p>Some <b>bold</b>\n   text &amp; more.</p><pre>  code\n    indented</pre></body></html>')
+    page = (
+        '<html><head><title>T</title><style>x{}</style></head><body><div class="navheader">Prev Next</div>'
+        "<h2>Title</h2><p>Some <b>bold</b>\n   text &amp; more.</p><pre>  code\n    indented</pre></body></html>"
+    )
     text = normalise(html_to_text(page))
     assert "Prev" not in text and "x{}" not in text
     assert "Title" in text and "Some bold text & more." in text
@@ -73,8 +76,9 @@ def test_text_corpus_manifest_split_and_idempotence(tiny_data, fixture_texts):
         assert set(train) | set(held) == inputs - {""}
     # second build: nothing rewritten
     stamp = corpus_mod.manifest_path(corpus).stat().st_mtime_ns
-    again = corpus_mod.build_text_corpus(corpus, tiny_data["specs"], heldout_frac=0.1, heldout_min_bytes=0,
-                                         progress=False)
+    again = corpus_mod.build_text_corpus(
+        corpus, tiny_data["specs"], heldout_frac=0.1, heldout_min_bytes=0, progress=False
+    )
     assert again == m and corpus_mod.manifest_path(corpus).stat().st_mtime_ns == stamp
 
 
@@ -111,8 +115,9 @@ def test_error_non_utf8(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\n")
     with pytest.raises(EncodingError, match=r"bad\.txt is not valid UTF-8: byte 0xe9 at offset 3.*iconv"):
         corpus_mod.build_text_corpus(tmp_path / "c", [str(tmp_path / "*.txt")], progress=False)
-    m = corpus_mod.build_text_corpus(tmp_path / "c", [str(tmp_path / "*.txt")], encoding_errors="replace",
-                                     heldout_frac=0, progress=False)
+    m = corpus_mod.build_text_corpus(
+        tmp_path / "c", [str(tmp_path / "*.txt")], encoding_errors="replace", heldout_frac=0, progress=False
+    )
     assert m["totals"]["train"]["docs"] == 2
 
 
@@ -135,6 +140,7 @@ def _fake_sources(monkeypatch, raw: Path):
         def fn(files):
             with tarfile.open(files[key], "r:gz") as tar:
                 yield from split_documents(tar.extractfile("package/text.txt").read().decode(), "blank")
+
         return fn
 
     fake = {

@@ -1,4 +1,5 @@
 """The training loader must not pull TensorFlow or seqio onto the import path (checked in a fresh process)."""
+
 import json
 import subprocess
 import sys
@@ -11,14 +12,16 @@ import moe_jax.data.cli, moe_jax.data.paths, moe_jax.data.packing
 loader = TokenLoader(sys.argv[1], split="train", batch_size=2, seed=0)
 batch = next(loader)
 loader.set_state(loader.get_state())
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "seqio", "tensorflow_text", "tensorflow_datasets"))
+HEAVY = ("tensorflow", "seqio", "tensorflow_text", "tensorflow_datasets")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 print(json.dumps({"heavy": heavy, "shape": list(batch["decoder_target_tokens"].shape)}))
 """
 
 
 def test_loader_does_not_import_tensorflow_or_seqio(tiny_data):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_data["cache"])], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_data["cache"])], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []

@@ -1,5 +1,6 @@
 """TokenLoader on a tiny token cache: shapes, determinism, exact restore, host slices, held-out pass,
 bits-per-byte counts, shorter windows, and the clear errors (cache/vocab/seq_len)."""
+
 import json
 import shutil
 
@@ -66,8 +67,7 @@ def test_state_from_another_configuration_is_rejected(tiny_data):
 
 def test_two_hosts_get_disjoint_slices_that_cover_the_global_batch(tiny_data):
     g = TokenLoader(tiny_data["cache"], batch_size=8, seed=0)
-    hosts = [TokenLoader(tiny_data["cache"], batch_size=8, seed=0, process_index=i, process_count=2)
-             for i in range(2)]
+    hosts = [TokenLoader(tiny_data["cache"], batch_size=8, seed=0, process_index=i, process_count=2) for i in range(2)]
     for _ in range(3):
         full = next(g)
         parts = [next(h) for h in hosts]

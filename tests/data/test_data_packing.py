@@ -1,4 +1,5 @@
 """The numpy packer: no token lost or duplicated, seqio's layout rules, model features (numpy only)."""
+
 import numpy as np
 import pytest
 

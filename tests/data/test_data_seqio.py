@@ -1,6 +1,7 @@
 """seqio side: the registered Tasks/Mixture, seqio's DecoderFeatureConverter(pack=True) against the numpy
 packer used for the cache (identical rows), no token lost in seqio's packing, the text_files task, the C4
 task definition (not run), and materialising a task through seqio."""
+
 import numpy as np
 import pytest
 
@@ -62,14 +63,16 @@ def test_mixture_with_rates(tiny_data, registered):
 
 
 def test_text_files_task_equals_the_built_corpus(tiny_data, fixture_texts):
-    tasks.register_text_files_task("tiny_files", [f"{fixture_texts['alpha']}/*.txt"], tiny_data["vocab"],
-                                   heldout_frac=0.1, heldout_min_bytes=0)
+    tasks.register_text_files_task(
+        "tiny_files", [f"{fixture_texts['alpha']}/*.txt"], tiny_data["vocab"], heldout_frac=0.1, heldout_min_bytes=0
+    )
     # same documents, same split, same packed rows as source "alpha" of the built corpus (built first)
     tokens = read_array(tiny_data["cache"] / "train" / "tokens")
     info = tiny_data["meta"]["splits"]["train"]["sources"]["alpha"]
     rows = _seqio_rows("tiny_files", "train")
-    np.testing.assert_array_equal(np.stack([r["decoder_target_tokens"] for r in rows]),
-                                  tokens[info["row_start"]:info["row_end"]])
+    np.testing.assert_array_equal(
+        np.stack([r["decoder_target_tokens"] for r in rows]), tokens[info["row_start"] : info["row_end"]]
+    )
 
 
 def test_text_files_task_errors(tiny_data, tmp_path):
@@ -100,5 +103,5 @@ def test_materialise_through_seqio_feeds_the_loader(tiny_data, registered, tmp_p
     assert meta["splits"]["train"]["tokens"] == ref["tokens"]
     assert meta["splits"]["train"]["utf8_bytes"] == ref["utf8_bytes"]
     loader = TokenLoader(out, split="train", batch_size=2, shuffle=False)
-    tokens = read_array(tiny_data["cache"] / "train" / "tokens")[ref["row_start"]:ref["row_end"]]
+    tokens = read_array(tiny_data["cache"] / "train" / "tokens")[ref["row_start"] : ref["row_end"]]
     np.testing.assert_array_equal(next(loader)["decoder_target_tokens"], tokens[:2])
