@@ -17,6 +17,10 @@ from typing import Optional
 
 import gin
 
+# The names MoEConfig.router and MoEConfig.dispatch accept. Their implementations are registries in
+# moe_jax.moe (router.ROUTER_CLASSES, dispatch.DISPATCH_SPECS) keyed by these names; each checks itself
+# against them at import (`check_registry`). The names live here, not there, because this module is
+# the bottom of the import graph: validating a config must not import the model code.
 ROUTERS = ("softmax", "hash")
 DISPATCHES = ("dropless", "capacity", "reference")
 SECOND_EXPERT_POLICIES = ("greedy", "random")
@@ -25,6 +29,17 @@ HASH_TABLES = ("random", "balanced")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 EXPERT_PARALLEL_SCHEMES = ("ring", "all_to_all")
+
+
+def check_registry(field: str, registry) -> None:
+    """Raise unless `registry` (name -> implementation) implements exactly the names MoEConfig.<field>
+    accepts (ROUTERS for "router", DISPATCHES for "dispatch"), so the two cannot drift apart."""
+    names = {"router": ROUTERS, "dispatch": DISPATCHES}[field]
+    if tuple(registry) != names:
+        raise RuntimeError(
+            f"MoEConfig.{field} accepts {names} but its registry implements {tuple(registry)}: add or remove "
+            f"the name in moe_jax/config.py and the implementation in the registry together"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
