@@ -194,7 +194,7 @@ def fine_grained_sizes(num_experts: int, top_k: int, granularity: int, num_share
         )
     if f % m:
         divisors = [d for d in range(1, min(f, 64) + 1) if f % d == 0]
-        raise ValueError(f"F={f} is not divisible by granularity m={m}; m must divide F (m <= 64: {divisors})")
+        raise ValueError(f"F={f} is not divisible by granularity m={m}; divisors of F up to 64: {divisors}")
     if not 0 <= k_s <= m * k:
         raise ValueError(
             f"K_s={k_s} shared experts must be in [0, m*K={m * k}]: they are taken from the m*K activated ones"

@@ -15,6 +15,7 @@ from moe_jax.config import MoEConfig, check_registry
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams
 from moe_jax.moe.dispatch.capacity import capacity_dispatch
 from moe_jax.moe.dispatch.dropless import dropless_dispatch
+from moe_jax.moe.dispatch.gmm import available_gmm
 from moe_jax.moe.dispatch.reference import reference_dispatch
 from moe_jax.moe.gating import Routing
 
@@ -64,6 +65,9 @@ def get_dispatch(name: str, **options) -> Dispatch:
             f"dispatch {name!r} has no option {', '.join(map(repr, unknown))}; "
             f"its options: {', '.join(valid) if valid else 'none'}"
         )
+    backend = options.get("gmm_backend", "auto")
+    if backend != "auto" and backend not in available_gmm():
+        raise ValueError(f"unknown gmm_backend {backend!r}; available: 'auto', {', '.join(map(repr, available_gmm()))}")
     return Dispatch(name, tuple(sorted(options.items())))
 
 
