@@ -39,7 +39,7 @@ from moe_jax.moe import balance  # noqa: E402
 from moe_jax.moe.dispatch.base import ExpertParams  # noqa: E402
 from moe_jax.moe.dispatch.dropless import grouped_swiglu  # noqa: E402
 from moe_jax.moe.dispatch.gmm import get_gmm, prepare_gmm  # noqa: E402
-from moe_jax.moe.routing import router_logits, softmax_topk  # noqa: E402
+from moe_jax.moe.gating import router_logits, softmax_topk  # noqa: E402
 from moe_jax.train.config import TrainConfig  # noqa: E402
 from moe_jax.train.loss import cross_entropy  # noqa: E402
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402

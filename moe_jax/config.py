@@ -6,7 +6,8 @@ model classes per paper. Gin files under `gin/` bind them; see `gin/architecture
 
 Vocabulary used below: N' = `num_experts` routed experts, K' = `top_k` activated routed experts,
 K_s = `num_shared_experts`, f = `expert_dim` (the expert FFN's intermediate width). Fine-grained
-segmentation with factor m is `num_experts = m*N - K_s`, `top_k = m*K - K_s`, `expert_dim = F/m`.
+segmentation with factor m is `num_experts = m*N - K_s`, `top_k = m*K - K_s`, `expert_dim = F/m`
+(`fine_grained_sizes`); the gin models are written as (N, K, m, K_s, F) through `fine_grained_size`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Optional
 
 import gin
 
+# The names MoEConfig.router and MoEConfig.dispatch accept. Their implementations are registries in
+# moe_jax.moe (router.ROUTER_CLASSES, dispatch.DISPATCH_SPECS) keyed by these names; each checks itself
+# against them at import (`check_registry`). The names live here, not there, because this module is
+# the bottom of the import graph: validating a config must not import the model code.
 ROUTERS = ("softmax", "hash")
 DISPATCHES = ("dropless", "capacity", "reference")
 SECOND_EXPERT_POLICIES = ("greedy", "random")
@@ -24,6 +29,17 @@ HASH_TABLES = ("random", "balanced")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 EXPERT_PARALLEL_SCHEMES = ("ring", "all_to_all")
+
+
+def check_registry(field: str, registry) -> None:
+    """Raise unless `registry` (name -> implementation) implements exactly the names MoEConfig.<field>
+    accepts (ROUTERS for "router", DISPATCHES for "dispatch"), so the two cannot drift apart."""
+    names = {"router": ROUTERS, "dispatch": DISPATCHES}[field]
+    if tuple(registry) != names:
+        raise RuntimeError(
+            f"MoEConfig.{field} accepts {names} but its registry implements {tuple(registry)}: add or remove "
+            f"the name in moe_jax/config.py and the implementation in the registry together"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -152,27 +168,64 @@ class MoEConfig:
     def fine_grained(
         cls, num_experts: int, top_k: int, granularity: int, num_shared: int, ffn_dim: int, **kwargs
     ) -> "MoEConfig":
-        """The paper's parametrisation (§3.1-§3.2): N experts of width F with top-K, each split into m
-        experts of width F/m, K_s of the mN isolated as shared. GShard is (16, 2, 1, 0, F);
-        DeepSeekMoE 2B is (16, 2, 4, 1, F): 63 routed of width F/4, top-7, 1 shared."""
-        if ffn_dim % granularity:
-            raise ValueError(f"ffn_dim={ffn_dim} is not divisible by granularity m={granularity}")
-        return cls(
-            num_experts=granularity * num_experts - num_shared,
-            top_k=granularity * top_k - num_shared,
-            num_shared_experts=num_shared,
-            expert_dim=ffn_dim // granularity,
-            **kwargs,
-        )
-
-    @property
-    def has_router(self) -> bool:
-        return self.num_experts > 0
+        """The paper's parametrisation (§3.1-§3.2, Eq 3-5): N experts of width F with top-K, each split
+        into m experts of width F/m, K_s of the mN isolated as shared (see `fine_grained_sizes`). GShard
+        is (16, 2, 1, 0, F); DeepSeekMoE 2B is (16, 2, 4, 1, F): 63 routed of width F/4, top-7, 1 shared."""
+        return cls(**fine_grained_sizes(num_experts, top_k, granularity, num_shared, ffn_dim), **kwargs)
 
     @property
     def activated_dim(self) -> int:
         """Intermediate width a token activates: (K_s + K') * f."""
         return (self.num_shared_experts + (self.top_k if self.num_experts else 0)) * self.expert_dim
+
+
+def fine_grained_sizes(num_experts: int, top_k: int, granularity: int, num_shared: int, ffn_dim: int) -> dict:
+    """MoEConfig sizes of fine-grained segmentation and shared-expert isolation (paper §3.1-§3.2, Eq 3-5).
+
+    A layer of N experts of width F with top-K is split into m*N experts of width F/m, top-m*K
+    (fine-grained segmentation, Eq 3-5); K_s of them are always-on shared experts (isolation, Eq 9):
+        num_experts = m*N - K_s    top_k = m*K - K_s    num_shared_experts = K_s    expert_dim = F/m
+    Dense x4 is (4, 4, 1, 4, F): every expert shared, none routed.
+    """
+    n, k, m, k_s, f = num_experts, top_k, granularity, num_shared, ffn_dim
+    if m < 1 or n < 1 or not 1 <= k <= n or f < 1:
+        raise ValueError(
+            f"fine-grained segmentation needs N >= 1, 1 <= K <= N, m >= 1, F >= 1; got N={n}, K={k}, m={m}, F={f}"
+        )
+    if f % m:
+        divisors = [d for d in range(1, min(f, 64) + 1) if f % d == 0]
+        raise ValueError(f"F={f} is not divisible by granularity m={m}; divisors of F up to 64: {divisors}")
+    if not 0 <= k_s <= m * k:
+        raise ValueError(
+            f"K_s={k_s} shared experts must be in [0, m*K={m * k}]: they are taken from the m*K activated ones"
+        )
+    return {"num_experts": m * n - k_s, "top_k": m * k - k_s, "num_shared_experts": k_s, "expert_dim": f // m}
+
+
+@gin.configurable
+def fine_grained_size(
+    quantity: str,
+    num_experts: Optional[int] = None,
+    top_k: Optional[int] = None,
+    granularity: int = 1,
+    num_shared: int = 0,
+    ffn_dim: Optional[int] = None,
+) -> int:
+    """One MoEConfig size (`quantity`: a key of `fine_grained_sizes`) from (N, K, m, K_s, F), for gin.
+
+    Gin cannot do arithmetic; gin/architectures/moe.gin binds the macros NUM_EXPERTS, TOP_K and
+    EXPERT_DIM to `@<quantity>/fine_grained_size()`, so a model file states (N, K, m, K_s, F) and a
+    sweep over m is one binding (--gin.GRANULARITY=2).
+    """
+    if num_experts is None or top_k is None or ffn_dim is None:
+        raise ValueError(
+            "a MoE model needs (N, K, m, K_s, F): bind BASE_EXPERTS (N) and BASE_TOP_K (K) (GRANULARITY m, "
+            "NUM_SHARED K_s and BASE_EXPERT_DIM F have defaults), or NUM_EXPERTS, TOP_K and EXPERT_DIM directly"
+        )
+    sizes = fine_grained_sizes(num_experts, top_k, granularity, num_shared, ffn_dim)
+    if quantity not in sizes:
+        raise ValueError(f"fine_grained_size.quantity={quantity!r} is not one of {tuple(sizes)}")
+    return sizes[quantity]
 
 
 @gin.configurable

@@ -15,9 +15,9 @@ from flax import nnx, struct
 from moe_jax.config import ModelConfig
 from moe_jax.layers.mlp import MLP
 from moe_jax.moe import balance
-from moe_jax.moe.dispatch import ExpertParams, get_dispatch
+from moe_jax.moe.dispatch import ExpertParams, dispatch_from_config
 from moe_jax.moe.dispatch.expert_parallel import ambient_mesh, expert_axis_size, expert_parallel_dispatch
-from moe_jax.moe.routers import ROUTERS
+from moe_jax.moe.router import ROUTER_CLASSES
 from moe_jax.moe.stats import RoutingStats, routing_stats
 
 
@@ -65,7 +65,8 @@ class MoELayer(nnx.Module):
         self.compute_dtype = _dtype(cfg.dtype)
         std, pd, d = cfg.init_std, _dtype(cfg.param_dtype), cfg.d_model
         if m.num_experts:
-            self.router = ROUTERS[m.router](cfg, rngs)
+            self.router = ROUTER_CLASSES[m.router](cfg, rngs)
+            self.dispatch = dispatch_from_config(m)  # chosen and its options validated once, here
             e, f = m.num_experts, m.expert_dim
             self.wi = nnx.Param(
                 std * jax.random.normal(rngs.params(), (e, d, 2, f), pd), axes=("experts", "embed", None, "expert_mlp")
@@ -74,7 +75,7 @@ class MoELayer(nnx.Module):
                 std * jax.random.normal(rngs.params(), (e, f, d), pd), axes=("experts", "expert_mlp", "embed")
             )
         else:
-            self.router = None
+            self.router = self.dispatch = None
         self.shared = (
             MLP(d, m.num_shared_experts * m.expert_dim, init_std=std, param_dtype=pd, rngs=rngs)
             if m.num_shared_experts
@@ -119,9 +120,7 @@ class MoELayer(nnx.Module):
                     gmm_backend=m.gmm_backend,
                 )
             else:
-                out = get_dispatch(m.dispatch)(
-                    xf, routing, experts, capacity_factor=m.capacity_factor, gmm_backend=m.gmm_backend
-                )
+                out = self.dispatch(xf, routing, experts)
             y = y + out.y
             stats = routing_stats(
                 out.tokens_per_expert,

@@ -7,9 +7,9 @@ import pytest
 from helpers import assert_tree_close, max_rel_err
 
 from moe_jax.layers.mlp import swiglu
-from moe_jax.moe.dispatch import ExpertParams, get_dispatch
+from moe_jax.moe.dispatch import DISPATCH_SPECS, ExpertParams, get_dispatch
 from moe_jax.moe.dispatch.capacity import capacity_positions, expert_capacity
-from moe_jax.moe.routing import Routing, router_logits, softmax_topk
+from moe_jax.moe.gating import Routing, router_logits, softmax_topk
 
 D, F = 16, 8
 
@@ -23,10 +23,15 @@ def _problem(seed, t, e, k, policy="greedy"):
     return (x, kernel, wi, wo), keys[4], policy, k
 
 
+def _dispatch(name, **opts):
+    """Dispatch `name` with those of `opts` it declares (a test passes one option set to every dispatch)."""
+    return get_dispatch(name, **{o: v for o, v in opts.items() if o in DISPATCH_SPECS[name].options})
+
+
 def _run(name, params, rng, policy, k, **opts):
     x, kernel, wi, wo = params
     routing = softmax_topk(router_logits(x, kernel), k, second_expert_policy=policy, rng=rng)
-    return get_dispatch(name)(x, routing, ExpertParams(wi=wi, wo=wo), **opts)
+    return _dispatch(name, **opts)(x, routing, ExpertParams(wi=wi, wo=wo))
 
 
 def _loss(name, **opts):
@@ -86,7 +91,7 @@ def test_capacity_drops_exactly_the_hand_computed_tokens():
     x = jax.random.normal(jax.random.key(0), (4, D))
     wi = jax.random.normal(jax.random.key(1), (2, D, 2, F))
     wo = jax.random.normal(jax.random.key(2), (2, F, D))
-    out = get_dispatch("capacity")(x, routing, ExpertParams(wi=wi, wo=wo), capacity_factor=0.5)
+    out = get_dispatch("capacity", capacity_factor=0.5)(x, routing, ExpertParams(wi=wi, wo=wo))
     np.testing.assert_array_equal(out.dropped, [[False, False], [False, True], [False, True], [True, True]])
     np.testing.assert_array_equal(out.tokens_per_expert, [2, 2])
     f0, f1 = swiglu(x, wi[0], wo[0]), swiglu(x, wi[1], wo[1])
@@ -100,7 +105,7 @@ def test_inactive_assignments_are_not_computed():
     r = softmax_topk(router_logits(x, kernel), 2)
     masked = r.replace(mask=r.mask.at[:, 1].set(False), weights=r.weights.at[:, 1].set(0.0))
     for name in ("reference", "dropless", "capacity"):
-        out = get_dispatch(name)(x, masked, ExpertParams(wi=wi, wo=wo), capacity_factor=10.0)
+        out = _dispatch(name, capacity_factor=10.0)(x, masked, ExpertParams(wi=wi, wo=wo))
         assert int(out.tokens_per_expert.sum()) == 16, name
         assert not bool(out.dropped.any()), name
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from helpers import assert_tree_close, max_rel_err
 
-from moe_jax.moe.dispatch import ExpertParams, get_dispatch
+from moe_jax.moe.dispatch import DISPATCH_SPECS, ExpertParams, get_dispatch
 from moe_jax.moe.dispatch import gmm as G
 from moe_jax.moe.dispatch import kernels_mosaic as KM
-from moe_jax.moe.routing import router_logits, softmax_topk
+from moe_jax.moe.gating import router_logits, softmax_topk
 
 ON_HOPPER = KM.available()
 NEEDS_HOPPER = "needs a Hopper GPU (run with JAX_PLATFORMS=cuda on an H100/H200): the Mosaic-GPU kernels use wgmma"
@@ -37,6 +37,11 @@ CASES = {
     "default_tiles_64_wide": (200, 192, 64 * 3, [60, 0, 100, 33], KM.MosaicConfig()),
     "default_tiles_padded": (130, 100, 90, [1, 128], KM.MosaicConfig()),
 }
+
+
+def _with_backend(name, backend):
+    """Dispatch `name`, with grouped-matmul kernel `backend` if it takes one (the reference does not)."""
+    return get_dispatch(name, **({"gmm_backend": backend} if "gmm_backend" in DISPATCH_SPECS[name].options else {}))
 
 
 def _reference(lhs, rhs, sizes, dy):
@@ -195,9 +200,7 @@ def test_dropless_dispatch_with_emulated_mosaic_matches_reference(t, e, k):
 
     def run(name, backend):
         def loss(x, router, wi, wo):
-            y = get_dispatch(name)(
-                x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo), gmm_backend=backend
-            ).y
+            y = _with_backend(name, backend)(x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo)).y
             return jnp.sum(jnp.sin(y)), y
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, router, wi, wo)
@@ -270,7 +273,7 @@ def test_dropless_dispatch_with_mosaic_on_gpu_matches_reference():
 
     def loss(name, backend):
         def f(x, experts):
-            y = get_dispatch(name)(x, routing, experts, gmm_backend=backend).y
+            y = _with_backend(name, backend)(x, routing, experts).y
             return jnp.sum(y.astype(jnp.float32) ** 2), y
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, experts)

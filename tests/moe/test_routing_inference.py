@@ -9,7 +9,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.model.transformer import Transformer
-from moe_jax.moe import routing as R
+from moe_jax.moe import gating as R
 from moe_jax.moe.layer import MoELayer
 
 

@@ -15,8 +15,8 @@ from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.moe.dispatch import ExpertParams, capacity_dispatch, dropless_dispatch, reference_dispatch
 from moe_jax.moe.dispatch.expert_parallel import expert_parallel_dispatch
 from moe_jax.moe.dispatch.gmm import get_gmm, register_gmm
+from moe_jax.moe.gating import softmax_topk
 from moe_jax.moe.layer import MoELayer
-from moe_jax.moe.routing import softmax_topk
 
 T, D, E, F, K = 64, 16, 8, 8, 2
 

@@ -1,7 +1,7 @@
 """What every dispatch strategy shares: the experts' weights, the SwiGLU expert, the result type.
 
-A dispatch strategy is a function
-    dispatch(x [T, d], routing: Routing, experts: ExpertParams, **options) -> DispatchOutput
+A dispatch strategy is a function (its options keyword-only, declared in `moe_jax.moe.dispatch.DISPATCH_SPECS`)
+    dispatch(x [T, d], routing: Routing, experts: ExpertParams, *, <its options>) -> DispatchOutput
 that computes  y_t = sum_k mask[t,k] * weights[t,k] * FFN_{indices[t,k]}(x_t)  (paper Eq 3 / 9
 without the shared experts and the residual), possibly dropping assignments (capacity).
 """

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from moe_jax.layers.mlp import swiglu_activation
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, combine, count_per_expert
 from moe_jax.moe.dispatch.permute import inverse_permutation
-from moe_jax.moe.routing import Routing
+from moe_jax.moe.gating import Routing
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -44,7 +44,7 @@ def capacity_positions(indices: jax.Array, mask: jax.Array, num_experts: int):
 
 
 def capacity_dispatch(
-    x: jax.Array, routing: Routing, experts: ExpertParams, *, capacity_factor: float = 1.25, **_
+    x: jax.Array, routing: Routing, experts: ExpertParams, *, capacity_factor: float = 1.25
 ) -> DispatchOutput:
     """x [T, d] -> DispatchOutput; assignments beyond an expert's capacity are dropped (output 0)."""
     t, k = routing.indices.shape

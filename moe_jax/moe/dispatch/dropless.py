@@ -23,7 +23,7 @@ from moe_jax.layers.mlp import swiglu_activation
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, active_expert_ids, count_per_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, inverse_permutation, permute_rows
-from moe_jax.moe.routing import Routing
+from moe_jax.moe.gating import Routing
 
 SAVED_NAME = "moe_expert_h"  # the only activation of the expert computation kept for the backward pass
 
@@ -67,7 +67,7 @@ def _sorted_expert_outputs(
 
 
 def dropless_dispatch(
-    x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto", **_
+    x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto"
 ) -> DispatchOutput:
     """x [T, d] -> DispatchOutput with y [T, d]; every active assignment is computed."""
     t, k = routing.indices.shape

@@ -47,7 +47,7 @@ from moe_jax.moe.dispatch.capacity import capacity_positions, expert_capacity
 from moe_jax.moe.dispatch.dropless import SAVED_NAME, grouped_swiglu, sort_by_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, permute_rows
-from moe_jax.moe.routing import Routing
+from moe_jax.moe.gating import Routing
 from moe_jax.parallel.mesh import axis_size, describe
 from moe_jax.parallel.rules import BATCH_AXES, EXPERT_AXIS, TENSOR_AXIS
 
@@ -269,7 +269,6 @@ def expert_parallel_dispatch(
     capacity_factor: float = 1.25,
     buffer_factor: float = 0.0,
     gmm_backend: str = "auto",
-    **_,
 ) -> DispatchOutput:
     """The MoE dispatch on a device mesh. Same contract as every dispatch:
     x [T, d] (global view), routing [T, k], experts [E, ...] -> DispatchOutput(y [T, d], counts [E], dropped [T, k]).

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 
 from moe_jax.layers.mlp import swiglu
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, active_expert_ids, count_per_expert
-from moe_jax.moe.routing import Routing
+from moe_jax.moe.gating import Routing
 
 
-def reference_dispatch(x, routing: Routing, experts: ExpertParams, **_) -> DispatchOutput:
+def reference_dispatch(x, routing: Routing, experts: ExpertParams) -> DispatchOutput:
     """y_t = sum_e (sum_k [indices[t,k] == e] * mask * weights[t,k]) * FFN_e(x_t). x [T, d] -> [T, d]."""
     y = jnp.zeros(x.shape, jnp.float32)
     for e in range(experts.num_experts):

@@ -1,7 +1,8 @@
-"""Routers: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
+"""Gating maths: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
 
-Pure functions over token-major arrays; `moe_jax.moe.routers` wraps them in NNX modules that own the
-router weights or the hash table. Shapes: T tokens, d hidden size, E routed experts, k experts per token.
+Pure functions over token-major arrays returning a `Routing`; `moe_jax.moe.router` wraps them in NNX
+modules that own the router weights or the hash table. Shapes: T tokens, d hidden size, E routed
+experts, k experts per token.
 """
 
 from __future__ import annotations
@@ -31,14 +32,6 @@ class Routing:
     mask: jax.Array
     probs: jax.Array | None = None
     logits: jax.Array | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.indices.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.indices.shape[1]
 
 
 def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:

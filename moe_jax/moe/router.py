@@ -1,4 +1,4 @@
-"""Router modules: they own the router's state and return a `Routing` (see routing.py).
+"""Router modules: they own the router's state and return a `Routing` (the maths is in gating.py).
 
 A router is called as `router(x [T, d], token_ids [T], rng) -> Routing`. `uses_balance_loss` says
 whether balance losses apply (not for hash routing, which never learns: Megatron-LM #7079).
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.config import ModelConfig
-from moe_jax.moe import routing as R
+from moe_jax.config import ModelConfig, check_registry
+from moe_jax.moe import gating as R
 
 
 class HashTable(nnx.Variable):
@@ -67,4 +67,6 @@ class HashRouter(nnx.Module):
         return R.hash_route(token_ids, self.table[...])
 
 
-ROUTERS = {"softmax": SoftmaxRouter, "hash": HashRouter}
+# The router modules by the name `MoEConfig.router` takes; its names are `moe_jax.config.ROUTERS`.
+ROUTER_CLASSES = {"softmax": SoftmaxRouter, "hash": HashRouter}
+check_registry("router", ROUTER_CLASSES)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.moe import routing as R
+from moe_jax.moe import gating as R
 
 
 def test_softmax_gate_values_are_raw_probabilities():
