@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).with_name("model_golden.json")
 
 
 def closed_form_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total, activated and expert parameters from the config alone (paper §3.4 accounting):
+    """Total, activated and expert parameters from the config alone (the accounting of docs/paper.md §3.4):
     a SwiGLU FFN of width F has 3 d F parameters, attention 4 d H Dh, a softmax router d N'."""
     d = cfg.d_model
     per_layer = 4 * d * cfg.num_heads * cfg.head_dim + 2 * d  # attention + two RMSNorm scales
