@@ -13,6 +13,7 @@ A corpus other than the default one (built from `--text_files`) lives in `corpus
 in `vocab/<name>_spm_<V>.model`, its cache in `cache/<name>_v<V>_s<L>/`.
 This module imports nothing heavy; it is safe on the training import path.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,12 @@ def vocab_path(root: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = DEF
     return Path(root) / "vocab" / f"{stem}.model"
 
 
-def cache_dir(root: Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
-              seq_len: int = DEFAULT_SEQ_LEN, name: str = DEFAULT_NAME) -> Path:
+def cache_dir(
+    root: Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    name: str = DEFAULT_NAME,
+) -> Path:
     """The token cache built by `moe-jax data build` for these settings."""
     root = data_dir() if root is None else Path(root)
     return root / "cache" / f"{name}_v{vocab_size}_s{seq_len}"
@@ -64,3 +69,22 @@ def cache_dir(root: Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
 
 def evalsets_dir(root: Path) -> Path:
     return Path(root) / "evalsets"
+
+
+def default_cache(cfg, vocab_size: int) -> Path:
+    """The cache `moe-jax data build` writes for this vocabulary (any sequence length >= seq_len).
+
+    `cfg` is a `moe_jax.train.config.TrainConfig` (read: `data_cache`, an explicit cache, and `seq_len`).
+    """
+    if cfg.data_cache:
+        return Path(cfg.data_cache)
+    root = data_dir()
+    built = {}
+    for p in (root / "cache").glob(f"default_v{vocab_size}_s*"):
+        length = p.name.rsplit("_s", 1)[1]
+        if length.isdigit() and (p / "meta.json").exists():
+            built[int(length)] = p
+    usable = [built[n] for n in sorted(built) if n % cfg.seq_len == 0]
+    if usable:
+        return usable[0]
+    return cache_dir(root, vocab_size=vocab_size)  # the loader's error names the fix

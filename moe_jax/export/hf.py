@@ -217,8 +217,8 @@ def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]
 
 def find_tokenizer(train_cfg, vocab_size: int) -> tuple[Path | None, dict, str | None]:
     """(SentencePiece model of the workdir's token cache or None, its special ids, a warning or None)."""
+    from moe_jax.data.paths import default_cache
     from moe_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID
-    from moe_jax.train.loop import default_cache
 
     ids = {"pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID}
     cache = default_cache(train_cfg, vocab_size)
@@ -550,8 +550,8 @@ class ImportResult:
 def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]) -> dict:
     """The data-loader position a fresh `moe-jax train` run would start from (and tokenizer checks)."""
     from moe_jax.data.loader import TokenLoader
+    from moe_jax.data.paths import default_cache
     from moe_jax.data.vocab import file_sha256
-    from moe_jax.train.loop import default_cache
 
     cache = default_cache(train_cfg, vocab_size)
     try:
@@ -620,16 +620,14 @@ def import_hf(
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     import gin
     from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.export.orbax_reader import checkpoint_steps
-    from moe_jax.model.transformer import Transformer
+    from moe_jax.parallel import MeshConfig, build_mesh
     from moe_jax.train.checkpoint import Checkpointer
     from moe_jax.train.config import TrainConfig
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
+    from moe_jax.train.state import build_train_state
 
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     notes: list[str] = []
@@ -640,8 +638,8 @@ def import_hf(
     gin_text = gin.config_str()
     layout.check_exportable(model_cfg, lay)
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed)))
-    abstract_params = nnx.state(abstract, nnx.Param)
+    built = build_train_state(model_cfg, train_cfg, build_mesh(MeshConfig()))  # as `load_trained` reads it back
+    abstract_params = built.abstract.params
     shapes = layout.flat_param_shapes(abstract_params)
     entries = layout.plan(model_cfg, shapes, lay)
     extra = validate_tensors(entries, infos, problems)
@@ -658,9 +656,7 @@ def import_hf(
     def value(path, leaf):
         return jnp.asarray(arrays.pop(layout.path_str(path)))
 
-    params = jax.tree_util.tree_map_with_path(value, abstract_params)
-    tx = make_optimizer(train_cfg)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+    state = built.from_params(jax.tree_util.tree_map_with_path(value, abstract_params), step)
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(gin_text)
