@@ -310,14 +310,7 @@ def export_hf(
 
     directory, step = state_dir(workdir, step)
     reader = OrbaxParamReader(directory)
-    expected = abstract_param_shapes(model_cfg)
-    wrong = [
-        f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}"
-        for p, s in expected.items()
-        if reader.shape(p) != s
-    ]
-    if wrong:
-        raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
+    expected = _checked_shapes(reader, model_cfg, directory, workdir)
     entries = layout.plan(model_cfg, expected, lay)
     shards = plan_shards(entries, np_dtype.itemsize, shard_size)
 
@@ -330,8 +323,29 @@ def export_hf(
     max_block = _stream_shards(reader, entries, expected, out, shards, np_dtype, step, progress)
     if tok_json is not None:
         write_tokenizer(out, spm_path, ids, train_cfg.seq_len, tok_json=tok_json)
+    _write_config(out, model_cfg, lay, dtype, ids, seq_len=train_cfg.seq_len, step=step, workdir=workdir)
+    names, total = _write_index(out, entries, shards, np_dtype)
+    return ExportResult(
+        out=out,
+        step=step,
+        dtype=dtype,
+        architecture=lay.architecture,
+        files=names,
+        num_tensors=len(entries),
+        total_bytes=total,
+        max_block_bytes=max_block,
+        max_tensor_bytes=max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize,
+        tokenizer=spm_path,
+        warnings=notes,
+    )
+
+
+def _write_config(
+    out: Path, model_cfg: ModelConfig, lay: Layout, dtype: str, ids: dict, *, seq_len: int, step: int, workdir: Path
+) -> None:
+    """config.json of the export: the layout's architecture, the special token ids, where it came from."""
     special = dict(
-        max_position_embeddings=train_cfg.seq_len,
+        max_position_embeddings=seq_len,
         bos_token_id=ids["pad_id"],
         eos_token_id=ids["eos_id"],
         pad_token_id=ids["pad_id"],
@@ -343,6 +357,23 @@ def export_hf(
         else to_transformers_config(model_cfg, dtype=dtype, **special)
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _checked_shapes(reader: OrbaxParamReader, model_cfg: ModelConfig, directory: Path, workdir: Path) -> dict:
+    """The model's parameter shapes by path, after checking that the checkpoint holds exactly those."""
+    expected = abstract_param_shapes(model_cfg)
+    wrong = [
+        f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}"
+        for p, s in expected.items()
+        if reader.shape(p) != s
+    ]
+    if wrong:
+        raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
+    return expected
+
+
+def _write_index(out: Path, entries: Sequence[TensorEntry], shards: list[list[TensorEntry]], np_dtype):
+    """Write the safetensors index (which shard holds each tensor); returns (shard file names, total bytes)."""
     names = shard_file_names(len(shards))
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
@@ -351,20 +382,7 @@ def export_hf(
         "weight_map": {k: weight_map[k] for k in sorted(weight_map)},
     }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    return ExportResult(
-        out=out,
-        step=step,
-        dtype=dtype,
-        architecture=lay.architecture,
-        files=names,
-        num_tensors=len(entries),
-        total_bytes=total,
-        max_block_bytes=max_block,
-        max_tensor_bytes=max_tensor,
-        tokenizer=spm_path,
-        warnings=notes,
-    )
+    return names, total
 
 
 def _stream_shards(

@@ -3,7 +3,8 @@
 Order of work (every check that can fail runs before anything is compiled):
   1. mesh from MeshConfig; sizes validated against the model and batch;
   2. data loaders opened (a missing/empty cache or a too-long sequence fails here);
-  3. abstract train state and its shardings; the latest checkpoint (if any) verified (checksums, shapes,
+  3. abstract train state and its shardings (`moe_jax.train.state`, shared with `moe-jax plan`,
+     `load_trained` and `moe-jax import`); the latest checkpoint (if any) verified (checksums, shapes,
      finite values; damaged steps set aside) and restored onto them, otherwise parameters initialised
      directly in their shardings; only now are config.gin and metrics.jsonl touched (moe_jax.train.workdir);
   4. steps; metrics every `log_every`; held-out loss every `eval_every`; checkpoints every
