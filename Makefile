@@ -26,9 +26,11 @@ test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
 
 # Lint and format check (settings in pyproject.toml). `$(VENV)/bin/ruff format .` applies the format.
+# lint-imports checks that imports run one way (the layers in pyproject.toml's [tool.importlinter]).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) *.egg-info

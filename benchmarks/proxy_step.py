@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.moe_layer import environment  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.configs.gin_utils import parse_gin  # noqa: E402
-from moe_jax.configs.params import count_params  # noqa: E402
+from moe_jax.model.params import count_params  # noqa: E402
 from moe_jax.model.transformer import Transformer  # noqa: E402
 from moe_jax.moe import balance  # noqa: E402
 from moe_jax.moe.dispatch.base import ExpertParams  # noqa: E402

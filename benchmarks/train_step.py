@@ -5,7 +5,7 @@ One full step (forward, backward, AdamW update) of `moe_jax.model.transformer.Tr
 = token cross-entropy + the MoE auxiliary losses, jitted with the parameters and optimizer state
 donated. Each model is compiled and warmed up, then the two alternate for `--steps` steps and each
 reports its median step time (wall, and process CPU time: the steadier one on a shared machine). Model FLOPs
-follow docs/paper.md §3.4 (`moe_jax.configs.params`):
+follow docs/paper.md §3.4 (`moe_jax.model.params`):
 6 x activated non-embedding parameters x tokens + attention 12 L T^2 (heads x head_dim); MFU divides
 the achieved model FLOP rate by a large square matmul's rate measured in the same run. Peak memory
 is XLA's buffer assignment of the compiled step (arguments + outputs + temporaries - aliased).
@@ -33,7 +33,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.moe_layer import compile_step, environment, matmul_peak, standard_ffn_dim  # noqa: E402
 from moe_jax.config import ModelConfig, MoEConfig  # noqa: E402
-from moe_jax.configs.params import count_params  # noqa: E402
+from moe_jax.model.params import count_params  # noqa: E402
 from moe_jax.model.transformer import Transformer  # noqa: E402
 from moe_jax.moe.dispatch.gmm import prepare_gmm  # noqa: E402
 from moe_jax.train.loss import cross_entropy  # noqa: E402

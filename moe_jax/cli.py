@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "analyze": ("moe_jax.evaluate.cli:analyze_main", "expert-specialization analyses of paper §4.5 (JSON + PNG)"),
     "plan": (
-        "moe_jax.parallel.plan:main",
+        "moe_jax.train.plan:main",
         "compile one training step on a fake-device mesh; per-device memory and fit",
     ),
     "export": (

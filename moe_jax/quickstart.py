@@ -25,7 +25,7 @@ def train_model(name: str, workdir: Path, steps: int | None, bindings: list[str]
     import gin
     from moe_jax.config import ModelConfig
     from moe_jax.configs.gin_utils import model_gin_path, parse_gin
-    from moe_jax.configs.params import count_params
+    from moe_jax.model.params import count_params
     from moe_jax.parallel import MeshConfig
     from moe_jax.train.config import TrainConfig
     from moe_jax.train.loop import train

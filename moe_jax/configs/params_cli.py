@@ -29,7 +29,7 @@ from moe_jax.configs.paper_numbers import (
     Printed,
     paper_model,
 )
-from moe_jax.configs.params import ParamCounts, count_params
+from moe_jax.model.params import ParamCounts, count_params
 
 DEFAULT_SEQ_LEN = 2048
 

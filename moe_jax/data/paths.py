@@ -69,3 +69,22 @@ def cache_dir(
 
 def evalsets_dir(root: Path) -> Path:
     return Path(root) / "evalsets"
+
+
+def default_cache(cfg, vocab_size: int) -> Path:
+    """The cache `moe-jax data build` writes for this vocabulary (any sequence length >= seq_len).
+
+    `cfg` is a `moe_jax.train.config.TrainConfig` (read: `data_cache`, an explicit cache, and `seq_len`).
+    """
+    if cfg.data_cache:
+        return Path(cfg.data_cache)
+    root = data_dir()
+    built = {}
+    for p in (root / "cache").glob(f"default_v{vocab_size}_s*"):
+        length = p.name.rsplit("_s", 1)[1]
+        if length.isdigit() and (p / "meta.json").exists():
+            built[int(length)] = p
+    usable = [built[n] for n in sorted(built) if n % cfg.seq_len == 0]
+    if usable:
+        return usable[0]
+    return cache_dir(root, vocab_size=vocab_size)  # the loader's error names the fix

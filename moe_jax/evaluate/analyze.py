@@ -159,8 +159,8 @@ def analyze(
     workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None = None, bindings: Sequence[str] = ()
 ) -> dict:
     """Run the analyses; returns the JSON-able report (also written, with the plots, to opts.out_dir)."""
+    from moe_jax.data.paths import default_cache
     from moe_jax.evaluate.heldout import heldout_eval
-    from moe_jax.train.loop import default_cache
     from moe_jax.train.restore import load_trained
 
     workdir = Path(workdir)

@@ -213,9 +213,9 @@ def _log(opts: EvalOptions, msg: str) -> None:
 
 def evaluate(trained, opts: EvalOptions, mesh) -> dict:
     """Everything `moe-jax eval` reports for a restored model (`moe_jax.train.restore.TrainedModel`)."""
+    from moe_jax.data.paths import default_cache
     from moe_jax.evaluate.heldout import heldout_eval
     from moe_jax.evaluate.model_fns import ModelScorer, model_apply_fn
-    from moe_jax.train.loop import default_cache
 
     seq_len = trained.train_cfg.seq_len
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache(trained.train_cfg, trained.model_cfg.vocab_size)

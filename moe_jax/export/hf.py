@@ -217,8 +217,8 @@ def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]
 
 def find_tokenizer(train_cfg, vocab_size: int) -> tuple[Path | None, dict, str | None]:
     """(SentencePiece model of the workdir's token cache or None, its special ids, a warning or None)."""
+    from moe_jax.data.paths import default_cache
     from moe_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID
-    from moe_jax.train.loop import default_cache
 
     ids = {"pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID}
     cache = default_cache(train_cfg, vocab_size)
@@ -310,14 +310,7 @@ def export_hf(
 
     directory, step = state_dir(workdir, step)
     reader = OrbaxParamReader(directory)
-    expected = abstract_param_shapes(model_cfg)
-    wrong = [
-        f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}"
-        for p, s in expected.items()
-        if reader.shape(p) != s
-    ]
-    if wrong:
-        raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
+    expected = _checked_shapes(reader, model_cfg, directory, workdir)
     entries = layout.plan(model_cfg, expected, lay)
     shards = plan_shards(entries, np_dtype.itemsize, shard_size)
 
@@ -330,8 +323,29 @@ def export_hf(
     max_block = _stream_shards(reader, entries, expected, out, shards, np_dtype, step, progress)
     if tok_json is not None:
         write_tokenizer(out, spm_path, ids, train_cfg.seq_len, tok_json=tok_json)
+    _write_config(out, model_cfg, lay, dtype, ids, seq_len=train_cfg.seq_len, step=step, workdir=workdir)
+    names, total = _write_index(out, entries, shards, np_dtype)
+    return ExportResult(
+        out=out,
+        step=step,
+        dtype=dtype,
+        architecture=lay.architecture,
+        files=names,
+        num_tensors=len(entries),
+        total_bytes=total,
+        max_block_bytes=max_block,
+        max_tensor_bytes=max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize,
+        tokenizer=spm_path,
+        warnings=notes,
+    )
+
+
+def _write_config(
+    out: Path, model_cfg: ModelConfig, lay: Layout, dtype: str, ids: dict, *, seq_len: int, step: int, workdir: Path
+) -> None:
+    """config.json of the export: the layout's architecture, the special token ids, where it came from."""
     special = dict(
-        max_position_embeddings=train_cfg.seq_len,
+        max_position_embeddings=seq_len,
         bos_token_id=ids["pad_id"],
         eos_token_id=ids["eos_id"],
         pad_token_id=ids["pad_id"],
@@ -343,6 +357,23 @@ def export_hf(
         else to_transformers_config(model_cfg, dtype=dtype, **special)
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _checked_shapes(reader: OrbaxParamReader, model_cfg: ModelConfig, directory: Path, workdir: Path) -> dict:
+    """The model's parameter shapes by path, after checking that the checkpoint holds exactly those."""
+    expected = abstract_param_shapes(model_cfg)
+    wrong = [
+        f"{p}: checkpoint {reader.shape(p)}, config.gin's model {s}"
+        for p, s in expected.items()
+        if reader.shape(p) != s
+    ]
+    if wrong:
+        raise ExportError(f"checkpoint {directory} does not match {workdir / 'config.gin'}:\n  " + "\n  ".join(wrong))
+    return expected
+
+
+def _write_index(out: Path, entries: Sequence[TensorEntry], shards: list[list[TensorEntry]], np_dtype):
+    """Write the safetensors index (which shard holds each tensor); returns (shard file names, total bytes)."""
     names = shard_file_names(len(shards))
     total = sum(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
     weight_map = {e.hf_name: name for name, shard in zip(names, shards) for e in shard}
@@ -351,20 +382,7 @@ def export_hf(
         "weight_map": {k: weight_map[k] for k in sorted(weight_map)},
     }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    max_tensor = max(math.prod(e.hf_shape) for e in entries) * np_dtype.itemsize
-    return ExportResult(
-        out=out,
-        step=step,
-        dtype=dtype,
-        architecture=lay.architecture,
-        files=names,
-        num_tensors=len(entries),
-        total_bytes=total,
-        max_block_bytes=max_block,
-        max_tensor_bytes=max_tensor,
-        tokenizer=spm_path,
-        warnings=notes,
-    )
+    return names, total
 
 
 def _stream_shards(
@@ -550,8 +568,8 @@ class ImportResult:
 def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]) -> dict:
     """The data-loader position a fresh `moe-jax train` run would start from (and tokenizer checks)."""
     from moe_jax.data.loader import TokenLoader
+    from moe_jax.data.paths import default_cache
     from moe_jax.data.vocab import file_sha256
-    from moe_jax.train.loop import default_cache
 
     cache = default_cache(train_cfg, vocab_size)
     try:
@@ -620,16 +638,14 @@ def import_hf(
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     import gin
     from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.export.orbax_reader import checkpoint_steps
-    from moe_jax.model.transformer import Transformer
+    from moe_jax.parallel import MeshConfig, build_mesh
     from moe_jax.train.checkpoint import Checkpointer
     from moe_jax.train.config import TrainConfig
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
+    from moe_jax.train.state import build_train_state
 
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     notes: list[str] = []
@@ -640,8 +656,8 @@ def import_hf(
     gin_text = gin.config_str()
     layout.check_exportable(model_cfg, lay)
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed)))
-    abstract_params = nnx.state(abstract, nnx.Param)
+    built = build_train_state(model_cfg, train_cfg, build_mesh(MeshConfig()))  # as `load_trained` reads it back
+    abstract_params = built.abstract.params
     shapes = layout.flat_param_shapes(abstract_params)
     entries = layout.plan(model_cfg, shapes, lay)
     extra = validate_tensors(entries, infos, problems)
@@ -658,9 +674,7 @@ def import_hf(
     def value(path, leaf):
         return jnp.asarray(arrays.pop(layout.path_str(path)))
 
-    params = jax.tree_util.tree_map_with_path(value, abstract_params)
-    tx = make_optimizer(train_cfg)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+    state = built.from_params(jax.tree_util.tree_map_with_path(value, abstract_params), step)
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(gin_text)

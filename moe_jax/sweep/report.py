@@ -36,7 +36,7 @@ def param_counts(workdir: Path) -> dict[str, float]:
     cache = workdir / "counts.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    from moe_jax.configs.params import count_params
+    from moe_jax.model.params import count_params
     from moe_jax.train.restore import parse_workdir_config
 
     model_cfg, train_cfg = parse_workdir_config(workdir)

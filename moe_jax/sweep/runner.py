@@ -113,27 +113,8 @@ def run_family(
     """Train (or skip) every run of the family (or of the members named in `only`); returns the runs.
     Raises if a member fails."""
     root.mkdir(parents=True, exist_ok=True)
-    runs = family.runs(seeds, scale)
-    if only:
-        unknown = sorted(set(only) - {m.name for m in family.members})
-        if unknown:
-            raise ValueError(
-                f"family {family.name} has no member {unknown}; its members: {[m.name for m in family.members]}"
-            )
-        runs = [r for r in runs if r.member.name in set(only)]
-    todo = []
-    for run in runs:
-        wd = root / run.name
-        cmds = pending_commands(run, wd, family, extra_bindings, eval_tasks)
-        if not cmds:
-            print(f"[sweep] {run.name}: finished, skipped", flush=True)
-            continue
-        todo.append((run, cmds))
-        if is_finished(wd):
-            state = "trained; running " + ", ".join(c[3] for c in cmds)
-        else:
-            state = "resuming" if (wd / "checkpoints").exists() else "starting"
-        print(f"[sweep] {run.name}: queued, {state} ({run.model})", flush=True)
+    runs = _select(family, family.runs(seeds, scale), only)
+    todo = _queue(runs, root, family, extra_bindings, eval_tasks)
     total, launched = len(todo), 0
     slots = device_slots(max(1, parallel))
     free = list(range(len(slots)))
@@ -144,20 +125,7 @@ def run_family(
             while todo and free:
                 (run, cmds), slot = todo.pop(0), free.pop(0)
                 wd = root / run.name
-                wd.mkdir(parents=True, exist_ok=True)
-                (wd / "member.json").write_text(
-                    json.dumps(
-                        {
-                            "member": run.member.name,
-                            "label": run.member.label or run.member.name,
-                            "seed": run.seed,
-                            "model": run.model,
-                            "gin_files": run.gin_files,
-                            "bindings": run.bindings,
-                        },
-                        indent=2,
-                    )
-                )
+                _write_member(wd, run)
                 cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(" ".join(map(_quote, c)) for c in cmds)]
                 active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
                 launched += 1
@@ -190,6 +158,54 @@ def run_family(
     if failures:
         raise RuntimeError(f"sweep members failed: {failures}")
     return runs
+
+
+def _select(family: Family, runs: list[Run], only: Sequence[str]) -> list[Run]:
+    """The runs of the members named in `only` (all when empty); an unknown name is an error."""
+    if not only:
+        return runs
+    unknown = sorted(set(only) - {m.name for m in family.members})
+    if unknown:
+        raise ValueError(
+            f"family {family.name} has no member {unknown}; its members: {[m.name for m in family.members]}"
+        )
+    return [r for r in runs if r.member.name in set(only)]
+
+
+def _queue(runs: list[Run], root: Path, family: Family, extra_bindings, eval_tasks) -> list[tuple[Run, list]]:
+    """(run, its pending commands) for every run with work left, saying which are skipped or resumed."""
+    todo = []
+    for run in runs:
+        wd = root / run.name
+        cmds = pending_commands(run, wd, family, extra_bindings, eval_tasks)
+        if not cmds:
+            print(f"[sweep] {run.name}: finished, skipped", flush=True)
+            continue
+        todo.append((run, cmds))
+        if is_finished(wd):
+            state = "trained; running " + ", ".join(c[3] for c in cmds)
+        else:
+            state = "resuming" if (wd / "checkpoints").exists() else "starting"
+        print(f"[sweep] {run.name}: queued, {state} ({run.model})", flush=True)
+    return todo
+
+
+def _write_member(wd: Path, run: Run) -> None:
+    """`<workdir>/member.json`: which member, seed, model, gin files and bindings the run is."""
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "member.json").write_text(
+        json.dumps(
+            {
+                "member": run.member.name,
+                "label": run.member.label or run.member.name,
+                "seed": run.seed,
+                "model": run.model,
+                "gin_files": run.gin_files,
+                "bindings": run.bindings,
+            },
+            indent=2,
+        )
+    )
 
 
 def _describe_slot(slot) -> str:

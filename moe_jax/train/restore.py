@@ -14,12 +14,10 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.train.checkpoint import Checkpointer, CheckpointError, abstract_like
+from moe_jax.train.checkpoint import Checkpointer, CheckpointError
 from moe_jax.train.config import TrainConfig
 
 
@@ -62,11 +60,8 @@ def parse_workdir_config(workdir: str | Path, bindings: Sequence[str] = ()) -> t
 
 def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequence[str] = (), mesh=None) -> TrainedModel:
     """Restore the parameters of `step` (default: latest) of a `moe-jax train` workdir."""
-    from moe_jax.model.transformer import Transformer
     from moe_jax.parallel import MeshConfig, build_mesh
-    from moe_jax.parallel.rules import state_shardings, tree_shardings_like
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
+    from moe_jax.train.state import build_train_state
 
     workdir = Path(workdir)
     model_cfg, train_cfg = parse_workdir_config(workdir, bindings)
@@ -74,29 +69,16 @@ def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequenc
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {ckpt.directory}: train first (`moe-jax train --workdir={workdir}`)")
-    mesh = mesh or build_mesh(MeshConfig())
-    make_model = lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed))
-    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
-    tx = make_optimizer(train_cfg)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    param_sh = state_shardings(abstract_params, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(
-        step=replicated, params=param_sh, opt_state=tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh)
-    )
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
-    state, data_state = ckpt.restore(step, abstract_like(abstract, shardings))
+    built = build_train_state(model_cfg, train_cfg, mesh or build_mesh(MeshConfig()))
+    state, data_state = ckpt.restore(step, built.restore_target())
     ckpt.close()
-    rest = jax.jit(
-        lambda: nnx.split(make_model(), nnx.Param, ...)[2], out_shardings=state_shardings(abstract_rest, mesh)
-    )()
     return TrainedModel(
         workdir=workdir,
         step=int(step),
         model_cfg=model_cfg,
         train_cfg=train_cfg,
-        graphdef=graphdef,
+        graphdef=built.graphdef,
         params=state.params,
-        rest=rest,
+        rest=built.rest(),
         data_state=data_state,
     )

@@ -7,7 +7,7 @@ import pytest
 
 from moe_jax.config import ModelConfig
 from moe_jax.configs.gin_utils import parse_gin
-from moe_jax.configs.params import count_params
+from moe_jax.model.params import count_params
 
 PROXY = Path(__file__).resolve().parents[2] / "gin" / "models" / "proxy"
 BASE_MODELS = sorted(p.stem for p in PROXY.glob("*_base.gin"))

@@ -215,7 +215,7 @@ def test_bad_binding_fails_before_building_a_model(monkeypatch):
     def boom(*_):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr("moe_jax.configs.params.abstract_model", boom)
+    monkeypatch.setattr("moe_jax.model.params.abstract_model", boom)
     with pytest.raises(gin_utils.GinConfigError, match="d_modle"):
         gin_utils.model_config_from_gin([gin_utils.model_gin_path("deepseekmoe_145b")], ["ModelConfig.d_modle=1"])
 

@@ -12,9 +12,9 @@ import pytest
 from moe_jax.config import ModelConfig
 from moe_jax.configs import gin_utils
 from moe_jax.configs.paper_numbers import FLOPS_TOLERANCE, PAPER_MODELS, PARAM_TOLERANCE, Printed, paper_model
-from moe_jax.configs.params import count_params
 from moe_jax.configs.params_cli import main as params_main
 from moe_jax.configs.params_cli import paper_report
+from moe_jax.model.params import count_params
 
 REPORTS = {m.name: paper_report(m) for m in PAPER_MODELS}
 

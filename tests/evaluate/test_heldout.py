@@ -7,8 +7,8 @@ import pytest
 from helpers import TRAIN_SEQ
 
 from moe_jax.data.loader import TokenLoader
-from moe_jax.evaluate.heldout import heldout_pass
 from moe_jax.parallel import MeshConfig, build_mesh
+from moe_jax.train.heldout import heldout_pass
 
 
 def nll_equals_position(params, batch):

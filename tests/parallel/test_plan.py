@@ -3,7 +3,7 @@
 import json
 
 from moe_jax import cli
-from moe_jax.parallel import plan
+from moe_jax.train import plan
 
 
 def test_plan_reports_per_device_memory(capsys):

@@ -7,9 +7,10 @@ per-device memory it needs, without allocating a single weight.
 
 The command sets up as many CPU devices as the mesh has (XLA_FLAGS, before jax is imported), builds
 the abstract model, optimizer state and batch with the shardings of `moe_jax.parallel.rules`, and
-lowers + compiles the trainer's step (`moe_jax.train.step`) with them. It prints, per device:
-parameters and optimizer state (exact, from the shard shapes), the compiled program's arguments,
-outputs and temporaries (XLA's estimate), the resulting peak, and whether it fits `--memory_gb`.
+lowers + compiles the trainer's step with them; state, shardings and jitted step come from
+`moe_jax.train.state`, the builder the trainer uses. It prints, per device: parameters and optimizer
+state (exact, from the shard shapes), the compiled program's arguments, outputs and temporaries
+(XLA's estimate), the resulting peak, and whether it fits `--memory_gb`.
 
 The temporaries are XLA:CPU's estimate for the CPU kernels (e.g. the chunked grouped matmul); a GPU
 compile differs, so treat them as an order of magnitude. Exit status: 0 fits, 1 does not fit,
@@ -91,62 +92,29 @@ def _bytes(tree: Any, shardings: Any) -> int:
     return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in zip(leaves, sh))
 
 
+def lower_step(model_cfg, train_cfg, mesh):
+    """The trainer's step for `model_cfg` / `train_cfg` on `mesh`, lowered on abstract inputs (nothing is
+    allocated but the small non-parameter state). Returns (the `ShardedTrainState`, the `jax.stages.Lowered`).
+    State, shardings and jitted step come from `moe_jax.train.state`, as in `moe_jax.train.loop.train`."""
+    from moe_jax.train.state import build_train_state
+
+    built = build_train_state(model_cfg, train_cfg, mesh, global_batch=train_cfg.batch_size, num_devices=mesh.size)
+    return built, built.lower_train_step(built.rest(), train_cfg.batch_size, train_cfg.seq_len)
+
+
 def plan_step(model_cfg, train_cfg, mesh) -> MemoryPlan:
     """Lower and compile the trainer's step for `model_cfg` / `train_cfg` on `mesh` (abstract inputs)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from moe_jax.model.transformer import Transformer
-    from moe_jax.parallel.partition import validate
-    from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
-    from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from moe_jax.train.step import TrainState, make_train_step
-
-    b, s = train_cfg.batch_size, train_cfg.seq_len
-    make_model = lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed))
-    abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    validate(model_cfg, mesh, b, state=nnx.state(abstract_model), num_devices=mesh.size)
-    tx = make_optimizer(train_cfg)
-    param_sh = state_shardings(abstract_params, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh)
-    replicated = NamedSharding(mesh, P())
-    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-    rest = jax.jit(
-        lambda: nnx.split(make_model(), nnx.Param, ...)[2], out_shardings=state_shardings(abstract_rest, mesh)
-    )()
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
-    )
-    names = (
-        "decoder_input_tokens",
-        "decoder_target_tokens",
-        "decoder_loss_weights",
-        "decoder_segment_ids",
-        "decoder_positions",
-    )
-    batch = {n: jax.ShapeDtypeStruct((b, s), jnp.int32) for n in names}
-    step = jax.jit(
-        make_train_step(graphdef, rest, tx, learning_rate_schedule(train_cfg), train_cfg.grad_accum_steps),
-        in_shardings=(state_sh, batch_sharding(mesh), replicated),
-        out_shardings=(state_sh, None),
-        donate_argnums=(0,),
-    )
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
-    seconds = time.perf_counter() - t0
+    built, lowered = lower_step(model_cfg, train_cfg, mesh)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0  # building the abstract state (fractions of a second), lowering, compiling
     mem = compiled.memory_analysis()
     return MemoryPlan(
         mesh=dict(mesh.shape),
-        batch_size=b,
-        seq_len=s,
-        params=_bytes(abstract_params, param_sh),
-        opt_state=_bytes(abstract_opt, opt_sh),
+        batch_size=train_cfg.batch_size,
+        seq_len=train_cfg.seq_len,
+        params=_bytes(built.abstract.params, built.shardings.params),
+        opt_state=_bytes(built.abstract.opt_state, built.shardings.opt_state),
         arguments=int(mem.argument_size_in_bytes),
         outputs=int(mem.output_size_in_bytes),
         aliased=int(mem.alias_size_in_bytes),
