@@ -73,7 +73,7 @@ def test_model_matches_golden(name, golden):
 
 def _write() -> None:
     """Write the golden file; each closed-form count is checked against the counted abstract model."""
-    from moe_jax.configs.params import count_params
+    from moe_jax.model.params import count_params
 
     records = {}
     for name in gin_utils.list_models():
