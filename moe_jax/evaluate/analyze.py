@@ -73,6 +73,28 @@ def _ratio_label(ratio: float) -> str:
     return "0" if f == 0 else (f"{f.numerator * 16 // f.denominator}/16" if (16 % f.denominator == 0) else str(f))
 
 
+def _routing_counter(trained, num_experts: int, mesh):
+    """count(params, batch) -> (routed assignments [L_moe, E] over the batch's real tokens, real tokens):
+    one jitted forward of the model, whose MoE layers report the experts they routed each token to."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, rest = trained.graphdef, trained.rest
+
+    def count_fn(params, batch):
+        weights = batch["decoder_loss_weights"]
+        out = nnx.merge(graphdef, params, rest)(
+            batch["decoder_input_tokens"], batch["decoder_positions"], batch["decoder_segment_ids"]
+        )
+        ids = out.expert_ids.reshape(out.expert_ids.shape[0], *weights.shape, -1)  # [L, B, S, k], -1 inactive
+        real = (weights > 0)[None, :, :, None, None]
+        onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32) * real  # an id of -1 is all zeros
+        return onehot.sum(axis=(1, 2, 3)), jnp.sum(weights > 0)
+
+    return jax.jit(count_fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def expert_load(
     trained, cache_dir: Path, seq_len: int, batch_size: int, mesh, max_batches: int = 0, progress: bool = True
 ) -> dict:
@@ -81,35 +103,15 @@ def expert_load(
     Returns {"sources": [...], "layers": [layer ids], "counts": [S][L_moe][E] ints, "tokens": [S]}.
     """
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
     from tqdm import tqdm
 
     from moe_jax.data.loader import TokenLoader
-    from moe_jax.evaluate.forward import layerwise_forward
     from moe_jax.evaluate.heldout import heldout_sources
     from moe_jax.parallel import shard_batch
 
     cfg = trained.model_cfg
     e = cfg.moe.num_experts
-    graphdef, params, rest = trained.graphdef, trained.params, trained.rest
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def count_fn(params, batch):
-        model = nnx.merge(graphdef, params, rest)
-        out = layerwise_forward(
-            model,
-            batch["decoder_input_tokens"],
-            positions=batch["decoder_positions"],
-            segment_ids=batch["decoder_segment_ids"],
-            capture_routing=True,
-        )
-        real = (batch["decoder_loss_weights"] > 0)[None, :, :, None] & out.expert_mask  # [L, B, S, k]
-        onehot = jax.nn.one_hot(out.expert_ids, e, dtype=jnp.float32) * real[..., None]
-        return onehot.sum(axis=(1, 2, 3)), jnp.sum(batch["decoder_loss_weights"] > 0)
-
-    count = jax.jit(count_fn, out_shardings=rep)
-
+    count = _routing_counter(trained, e, mesh)
     sources = heldout_sources(cache_dir)
     counts, tokens = [], []
     with jax.set_mesh(mesh):
@@ -127,19 +129,13 @@ def expert_load(
             )
             total = len(loader) if not max_batches else min(max_batches, len(loader))
             c, n = np.zeros((cfg.num_moe_layers, e)), 0
-            for i, batch in enumerate(
-                tqdm(
-                    loader,
-                    total=total,
-                    desc=f"expert load {name}",
-                    leave=False,
-                    disable=not progress,
-                    dynamic_ncols=True,
-                )
-            ):
+            bar = tqdm(
+                loader, total=total, desc=f"expert load {name}", leave=False, disable=not progress, dynamic_ncols=True
+            )
+            for i, batch in enumerate(bar):
                 if max_batches and i >= max_batches:
                     break
-                got, ntok = count(params, shard_batch(batch, mesh))
+                got, ntok = count(trained.params, shard_batch(batch, mesh))
                 c += np.asarray(got, np.float64)
                 n += int(ntok)
             counts.append(c.astype(np.int64).tolist())
@@ -155,12 +151,94 @@ def expert_load(
     }
 
 
+def _heldout_runner(workdir: Path, base, bindings: Sequence[str], cache: Path, opts: AnalysisOptions, mesh, bars: bool):
+    """heldout(extra bindings) -> the held-out loss entry of one setting (the weights reloaded with them)."""
+    from moe_jax.evaluate.heldout import heldout_eval
+    from moe_jax.train.restore import load_trained
+
+    def heldout(extra: Sequence[str]) -> dict:
+        trained = base if not extra else load_trained(workdir, base.step, [*bindings, *extra], mesh)
+        t0 = time.perf_counter()
+        res = heldout_eval(
+            trained.graphdef,
+            trained.params,
+            trained.rest,
+            cache,
+            base.train_cfg.seq_len,
+            opts.batch_size,
+            mesh,
+            max_batches=opts.heldout_batches,
+            progress=bars,
+        )
+        return {
+            "loss": res.loss,
+            "bits_per_byte": res.bits_per_byte,
+            "tokens": res.tokens,
+            "bindings": list(extra),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    return heldout
+
+
+def _disable_top_points(heldout, ratios: Sequence[float], n_routed: int, k: int, log) -> list[dict]:
+    """Fig 4: the held-out loss with the top r = round(ratio * N') routed experts disabled, per ratio."""
+    points = []
+    for ratio in ratios:
+        r = experts_for_ratio(ratio, n_routed)
+        point = {
+            "ratio": ratio,
+            "label": _ratio_label(ratio),
+            "disabled_experts": r,
+            "paper_deepseekmoe": _paper_at(PAPER_FIG4_DEEPSEEKMOE, ratio),
+            "paper_gshard_x1.5": _paper_at(PAPER_FIG4_GSHARD_X15, ratio),
+        }
+        if r + k > n_routed:
+            point["skipped"] = f"disabling {r} leaves fewer than top_k={k} of {n_routed} routed experts"
+        else:
+            point.update(heldout([f"MoEConfig.disable_top_experts = {r}"]))
+            log(f"  disable top {r} ({point['label']}): loss {point['loss']:.4f}")
+        points.append(point)
+    return points
+
+
+def _fewer_activated_points(heldout, plain: dict, lo: int, k: int, log) -> list[dict]:
+    """Fig 5: the held-out loss with top-k' routed experts activated, k' = lo .. K' (K' is `plain`)."""
+    points = []
+    for kk in range(max(1, lo), k + 1):
+        point = {"activated_routed": kk, "paper": PAPER_FIG5.get(kk) if k == 7 else None}
+        if kk == k:
+            point.update(plain, same_as_plain=True)
+        else:
+            point.update(heldout([f"MoEConfig.top_k = {kk}"]))
+        log(f"  top-{kk}: loss {point['loss']:.4f}")
+        points.append(point)
+    return points
+
+
+def _shared_disabled(heldout, plain: dict, moe, wanted: bool, log) -> dict:
+    """§4.5: the shared experts disabled and one more routed expert activated (or why it is skipped)."""
+    k, n_routed = moe.top_k, moe.num_experts
+    if not moe.num_shared_experts:
+        log("  shared-expert analysis skipped: the model has no shared experts")
+        return {"skipped": "no shared experts (GShard/Switch-type model)"}
+    if not wanted:
+        return {"skipped": "--no_shared"}
+    if k + 1 > n_routed:
+        return {"skipped": f"top_k + 1 = {k + 1} > {n_routed} routed experts"}
+    sd = heldout(["MoEConfig.disable_shared = True", f"MoEConfig.top_k = {k + 1}"])
+    sd.update(
+        top_k=k + 1, plain_loss=plain["loss"], paper_plain=PAPER_SHARED_DISABLED[0], paper=PAPER_SHARED_DISABLED[1]
+    )
+    log(f"  shared disabled, top-{k + 1}: loss {sd['loss']:.4f}")
+    return sd
+
+
 def analyze(
     workdir: str | Path, opts: AnalysisOptions, mesh, step: int | None = None, bindings: Sequence[str] = ()
 ) -> dict:
     """Run the analyses; returns the JSON-able report (also written, with the plots, to opts.out_dir)."""
     from moe_jax.data.paths import default_cache
-    from moe_jax.evaluate.heldout import heldout_eval
     from moe_jax.train.restore import load_trained
 
     workdir = Path(workdir)
@@ -174,28 +252,7 @@ def analyze(
     out_dir = Path(opts.out_dir) if opts.out_dir else workdir / "analysis"
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if opts.verbose else (lambda msg: None)
     bars = opts.progress and sys.stderr.isatty()
-
-    def heldout(extra: Sequence[str]) -> dict:
-        trained = base if not extra else load_trained(workdir, base.step, [*bindings, *extra], mesh)
-        t0 = time.perf_counter()
-        res = heldout_eval(
-            trained.graphdef,
-            trained.params,
-            trained.rest,
-            cache,
-            seq_len,
-            opts.batch_size,
-            mesh,
-            max_batches=opts.heldout_batches,
-            progress=bars,
-        )
-        return {
-            "loss": res.loss,
-            "bits_per_byte": res.bits_per_byte,
-            "tokens": res.tokens,
-            "bindings": list(extra),
-            "seconds": time.perf_counter() - t0,
-        }
+    heldout = _heldout_runner(workdir, base, bindings, cache, opts, mesh, bars)
 
     report: dict = {
         "workdir": str(workdir),
@@ -211,52 +268,10 @@ def analyze(
     plain = heldout([])
     report["plain"] = plain
     log(f"  plain held-out loss {plain['loss']:.4f}")
-
-    fig4 = []
-    for ratio in opts.ratios:
-        r = experts_for_ratio(ratio, n_routed)
-        point = {
-            "ratio": ratio,
-            "label": _ratio_label(ratio),
-            "disabled_experts": r,
-            "paper_deepseekmoe": _paper_at(PAPER_FIG4_DEEPSEEKMOE, ratio),
-            "paper_gshard_x1.5": _paper_at(PAPER_FIG4_GSHARD_X15, ratio),
-        }
-        if r + k > n_routed:
-            point["skipped"] = f"disabling {r} leaves fewer than top_k={k} of {n_routed} routed experts"
-        else:
-            point.update(heldout([f"MoEConfig.disable_top_experts = {r}"]))
-            log(f"  disable top {r} ({point['label']}): loss {point['loss']:.4f}")
-        fig4.append(point)
-    report["disable_top_experts"] = fig4
-
+    report["disable_top_experts"] = _disable_top_points(heldout, opts.ratios, n_routed, k, log)
     lo = opts.fewest_activated if opts.fewest_activated is not None else max(1, k - 4)
-    fig5 = []
-    for kk in range(max(1, lo), k + 1):
-        point = {"activated_routed": kk, "paper": PAPER_FIG5.get(kk) if k == 7 else None}
-        if kk == k:
-            point.update(plain, same_as_plain=True)
-        else:
-            point.update(heldout([f"MoEConfig.top_k = {kk}"]))
-        log(f"  top-{kk}: loss {point['loss']:.4f}")
-        fig5.append(point)
-    report["fewer_activated"] = fig5
-
-    if not moe.num_shared_experts:
-        report["shared_disabled"] = {"skipped": "no shared experts (GShard/Switch-type model)"}
-        log("  shared-expert analysis skipped: the model has no shared experts")
-    elif not opts.shared:
-        report["shared_disabled"] = {"skipped": "--no_shared"}
-    elif k + 1 > n_routed:
-        report["shared_disabled"] = {"skipped": f"top_k + 1 = {k + 1} > {n_routed} routed experts"}
-    else:
-        sd = heldout(["MoEConfig.disable_shared = True", f"MoEConfig.top_k = {k + 1}"])
-        sd.update(
-            top_k=k + 1, plain_loss=plain["loss"], paper_plain=PAPER_SHARED_DISABLED[0], paper=PAPER_SHARED_DISABLED[1]
-        )
-        report["shared_disabled"] = sd
-        log(f"  shared disabled, top-{k + 1}: loss {sd['loss']:.4f}")
-
+    report["fewer_activated"] = _fewer_activated_points(heldout, plain, lo, k, log)
+    report["shared_disabled"] = _shared_disabled(heldout, plain, moe, opts.shared, log)
     report["expert_load"] = expert_load(base, cache, seq_len, opts.batch_size, mesh, opts.heatmap_batches, bars)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "specialization.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -301,9 +316,22 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    name = Path(report["workdir"]).name
-    base = report["plain"]["loss"]
-    # Fig 4: absolute losses (left) and the increase over nothing disabled (right).
+    for name, plot in (
+        ("disable_top_experts.png", _plot_disable_top),
+        ("fewer_activated.png", _plot_fewer_activated),
+        ("expert_load_heatmap.png", _plot_expert_load),
+    ):
+        fig = plot(plt, report)
+        fig.tight_layout()
+        paths.append(str(out_dir / name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _plot_disable_top(plt, report: dict):
+    """Fig 4: absolute losses (left) and the increase over nothing disabled (right)."""
+    name, base = Path(report["workdir"]).name, report["plain"]["loss"]
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
     pts = [p for p in report["disable_top_experts"] if "loss" in p]
     xs, ys = [p["ratio"] for p in pts], [p["loss"] for p in pts]
@@ -330,11 +358,12 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     dx.set_yscale("symlog", linthresh=0.1)
     ax.set_title("Disabling the top routed experts (paper Fig 4)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(str(out_dir / "disable_top_experts.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    # Fig 5 (+ shared disabled as a marker), absolute and relative to all K' activated.
+    return fig
+
+
+def _plot_fewer_activated(plt, report: dict):
+    """Fig 5 (+ shared disabled as a marker), absolute and relative to all K' activated."""
+    name, base = Path(report["workdir"]).name, report["plain"]["loss"]
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
     pts = report["fewer_activated"]
     ks = sorted(PAPER_FIG5)
@@ -359,11 +388,11 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     dx.set_ylabel(f"increase over all {report['top_k']} activated")
     ax.set_title("Fewer activated routed experts (paper Fig 5)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(str(out_dir / "fewer_activated.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    # Expert load heatmap.
+    return fig
+
+
+def _plot_expert_load(plt, report: dict):
+    """Each routed expert's load relative to uniform, per source (rows), one panel per MoE layer."""
     load = report["expert_load"]
     rel = relative_load(load)
     n_layers = rel.shape[1]
@@ -381,11 +410,7 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
         ax.set_title(f"MoE layer {load['layers'][li]}: routed load / uniform", fontsize=9)
         ax.set_xlabel("routed expert")
         fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    paths.append(str(out_dir / "expert_load_heatmap.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def format_analysis(report: dict) -> str:

@@ -1,5 +1,6 @@
-"""Greedy generation, with a KV cache (`forward.layerwise_forward`) or without one (the model's own
-forward over the whole sequence at every step). The two give the same tokens (tests).
+"""Greedy generation, with a KV cache (the model's forward given a `KVCache`: prefill, then one token a
+step) or without one (the model's forward over the whole sequence at every step). The two give the same
+tokens (tests).
 
     new = greedy_generate(model, [[0, 17, 42], [0, 5]], max_new_tokens=16, eos_id=1)
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.evaluate.forward import KVCache, layerwise_forward
+from moe_jax.model.transformer import KVCache
 
 
 def _cut(seq: list[int], eos_id: int | None) -> list[int]:
@@ -36,7 +37,7 @@ class GreedyDecoder:
         self.cfg = model.cfg
 
         def prefill(state, tokens, cache):
-            out = layerwise_forward(nnx.merge(self.graphdef, state), tokens, cache=cache)
+            out = nnx.merge(self.graphdef, state)(tokens, cache=cache)
             return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
 
         def full(state, buf, lengths):
@@ -61,8 +62,7 @@ class GreedyDecoder:
         for i, p in enumerate(prompts):
             tokens[i, plen - len(p) :] = p
         offset = np.array([plen - len(p) for p in prompts], np.int32)
-        model = nnx.merge(self.graphdef, self.state)
-        cache = KVCache.init(model, b, plen + max_new_tokens, offset)
+        cache = KVCache.init(self.cfg, b, plen + max_new_tokens, offset)
         nxt, cache = self._prefill(self.state, jnp.asarray(tokens), cache)
         out = [[] for _ in range(b)]
         for step in range(max_new_tokens):

@@ -1,10 +1,11 @@
-"""Causal multi-head self-attention with RoPE (no biases, as DeepSeek's models)."""
+"""Causal multi-head self-attention with RoPE (no biases, as DeepSeek's models), with an optional KV
+cache for incremental decoding (`Attention.with_cache`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers.rope import apply_rope, rope_frequencies
@@ -17,6 +18,45 @@ def attention_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:
         return causal
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     return causal & same
+
+
+@struct.dataclass
+class AttentionCache:
+    """Keys and values of one attention layer, for decoding a sequence a few tokens at a time.
+
+    Attributes:
+      k, v: [B, T, H, Dh] (T: the cache length), RoPE already applied to k.
+      index: int32 scalar, positions already written: the next S tokens go to index .. index + S - 1.
+      offset: int32 [B], left padding of each row: keys before it are masked, and RoPE positions count
+        from it (so a left-padded prompt sees the positions it would see alone).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    offset: jax.Array
+
+    def positions(self, s: int) -> jax.Array:
+        """[B, S] RoPE positions of the next S tokens of every row."""
+        return (self.index + jnp.arange(s, dtype=jnp.int32))[None, :] - self.offset[:, None]
+
+    def mask(self, s: int) -> jax.Array:
+        """[B, 1, S, T] bool: the next S queries see the written keys of their row up to themselves."""
+        query = self.index + jnp.arange(s, dtype=jnp.int32)  # [S] cache slots of the new tokens
+        key = jnp.arange(self.k.shape[1], dtype=jnp.int32)
+        causal = key[None, None, None, :] <= query[None, None, :, None]
+        valid = key[None, None, None, :] >= self.offset[:, None, None, None]
+        own = key[None, None, None, :] == query[None, None, :, None]  # padding queries keep one key (no NaN)
+        return (causal & valid) | own
+
+    def write(self, k: jax.Array, v: jax.Array) -> AttentionCache:
+        """The cache with k, v [B, S, H, Dh] written at `index`, and index advanced by S."""
+        at = (0, self.index, 0, 0)
+        return self.replace(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            index=self.index + k.shape[1],
+        )
 
 
 class Attention(nnx.Module):
@@ -53,3 +93,16 @@ class Attention(nnx.Module):
         mask = attention_mask(segment_ids, x.shape[1])
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
         return self.output(out)
+
+    def with_cache(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
+        """The next S tokens x [B, S, d] of the cached sequences -> ([B, S, d], the cache with them written).
+
+        Positions come from the cache (`AttentionCache.positions`); queries attend to every cached key of
+        their row up to themselves."""
+        s = x.shape[1]
+        q, k, v = self.qkv(x, cache.positions(s))
+        mask = cache.mask(s)
+        cache = cache.write(k, v)
+        keys, values = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=self.cfg.attention_impl)
+        return self.output(out), cache

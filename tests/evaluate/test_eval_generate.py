@@ -1,4 +1,4 @@
-"""The layer-by-layer forward (KV cache, routing capture) against the model's own forward, and greedy
+"""The model's forward with a KV cache (incremental decoding) against the full forward, and greedy
 generation with the cache equal to generation without it, token for token."""
 
 import jax
@@ -8,15 +8,15 @@ import pytest
 from flax import nnx
 
 from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.evaluate.forward import KVCache, layerwise_forward
 from moe_jax.evaluate.generate import GreedyDecoder, greedy_generate
-from moe_jax.model.transformer import Transformer
+from moe_jax.model.transformer import KVCache, Transformer
 
 V = 97
 
 
 def _model(first_k_dense=0, router="softmax", top_k=2, seed=0, vocab=V) -> Transformer:
-    moe = MoEConfig(
+    """router None: a dense model."""
+    moe = router and MoEConfig(
         num_experts=6,
         num_shared_experts=1 if router == "softmax" else 0,
         expert_dim=16,
@@ -38,45 +38,52 @@ def _model(first_k_dense=0, router="softmax", top_k=2, seed=0, vocab=V) -> Trans
     return Transformer(cfg, nnx.Rngs(seed))
 
 
-@pytest.mark.parametrize("first_k_dense,router", [(1, "softmax"), (1, "hash")])
-def test_layerwise_forward_equals_model(first_k_dense, router):
+@pytest.mark.parametrize("first_k_dense,router", [(1, "softmax"), (0, "hash"), (0, None)])
+def test_cached_prefill_and_decode_match_full_forward(first_k_dense, router):
+    """MoE (softmax with a dense first layer; hash) and dense: the logits of every position, and the routing."""
     model = _model(first_k_dense, router)
-    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, V)
-    seg = jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
-    pos = jnp.array([list(range(4)) + list(range(6)), list(range(7)) + [0] * 3])
-    ref = model(tokens, pos, seg)
-    out = layerwise_forward(model, tokens, positions=pos, segment_ids=seg, capture_routing=True)
-    np.testing.assert_allclose(out.logits, ref.logits, atol=2e-5, rtol=2e-5)
-    # Captured routing reproduces the model's per-expert counts.
-    e = model.cfg.moe.num_experts
-    counts = jax.nn.one_hot(out.expert_ids, e).sum(axis=(1, 2, 3)) if out.expert_mask.all() else None
-    np.testing.assert_array_equal(counts, ref.stats.tokens_per_expert)
-
-
-def test_cached_prefill_and_decode_match_full_forward():
-    model = _model(first_k_dense=1)
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, V)
-    full = model(tokens).logits
-    cache = KVCache.init(model, 2, 12)
-    out = layerwise_forward(model, tokens[:, :5], cache=cache)
+    ref = model(tokens)
+    full = ref.logits
+    cache = KVCache.init(model.cfg, 2, 12)
+    out = model(tokens[:, :5], cache=cache)
     np.testing.assert_allclose(out.logits, full[:, :5], atol=2e-5, rtol=2e-5)
-    cache = out.cache
+    cache, ids = out.cache, [out.expert_ids]
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda st, tok, c: layerwise_forward(nnx.merge(graphdef, st), tok, cache=c))
+    step = jax.jit(lambda st, tok, c: nnx.merge(graphdef, st)(tok, cache=c))
     for t in range(5, 9):
         out = step(state, tokens[:, t : t + 1], cache)
         cache = out.cache
+        ids.append(out.expert_ids)
         np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=2e-5, rtol=2e-5)
     assert int(cache.index) == 9
+    if router is None:
+        assert ref.expert_ids is None and all(i is None for i in ids)
+    else:  # each token routed as in the full forward: [L_moe, B*S, k] -> [L_moe, B, S, k]
+        per_step = [i.reshape(i.shape[0], 2, -1, i.shape[-1]) for i in ids]
+        np.testing.assert_array_equal(
+            np.concatenate(per_step, axis=2), ref.expert_ids.reshape(*per_step[0].shape[:2], 9, -1)
+        )
+
+
+def test_a_cache_refuses_positions_segments_and_overflow():
+    model = _model()
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    cache = KVCache.init(model.cfg, 1, 6)
+    with pytest.raises(ValueError, match="pass neither positions nor segment_ids"):
+        model(tokens, positions=jnp.zeros((1, 4), jnp.int32), cache=cache)
+    out = model(tokens, cache=cache)
+    with pytest.raises(ValueError, match="no room for 4 more"):
+        model(tokens, cache=out.cache)
 
 
 def test_left_padded_rows_see_their_own_positions():
     model = _model()
     a = [0, 5, 6, 7, 8, 9]
     b = [0, 11, 12]
-    cache = KVCache.init(model, 2, 8, offset=[0, 3])
+    cache = KVCache.init(model.cfg, 2, 8, offset=[0, 3])
     batch = jnp.array([a, [0, 0, 0] + b])
-    out = layerwise_forward(model, batch, cache=cache)
+    out = model(batch, cache=cache)
     np.testing.assert_allclose(out.logits[1, 3:], model(jnp.array([b])).logits[0], atol=2e-5, rtol=2e-5)
     assert np.isfinite(np.asarray(out.logits)).all()
 
