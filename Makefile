@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup data main test lint clean
+.PHONY: setup data main test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ main: data
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+# Everyday tier: everything but the tests marked slow (pyproject.toml lists the markers).
+test-fast: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests
 
 # Lint and format check (settings in pyproject.toml). `$(VENV)/bin/ruff format .` applies the format.
 # lint-imports checks that imports run one way (the layers in pyproject.toml's [tool.importlinter]).

@@ -46,6 +46,7 @@ def test_constraints_diff_names_mismatches(tmp_path):
     assert gpu_check.constraints_diff(tmp_path / "missing.txt") is None
 
 
+@pytest.mark.slow
 def test_dry_run_tiny_path_prints_every_table(capsys):
     # A generous budget: this checks the tables, not the budget (other tests do), on a loaded machine.
     gpu_check.main(

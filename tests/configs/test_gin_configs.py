@@ -154,6 +154,7 @@ def _forward_loss(cfg: ModelConfig) -> float:
     return _LOSSES[cfg]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_shrunk_model_forward_and_loss(name):
     full = _config(name)
@@ -229,6 +230,7 @@ def test_params_cli_single_model(capsys):
     assert "T=256, from SEQ_LEN of the run file" in out
 
 
+@pytest.mark.slow
 def test_loss_is_differentiable_for_a_shrunk_model():
     cfg = _config("deepseekmoe_tiny", SHRINK)
     model = Transformer(cfg, nnx.Rngs(0))

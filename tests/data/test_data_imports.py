@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import json, sys
 import moe_jax.data
@@ -18,6 +20,7 @@ print(json.dumps({"heavy": heavy, "shape": list(batch["decoder_target_tokens"].s
 """
 
 
+@pytest.mark.subprocess
 def test_loader_does_not_import_tensorflow_or_seqio(tiny_data):
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_data["cache"])], capture_output=True, text=True, timeout=120

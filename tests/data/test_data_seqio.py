@@ -23,6 +23,7 @@ def _seqio_rows(name, split):
     return list(tasks.packed_dataset(name, SEQ_LEN, split).as_numpy_iterator())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_numpy_packer_matches_seqio_decoder_feature_converter(tiny_data, registered, split):
     tokens = read_array(tiny_data["cache"] / split / "tokens")

@@ -57,6 +57,7 @@ def evalsets(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_untrained_model_is_at_chance(ds_workdir, evalsets):
     from moe_jax.evaluate.run import EvalOptions, evaluate
     from moe_jax.train.restore import load_trained
@@ -76,6 +77,7 @@ def test_untrained_model_is_at_chance(ds_workdir, evalsets):
     assert report["tasks"]["arc_easy"]["primary"] == "acc_uncond"
 
 
+@pytest.mark.slow
 def test_eval_cli_skips_a_missing_set_and_analyze_reproduces_the_plain_loss(ds_workdir, evalsets, tmp_path, capsys):
     from moe_jax.evaluate.analyze import AnalysisOptions, analyze
     from moe_jax.evaluate.cli import eval_main
@@ -128,6 +130,7 @@ def test_eval_cli_skips_a_missing_set_and_analyze_reproduces_the_plain_loss(ds_w
     assert json.loads((tmp_path / "an" / "specialization.json").read_text())["plain"]["loss"] == plain
 
 
+@pytest.mark.slow
 def test_analyze_gshard_skips_the_shared_expert(gs_workdir, tmp_path):
     from moe_jax.evaluate.analyze import AnalysisOptions, analyze, format_analysis
 
@@ -150,6 +153,7 @@ def test_analyze_gshard_skips_the_shared_expert(gs_workdir, tmp_path):
     assert (wd / "analysis" / "expert_load_heatmap.png").exists()
 
 
+@pytest.mark.slow
 def test_sharded_like_training_expert_parallel_mesh_gives_the_same_numbers(gs_workdir, train_cache):
     # 8 devices: pure data parallelism vs data 2 x expert 4 (the EP dispatch inside the MoE layers).
     from moe_jax.evaluate import scoring

@@ -38,6 +38,7 @@ def _model(first_k_dense=0, router="softmax", top_k=2, seed=0, vocab=V) -> Trans
     return Transformer(cfg, nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_k_dense,router", [(1, "softmax"), (0, "hash"), (0, None)])
 def test_cached_prefill_and_decode_match_full_forward(first_k_dense, router):
     """MoE (softmax with a dense first layer; hash) and dense: the logits of every position, and the routing."""
@@ -77,6 +78,7 @@ def test_a_cache_refuses_positions_segments_and_overflow():
         model(tokens, cache=out.cache)
 
 
+@pytest.mark.slow
 def test_left_padded_rows_see_their_own_positions():
     model = _model()
     a = [0, 5, 6, 7, 8, 9]
@@ -88,6 +90,7 @@ def test_left_padded_rows_see_their_own_positions():
     assert np.isfinite(np.asarray(out.logits)).all()
 
 
+@pytest.mark.slow
 def test_greedy_with_cache_equals_without_token_for_token():
     model = _model(1, seed=3)
     prompts = [[0, 4, 8, 15, 16, 23, 42], [0, 7], [0, 1, 2, 3]]
@@ -111,6 +114,7 @@ def test_greedy_stops_at_eos():
     assert dec.without_cache([[0, 3, 4]], 6, eos_id=eos)[0] == out
 
 
+@pytest.mark.slow
 def test_generate_texts_batches_prompts_and_cuts_at_stop_strings():
     from eval_fixtures import ALPHABET, CharTokenizer
 

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from export_fixtures import DEEPSEEK, GSHARD, STEP, make_workdir
 from helpers import TRAIN_SEQ, TRAIN_VOCAB, max_rel_err
 
@@ -64,6 +65,7 @@ def test_export_files_index_and_shard_sizes(ds_export):
     assert len(names) == ds_export.num_tensors == 3 + 3 * 6 + 3 + 2 * (1 + 7 * 3 + 3)
 
 
+@pytest.mark.slow
 def test_roundtrip_is_bitwise_and_experts_differ(ds_workdir, ds_export, tmp_path):
     from safetensors.numpy import load_file
 
@@ -113,6 +115,7 @@ def test_numpy_reference_logits_parity(ds_workdir, ds_export):
     assert np.std(ref) > 0.1
 
 
+@pytest.mark.slow
 def test_torch_forward_logits_parity(ds_workdir, ds_export, train_cache):
     """A PyTorch forward of DeepSeek's layout (tests/export/torch_deepseek.py, float32) over the exported
     tensors, on real text, matches the Flax model within 1e-5 relative and the NumPy reference."""
@@ -164,6 +167,7 @@ def _shapes(out):
     return [i.shape for i in read_hf_dir(out)[1].values()]
 
 
+@pytest.mark.slow
 def test_gshard_same_layout_without_shared_experts(tmp_path, train_cache):
     from moe_jax.export import numpy_reference
     from moe_jax.export.hf import export_hf, import_hf, read_hf_dir
@@ -185,6 +189,7 @@ def test_gshard_same_layout_without_shared_experts(tmp_path, train_cache):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
     """`moe-jax import`, then `moe-jax eval` scores the workdir and `moe-jax train --workdir=OUT
     --gin_file=OUT/config.gin` continues from the imported step."""
@@ -229,6 +234,7 @@ def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
     assert result["step"] == STEP + 2 and np.isfinite(result["train_loss"])
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_exports_chunk_by_chunk(tmp_path):
     """A checkpoint saved from a state sharded over (data 2, fsdp 2, expert 2) stores each array as
     several chunks (per device shard; orbax's replica-parallel save splits replicated shards further); export

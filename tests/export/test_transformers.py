@@ -123,6 +123,7 @@ def exported(tmp_path_factory, train_cache):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_logits_parity_both_directions(kind, exported, text_tokens, tmp_path):
     """transformers' model of our export = our model (1e-5 rel, float32, real text); importing the
@@ -218,6 +219,7 @@ def test_16b_config_describes_the_planned_tensors():
     assert tuple(theirs["model.layers.5.mlp.experts.gate_up_proj"].shape) == (64, 2 * 1408, 2048)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["deepseekmoe"])
 def test_greedy_generate_matches_ours(kind, exported, corpus):
     """transformers' greedy generate() continues real-text prompts with our decoder's tokens."""
@@ -372,6 +374,7 @@ def _fresh_llama(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_cache, text_tokens):
     """Qwen2Moe and Llama models that transformers saved import (`moe-jax import`) with the same logits
     (1e-5 rel, float32); the imported Qwen2Moe workdir then continues with `moe-jax train` and is scored

@@ -44,6 +44,7 @@ def tokens(b=2, s=16, seed=1):
     return jax.random.randint(jax.random.key(seed), (b, s), 0, VOCAB)
 
 
+@pytest.mark.slow
 def test_layer_pattern_and_segments():
     cfg = small_cfg(num_layers=6, first_k_dense=1, moe_layer_freq=1)
     assert cfg.layer_segments() == [(False, 0, 1), (True, 1, 5)]
@@ -55,6 +56,7 @@ def test_layer_pattern_and_segments():
     assert model.stacks[1].blocks.ffn.wi.get_metadata()["axes"] == ("layers", "experts", "embed", None, "expert_mlp")
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_agree_including_aux_losses():
     toks = tokens()
     (l_scan, out_scan), g_scan = loss_and_grads(small_cfg(scan_layers=True), toks)
@@ -66,6 +68,7 @@ def test_scan_and_unrolled_layers_agree_including_aux_losses():
     assert out_scan.stats.tokens_per_expert.shape == (2, 7)  # [MoE layers, routed experts]
 
 
+@pytest.mark.slow
 def test_aux_losses_reach_the_router_gradient_under_scan():
     toks = tokens()
     cfg = small_cfg(scan_layers=True)
@@ -79,6 +82,7 @@ def test_aux_losses_reach_the_router_gradient_under_scan():
     assert float(jnp.abs(router_grad).sum()) > 0
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_the_numbers():
     toks = tokens()
     (l0, _), g0 = loss_and_grads(small_cfg(remat="none"), toks)
@@ -87,6 +91,7 @@ def test_remat_does_not_change_the_numbers():
     assert_tree_close(g1, g0, 1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_backward_is_finite_and_close_to_float32():
     cfg = small_cfg(num_layers=4, d_model=64, init_std=0.02)
     toks = tokens(4, 32)
@@ -125,6 +130,7 @@ def test_dense_model_has_no_moe_outputs():
     assert out.logits.shape == (2, 16, VOCAB) and out.logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_init_std_is_respected():
     model = Transformer(small_cfg(vocab_size=4096, d_model=128, init_std=0.006), nnx.Rngs(0))
     assert abs(float(jnp.std(model.embed[...])) - 0.006) < 3e-4

@@ -50,6 +50,7 @@ CASES = [  # (tokens, experts, k, policy)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,opts", [("dropless", {}), ("capacity", {"capacity_factor": 100.0})])
 @pytest.mark.parametrize("t,e,k,policy", CASES)
 def test_dispatch_matches_reference_outputs_and_gradients(name, opts, t, e, k, policy):
@@ -62,6 +63,7 @@ def test_dispatch_matches_reference_outputs_and_gradients(name, opts, t, e, k, p
     assert_tree_close(g, g_ref, 1e-5)  # gradients w.r.t. x, router kernel, wi, wo
 
 
+@pytest.mark.slow
 def test_capacity_that_drops_nothing_equals_dropless():
     params, rng, policy, k = _problem(7, 64, 8, 2)
     big = _run("capacity", params, rng, policy, k, capacity_factor=8 / 2)  # C = T: nothing can drop
@@ -71,6 +73,7 @@ def test_capacity_that_drops_nothing_equals_dropless():
     np.testing.assert_array_equal(big.tokens_per_expert, ref.tokens_per_expert)
 
 
+@pytest.mark.slow
 def test_one_expert_top1_is_the_dense_mlp():
     params, rng, policy, k = _problem(3, 32, 1, 1)
     x, _, wi, wo = params
@@ -99,6 +102,7 @@ def test_capacity_drops_exactly_the_hand_computed_tokens():
     assert max_rel_err(out.y, expected) <= 1e-6
 
 
+@pytest.mark.slow
 def test_inactive_assignments_are_not_computed():
     params, rng, policy, k = _problem(11, 16, 4, 2)
     x, kernel, wi, wo = params

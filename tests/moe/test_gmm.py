@@ -182,6 +182,7 @@ def _dispatch_grad(name, backend, t, e, k, policy):
     return jax.jit(fn)(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "test_chunked_tiny", "ragged_dot", "ragged_dot_triton"])
 @pytest.mark.parametrize("t,e,k,policy", DISPATCH_CASES)
 def test_dropless_with_each_kernel_matches_reference(backend, t, e, k, policy):

@@ -59,6 +59,7 @@ def _layer_loss(dispatch, cfg):
     return f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 def test_layer_matches_reference_loop(name, dispatch):

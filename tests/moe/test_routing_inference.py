@@ -57,6 +57,7 @@ def _cfg(**moe) -> ModelConfig:
     )
 
 
+@pytest.mark.slow
 def test_layer_disable_shared_removes_exactly_the_shared_output():
     cfg = _cfg()
     layer = MoELayer(cfg, nnx.Rngs(0))
@@ -68,6 +69,7 @@ def test_layer_disable_shared_removes_exactly_the_shared_output():
     np.testing.assert_allclose(y_off, y_full - shared, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_defaults_unchanged_and_routing_changes_the_logits():
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 1, 64)
     base = Transformer(_cfg(), nnx.Rngs(0))

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test starts `moe-jax train` processes
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

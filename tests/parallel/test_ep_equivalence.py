@@ -46,12 +46,14 @@ def _compare(name, scheme, spec, num_devices=8):
     assert np.isfinite(float(loss))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", MESHES)
 @pytest.mark.parametrize("name", list(MOE))
 def test_matches_single_device(name, spec):
     _compare(name, "ring", spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,scheme,num_devices", EXTRA)
 def test_deepseekmoe_other_meshes_and_schemes(spec, scheme, num_devices):
     _compare("deepseekmoe", scheme, spec, num_devices)

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from multihost_worker import train_losses
+
+pytestmark = pytest.mark.subprocess  # every test starts processes that talk over jax.distributed
+
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 STEPS = 3
@@ -40,6 +44,7 @@ def _launch(process_id: int, port: int) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process():
     port = _free_port()
     procs = [_launch(i, port) for i in range(2)]

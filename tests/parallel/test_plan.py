@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from moe_jax import cli
 from moe_jax.train import plan
 
 
+@pytest.mark.slow
 def test_plan_reports_per_device_memory(capsys):
     code = cli.main(
         [

@@ -86,6 +86,8 @@ def test_every_experiment_file_loads_and_names_existing_models():
                 assert model_gin_path(run.model).exists(), (path.name, scale, run.model)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cache, tmp_path):
     fam = write_family(tmp_path / "tiny_family.py", train_cache)
     root = tmp_path / "runs"
@@ -95,7 +97,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # while the second member trains (or starts)
-    proc.wait(timeout=120)
+    proc.wait(timeout=600)  # a hang guard: on a loaded machine the member saves slowly
     first = (root / "dense_s0" / "result.json").stat().st_mtime_ns
     assert json.loads((root / "dense_s0" / "result.json").read_text())["stopped"] == "done"
     again = sweep([fam, f"--workdir={root}"])
@@ -123,6 +125,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     assert "finished, skipped" not in out and "queued" not in out and "launched" not in out
 
 
+@pytest.mark.subprocess
 def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
     """A follow-up (e.g. `analyze`) runs on trained members whose output is missing; its metrics join
     the report through the family's summariser."""

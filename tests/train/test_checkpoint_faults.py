@@ -105,6 +105,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage,expected",
     [
@@ -136,6 +137,7 @@ def test_damaged_latest_step_is_set_aside_and_the_previous_one_restores(workdir,
     ]
 
 
+@pytest.mark.slow
 def test_nonfinite_values_with_valid_checksums_are_refused(workdir, train_cache):
     """A step saved with NaN in the AdamW second moment (its checksums match): found after restoring."""
     ckpts = workdir / "checkpoints"
@@ -176,6 +178,7 @@ def _abstract_state(cache):
     return abstract, jax.tree.map(lambda _: single, abstract)
 
 
+@pytest.mark.slow
 def test_explicit_restore_step_that_is_damaged_is_an_error_and_nothing_moves(workdir, train_cache):
     ckpts = workdir / "checkpoints"
     garble(largest_data_file(ckpts / "4"))
@@ -200,6 +203,7 @@ def test_shapes_that_do_not_match_the_model_are_named_and_nothing_is_written(wor
     assert tree_hashes(workdir) == everything  # config.gin, checkpoints, metrics
 
 
+@pytest.mark.slow
 def test_restore_step_with_later_steps_refuses_up_front_then_discards_behind_the_flag(workdir, train_cache):
     ckpts = workdir / "checkpoints"
     everything = tree_hashes(workdir)
@@ -225,6 +229,7 @@ def test_nan_heldout_loss_is_an_error(workdir, train_cache, monkeypatch):
     assert not (workdir / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_train_step_refuses_nonfinite_parameters_even_when_the_loss_is_finite():
     from flax import nnx
 
@@ -245,6 +250,7 @@ def test_train_step_refuses_nonfinite_parameters_even_when_the_loss_is_finite():
     )
 
 
+@pytest.mark.subprocess
 def test_cli_shape_mismatch_is_one_message_without_tracebacks(workdir, train_cache):
     """Through the command line: exit 1, the arrays named, no orbax advice or asyncio tracebacks."""
     everything = tree_hashes(workdir)

@@ -38,6 +38,7 @@ def test_constant_schedule_of_the_145b_run():
     assert float(lr(12999)) == pytest.approx(3e-4)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_norms_only():
     cfg = ModelConfig(
         vocab_size=32,

@@ -118,6 +118,7 @@ def test_restore_step_that_does_not_exist_is_refused(used_workdir, train_cache):
     assert_untouched(used_workdir)
 
 
+@pytest.mark.slow
 def test_a_run_that_drops_most_assignments_says_so(used_workdir, train_cache):
     model = tiny_model(dispatch="capacity", capacity_factor=0.02)
     cfg = tiny_train(

@@ -71,6 +71,7 @@ def _train_cfg(cache) -> TrainConfig:
     )
 
 
+@pytest.mark.slow
 def test_plan_lowers_the_step_the_trainer_runs(train_cache, tmp_path, monkeypatch):
     model_cfg, cfg = _model(), _train_cfg(train_cache)
     ran = {}
@@ -98,6 +99,7 @@ def test_plan_lowers_the_step_the_trainer_runs(train_cache, tmp_path, monkeypatc
     assert _same(_shapes(planned_state.abstract), _shapes(trainer.abstract))
 
 
+@pytest.mark.slow
 def test_init_and_restore_target_carry_the_shardings():
     mesh = build_mesh(MeshConfig.from_string(MESH), jax.devices())
     built = build_train_state(_model(), TrainConfig(steps=2, warmup_steps=1, batch_size=8, seq_len=16), mesh)

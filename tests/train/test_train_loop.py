@@ -51,6 +51,7 @@ def tiny_train(cache, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path):
     result = train(tmp_path, tiny_model(), tiny_train(train_cache), MeshConfig(data=-1), progress=False)
     records = read_metrics(tmp_path)
@@ -100,6 +101,7 @@ def test_training_lowers_the_loss_and_writes_every_metric(train_cache, tmp_path)
     }
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics(train_cache, tmp_path):
     train(tmp_path, tiny_model(), tiny_train(train_cache, steps=5, eval_every=0), MeshConfig(data=-1), progress=False)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -120,6 +122,7 @@ def test_tensorboard_events_hold_the_metrics(train_cache, tmp_path):
     } <= tags
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(train_cache, tmp_path):
     cfg = tiny_train(train_cache, steps=40, checkpoint_every=5, eval_every=0)
     train(tmp_path, tiny_model(), cfg.__class__(**{**cfg.__dict__, "steps": 5}), MeshConfig(data=-1), progress=False)
@@ -133,6 +136,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(train_cache, tmp_pat
     assert ok.step == 8 and np.isfinite(ok.train_loss)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     cfg = tiny_model(expert_balance_alpha=0.0)
     graphdef, params, rest = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param, ...)

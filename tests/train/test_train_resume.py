@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
+pytestmark = pytest.mark.subprocess  # every test trains in `moe-jax train` processes
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -66,6 +69,7 @@ def losses(workdir) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_exact(train_cache, tmp_path):
     full = run(train_cmd(tmp_path / "full", train_cache, 8, "--gin.TrainConfig.checkpoint_every=4"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -99,6 +103,7 @@ def test_sigkill_then_resume_is_bitwise_exact(train_cache, tmp_path):
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise: exact float equality
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_resumes_from_the_previous_one(train_cache, tmp_path):
     wd = tmp_path / "run"
     crashed = run(
@@ -120,6 +125,7 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(train_cache, 
     assert rows == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_one_and_eight_devices(train_cache, tmp_path):
     base = tmp_path / "one"
     first = run(train_cmd(base, train_cache, 4, "--gin.TrainConfig.checkpoint_every=4"))
