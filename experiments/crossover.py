@@ -36,6 +36,7 @@ FAMILY = Family(
     seeds=(0, 1),
     metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
     pairs=(
+        ("dense_x2", "dense"),
         ("gshard", "dense"),
         ("deepseekmoe", "dense"),
         ("gshard", "dense_x2"),
