@@ -151,3 +151,19 @@ def test_gin_binding_turns_on_sigmoid_gates_for_a_tiny_model():
     assert np.isfinite(np.asarray(out.logits)).all()
     assert out.expert_ids.shape == (1, 16, m.top_k) and int(out.expert_ids.min()) >= 0
     assert np.isfinite(float(out.moe_losses.total))
+
+
+@pytest.mark.parametrize("spec", ["expert:8", "data:2,expert:4"])
+def test_sigmoid_layer_under_expert_parallelism_matches_one_device(spec):
+    from moe_jax.parallel import MeshConfig, build_mesh
+
+    cfg = _model_cfg(dispatch="dropless", num_experts=16)  # 16 routed experts split over 8 or 4 devices
+    graphdef, params, rest = nnx.split(MoELayer(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    grad_fn = jax.jit(jax.value_and_grad(_loss, argnums=(0, 3), has_aux=True), static_argnums=2)
+    x = jax.random.normal(jax.random.key(1), (8, 4, 16))  # 8 sequences: one per device of the data axis
+    (_, (y0, aux0)), g0 = grad_fn(params, rest, graphdef, x)
+    with jax.set_mesh(build_mesh(MeshConfig.from_string(spec))):
+        (_, (y, aux)), g = grad_fn(params, rest, graphdef, x)
+    assert max_rel_err(y, y0) <= 1e-5
+    assert_tree_close(g, g0, 1e-5)
+    assert_tree_close(aux.losses, aux0.losses, 1e-6)
