@@ -23,6 +23,7 @@ import gin
 # the bottom of the import graph: validating a config must not import the model code.
 ROUTERS = ("softmax", "hash")
 DISPATCHES = ("dropless", "capacity", "reference")
+ROUTER_SCORES = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("greedy", "random")
 BALANCE_SCOPES = ("sequence", "global")
 HASH_TABLES = ("random", "balanced")
@@ -61,6 +62,13 @@ class MoEConfig:
       top_k: K', routed experts activated per token.
       router: "softmax" (learned softmax over the routed experts, top-k; Switch is k=1, GShard k=2)
         or "hash" (a fixed token-id -> expert table, Roller et al. 2021; k must be 1).
+      router_score: the learned router's score function s_{i,t} of u_t^T e_i: "softmax" over the
+        routed experts (the paper, Eq 11) or "sigmoid" per expert (DeepSeek-V3, arXiv:2412.19437
+        §2.1.2 Eq 15; V3 renormalises the selected gates, Eq 13: set `renormalize_topk` too, and
+        `top_k` >= 2, since a single renormalised gate is always 1). router="softmax" only.
+      routed_scaling_factor: a constant multiplying the routed experts' summed output,
+        sum_i g_{i,t} FFN_i(u_t) (DeepSeek-V2/V3's released `routed_scaling_factor`: 16.0 in
+        V2, 2.5 in V3); 1.0 (the paper) changes nothing.
       second_expert_policy: for k >= 2, how choices after the first are kept: "greedy" (always) or
         "random" (GShard: keep choice j with probability min(1, 2 g_j / (g_1 + g_j))).
       renormalize_topk: divide the selected gates by their sum. Off in the paper (Eq 10) and in
@@ -103,6 +111,8 @@ class MoEConfig:
     expert_dim: int = 512
     top_k: int = 2
     router: str = "softmax"
+    router_score: str = "softmax"
+    routed_scaling_factor: float = 1.0
     second_expert_policy: str = "greedy"
     renormalize_topk: bool = False
     expert_balance_alpha: float = 0.01
@@ -124,6 +134,8 @@ class MoEConfig:
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
         _check_choice("MoEConfig.dispatch", self.dispatch, DISPATCHES)
+        _check_choice("MoEConfig.router_score", self.router_score, ROUTER_SCORES)
+        self._check_score()
         _check_choice("MoEConfig.second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
         _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
@@ -162,6 +174,33 @@ class MoEConfig:
         if self.num_device_groups and self.num_experts % self.num_device_groups:
             raise ValueError(
                 f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}"
+            )
+
+    def _check_score(self) -> None:
+        """The sigmoid score and the routed scaling factor (DeepSeek-V3) against the other options."""
+        if not 0 < self.routed_scaling_factor < float("inf"):
+            raise ValueError(
+                f"MoEConfig.routed_scaling_factor={self.routed_scaling_factor} must be a finite number > 0 "
+                f"(1.0 leaves the routed output as it is; DeepSeek-V3 uses 2.5)"
+            )
+        if self.router_score != "sigmoid" or not self.num_experts:
+            return
+        fix = "set router_score='softmax' or"
+        if self.router != "softmax":
+            raise ValueError(f"MoEConfig.router_score='sigmoid' scores a learned router: {fix} router='softmax'")
+        if self.second_expert_policy != "greedy":
+            raise ValueError(
+                f"MoEConfig.second_expert_policy={self.second_expert_policy!r} is GShard's softmax policy: "
+                f"{fix} second_expert_policy='greedy'"
+            )
+        if self.disable_top_experts:
+            raise ValueError(
+                f"MoEConfig.disable_top_experts (paper §4.5) is for softmax gates: {fix} disable_top_experts=0"
+            )
+        if self.renormalize_topk and self.top_k == 1:
+            raise ValueError(
+                "MoEConfig: sigmoid gates renormalised over top_k=1 expert are always 1 and give the router no "
+                "gradient: set top_k >= 2 or renormalize_topk=False"
             )
 
     @classmethod

@@ -1,5 +1,8 @@
 """Gating maths: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
 
+Besides the paper's softmax gates, `sigmoid_topk` gives DeepSeek-V3's sigmoid gates
+(arXiv:2412.19437 §2.1.2, Eq 13-15).
+
 Pure functions over token-major arrays returning a `Routing`; `moe_jax.moe.router` wraps them in NNX
 modules that own the router weights or the hash table. Shapes: T tokens, d hidden size, E routed
 experts, k experts per token.
@@ -22,7 +25,8 @@ class Routing:
       weights: [T, k] float32 gate values g_{i,t}; 0 where `mask` is False.
       mask: [T, k] bool, True where the assignment is active. GShard's random policy can drop a
         second choice; hash routing and greedy top-k keep all.
-      probs: [T, E] float32 router scores s_{i,t} (softmax over routed experts), or None for routers
+      probs: [T, E] float32 router scores s_{i,t} (softmax over routed experts; for sigmoid gates the
+        sigmoid scores normalised over the E experts, DeepSeek-V3 Eq 19), or None for routers
         without scores (hash). Balance losses need them.
       logits: [T, E] float32 router logits, or None (z-loss needs them).
     """
@@ -91,6 +95,42 @@ def softmax_topk(
     gates = jnp.where(mask, gates, 0.0)
     if renormalize:
         gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+    return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
+
+
+def _positive(total: jax.Array) -> jax.Array:
+    """A sum of sigmoid scores, kept off 0 where every score underflowed (logits below about -88)."""
+    return jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+
+
+def sigmoid_topk(logits: jax.Array, k: int, *, renormalize: bool = True) -> Routing:
+    """DeepSeek-V3's sigmoid gating (arXiv:2412.19437 §2.1.2, Eq 13-15), without its selection bias (Eq 16).
+
+        s_{i,t}  = sigmoid(u_t^T e_i)                                      (Eq 15)
+        g'_{i,t} = s_{i,t} if s_{i,t} in TopK({s_{j,t} | 1 <= j <= E}, k) else 0      (Eq 14)
+        g_{i,t}  = g'_{i,t} / sum_j g'_{j,t}                               (Eq 13, `renormalize`)
+
+    Unlike softmax, the sigmoid scores do not sum to 1, so V3 renormalises the k selected ones.
+    The routed scaling factor of V3's released configuration (`routed_scaling_factor`) multiplies the
+    routed output in the MoE layer, not these gates. For balance losses, `probs` holds the scores
+    normalised over all E experts, s'_{i,t} = s_{i,t} / sum_j s_{j,t} (V3 Eq 19), so the expert-level
+    loss of arXiv:2401.06066 (Eq 12-14) with those scores is V3's sequence-wise balance loss (Eq 17-20).
+
+    Args:
+      logits: [T, E] float32 router logits u_t^T e_i.
+      k: experts per token (V3: 8 of 256).
+      renormalize: divide the k selected gates by their sum (V3: yes; off gives g'_{i,t}).
+
+    Returns:
+      Routing with indices/weights/mask [T, k], probs (s'_{i,t}) and logits [T, E].
+    """
+    logits = logits.astype(jnp.float32)
+    scores = jax.nn.sigmoid(logits)
+    gates, indices = jax.lax.top_k(scores, k)
+    if renormalize:
+        gates = gates / _positive(jnp.sum(gates, axis=-1, keepdims=True))
+    probs = scores / _positive(jnp.sum(scores, axis=-1, keepdims=True))
+    mask = jnp.ones(indices.shape, dtype=bool)
     return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
 
 

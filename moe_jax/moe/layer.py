@@ -1,6 +1,8 @@
 """The MoE FFN of paper Eq 9: shared experts + routed experts chosen by a router, run by a dispatch.
 
-    h = sum_{i <= K_s} FFN_i(u) + sum_{routed i} g_{i,t} FFN_i(u)        (the residual is added by the block)
+    h = sum_{i <= K_s} FFN_i(u) + c * sum_{routed i} g_{i,t} FFN_i(u)        (the residual is added by the block)
+
+c is `MoEConfig.routed_scaling_factor` (1 in the paper; DeepSeek-V3's released models scale by 2.5).
 
 One class expresses every model of the paper by configuration: DeepSeekMoE (K_s >= 1, fine-grained),
 GShard/Switch (K_s = 0, k = 2 / 1), Hash (router="hash"), Dense x4 / x16 (no routed experts).
@@ -121,6 +123,8 @@ class MoELayer(nnx.Module):
                 )
             else:
                 out = self.dispatch(xf, routing, experts)
+            if m.routed_scaling_factor != 1.0:  # a Python branch: the paper's models compute what they did
+                out = out.replace(y=out.y * jnp.asarray(m.routed_scaling_factor, out.y.dtype))
             y = y + out.y
             stats = routing_stats(
                 out.tokens_per_expert,

@@ -20,7 +20,11 @@ class HashTable(nnx.Variable):
 
 
 class SoftmaxRouter(nnx.Module):
-    """Learned softmax top-k router; the expert centroids e_i are the columns of `kernel` [d, E]."""
+    """Learned top-k router; the expert centroids e_i are the columns of `kernel` [d, E].
+
+    Its scores are the paper's softmax over the routed experts (Eq 11, `R.softmax_topk`) or, with
+    `MoEConfig.router_score="sigmoid"`, DeepSeek-V3's per-expert sigmoid (`R.sigmoid_topk`).
+    """
 
     uses_balance_loss = True
 
@@ -33,6 +37,8 @@ class SoftmaxRouter(nnx.Module):
 
     def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
         logits = R.router_logits(x, self.kernel[...])
+        if self.cfg.router_score == "sigmoid":
+            return R.sigmoid_topk(logits, self.cfg.top_k, renormalize=self.cfg.renormalize_topk)
         return R.softmax_topk(
             logits,
             self.cfg.top_k,
