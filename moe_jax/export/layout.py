@@ -290,6 +290,14 @@ def transformers_layout(cfg: ModelConfig) -> Layout:
 
 def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
     """Raise LayoutError (saying why and what to do) for models `lay` cannot express."""
+    m = cfg.moe
+    if m is not None and (m.router_score != "softmax" or m.routed_scaling_factor != 1.0):
+        raise LayoutError(
+            f"router_score={m.router_score!r} / routed_scaling_factor={m.routed_scaling_factor} (DeepSeek-V3 "
+            "gating) have no equivalent in DeepSeek's V1 layout (DeepseekForCausalLM: softmax gate, no routed "
+            "scaling) nor in transformers' Qwen2Moe: the exported model would compute different logits. Export "
+            "refuses them; keep the workdir's orbax checkpoint"
+        )
     if lay is DEEPSEEK:
         return _check_deepseek(cfg)
     m = cfg.moe

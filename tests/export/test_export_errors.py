@@ -85,6 +85,11 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
         (["ROUTER='hash'", "NUM_EXPERTS=7", "TOP_K=1", "EXPERT_DIM=16"], "Export refuses Hash models"),
         (["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=1", "EXPERT_DIM=64"], "Export refuses Dense-xN models"),
         (DEEPSEEK[len(TINY) :] + ["HEAD_DIM=8"], "head_dim = hidden_size / num_attention_heads"),
+        (
+            DEEPSEEK[len(TINY) :] + ["MoEConfig.router_score='sigmoid'", "MoEConfig.renormalize_topk=True"],
+            "Export refuses them",
+        ),
+        (DEEPSEEK[len(TINY) :] + ["MoEConfig.routed_scaling_factor=2.5"], "routed_scaling_factor=2.5"),
     ],
 )
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
