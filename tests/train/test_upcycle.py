@@ -74,10 +74,31 @@ def test_exact_upcycle_keeps_the_dense_function_and_trains_on(dense_workdir, tra
     want = np.asarray(dense.model()(tokens).logits)
     got = np.asarray(moe.model()(tokens).logits)
     # The same function in float32; only the order of the sums differs (zero routed output added).
+    print("exact upcycle: max |logit difference|", np.abs(got - want).max())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # `moe-jax train --workdir=DIR` continues from the upcycled step 0 with DIR/config.gin.
     assert train_main([f"--workdir={wd}", "--no_progress"]) == 0
     assert load_trained(wd).step == 4
+
+
+@pytest.mark.slow
+def test_plain_copy_with_renormalised_gates_keeps_the_dense_function(dense_workdir, train_cache, tmp_path):
+    """GShard-style copies (m = 1, K_s = 0) with top-k gates renormalised to sum to 1, dropless."""
+    from moe_jax.train.restore import load_trained
+
+    wd = tmp_path / "gshard"
+    bindings = TRUNK + RUN + ["BASE_EXPERTS=4", "BASE_TOP_K=2", "MoEConfig.renormalize_topk=True"]
+    upcycle(
+        dense_workdir,
+        wd,
+        ["architectures/moe.gin", "runs/proxy_cpu.gin"],
+        bindings + [f"TrainConfig.data_cache='{train_cache}'"],
+    )
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, TRAIN_VOCAB, (4, TRAIN_SEQ)))
+    want = np.asarray(load_trained(dense_workdir).model()(tokens).logits)
+    got = np.asarray(load_trained(wd).model()(tokens).logits)
+    print("copy upcycle (renormalised gates): max |logit difference|", np.abs(got - want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_copy_init_gives_each_expert_its_slice():
