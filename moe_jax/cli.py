@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "export a workdir's checkpoint to DeepSeek's Hugging Face layout (safetensors)",
     ),
     "import": ("moe_jax.export.cli:import_main", "import a Hugging Face DeepSeekMoE directory into a new workdir"),
+    "upcycle": (
+        "moe_jax.train.upcycle:main",
+        "a new MoE workdir initialised from a trained dense one (sparse upcycling)",
+    ),
 }
 
 
