@@ -5,7 +5,8 @@
     step = built.jit_train_step(built.rest())  # the trainer's compiled step
 
 `moe-jax train` (`moe_jax.train.loop`), `load_trained` (`moe_jax.train.restore`), `moe-jax plan`
-(`moe_jax.train.plan`) and `moe-jax import` (`moe_jax.export.hf.import_hf`) all build their state here,
+(`moe_jax.train.plan`), `moe-jax import` (`moe_jax.export.hf.import_hf`) and `moe-jax upcycle`
+(`moe_jax.train.upcycle`) all build their state here,
 so the step `plan` compiles is the step the trainer runs, and a checkpoint written by one loads in all.
 Nothing is allocated until `init`, `rest` or `from_params` is called: the rest is abstract
 (`jax.ShapeDtypeStruct`) and cheap for any model size.
