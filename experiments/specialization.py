@@ -1,9 +1,13 @@
 """Paper §4.5: expert specialization of a trained DeepSeekMoE against GShard x1.5 (the GShard with
 DeepSeekMoE's Pile loss). Each member trains, then `moe-jax analyze` measures held-out loss with the
 top routed experts disabled (Fig 4), with fewer routed experts activated (Fig 5, DeepSeekMoE) and with
-the shared expert disabled (§4.5), and draws the expert-load heatmap (under <member>/analysis/)."""
+the shared expert disabled (§4.5), and draws the expert-load heatmap (under <member>/analysis/).
 
-from moe_jax.sweep.family import Family, FollowUp, Member, Scale
+Default regime: the CPU proxies the crossover study chose (gin/models/proxy/*_base.gin with runs/proxy_base.gin:
+1024-piece vocabulary, d = 128, 4 layers, 10M tokens; held-out bits/byte), 3 paired seeds. `--scale tiny`,
+`--scale small` and `--scale paper` (the 2B models) switch every member at once."""
+
+from moe_jax.sweep.family import PROXY_SCALES, Family, FollowUp, Member
 
 _RATIOS = ("1/16", "2/16", "3/16", "4/16")
 
@@ -13,9 +17,11 @@ FAMILY = Family(
     "GShard x1.5 (less redundancy among its experts); disabling DeepSeekMoE's shared expert "
     "raises the Pile loss 1.808 -> 2.414. Columns disable_top_r: held-out loss with the r "
     "highest-scoring routed experts masked per token.",
+    base=("runs/proxy_base.gin",),
+    seeds=(0, 1, 2),
     members=(
-        Member("deepseekmoe", "deepseekmoe_tiny", label="DeepSeekMoE"),
-        Member("gshard_x1.5", "gshard_x1.5_tiny", label="GShard x1.5"),
+        Member("deepseekmoe", "deepseekmoe_base", label="DeepSeekMoE"),
+        Member("gshard_x1.5", "gshard_x1.5_base", label="GShard x1.5"),
     ),
     follow_ups=(
         FollowUp(
@@ -35,10 +41,12 @@ FAMILY = Family(
             **{f"disable_top_{r}": v for r, v in zip(_RATIOS, (5.586, 7.518, 7.627, 7.721))},
         },
     },
-    metrics=("heldout_loss", "analysis_plain", *(f"disable_top_{r}" for r in _RATIOS), "shared_disabled"),
-    scales={
-        "small": Scale(model_suffix=("_tiny", "_small")),
-        "base": Scale(model_suffix=("_tiny", "_base"), base=("runs/proxy_base.gin",)),
-        "paper": Scale(model_suffix=("_tiny", "_2b"), base=("runs/pretrain_2b.gin",)),
-    },
+    metrics=(
+        "heldout_bits_per_byte",
+        "heldout_loss",
+        "analysis_plain",
+        *(f"disable_top_{r}" for r in _RATIOS),
+        "shared_disabled",
+    ),
+    scales=PROXY_SCALES,
 )

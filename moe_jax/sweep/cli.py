@@ -2,6 +2,7 @@
 
     moe-jax sweep experiments/table1.py [--workdir=workdirs/table1] [--seeds 0 1 2] [--parallel 2]
                   [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa] [--only MEMBER ...]
+                  [--reuse workdirs/crossover ...]
     moe-jax sweep experiments/table1.py --report      # tables and plots from stored results only
 
 Rerunning the same command skips finished members and resumes interrupted ones.
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MEMBER",
         help="run only these members (the report still covers every finished one)",
     )
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another family's workdir root: link its finished runs that are exactly a member's run "
+        "(same resolved model and training config) instead of training them again (repeatable)",
+    )
     p.add_argument("--report", action="store_true", help="only regenerate the report from stored results")
     args = p.parse_args(argv)
 
@@ -58,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_bindings=args.bindings,
                 eval_tasks=args.eval_tasks,
                 only=args.only,
+                reuse=[Path(d) for d in args.reuse],
             )
         except KeyboardInterrupt:
             return 130

@@ -4,12 +4,15 @@ An experiment file (`experiments/<name>.py`) defines `FAMILY = Family(...)`:
 
     FAMILY = Family(
         name="table1",
-        base=("runs/proxy_cpu.gin",),
-        members=(Member("dense", "dense_tiny"), Member("deepseekmoe", "deepseekmoe_tiny"), ...),
-        seeds=(0,),
+        members=(Member("dense", "dense_base"), Member("deepseekmoe", "deepseekmoe_base"), ...),
+        seeds=(0, 1, 2),
         paper={"dense": {"pile_loss": 2.060}, ...},          # printed beside our numbers
-        scales={"paper": {"model_suffix": ("_tiny", "_2b"), "base": ("runs/pretrain_2b.gin",)}},
+        scales=PROXY_SCALES,                                  # --scale tiny / small / paper
     )
+
+The default regime is the CPU one the crossover study chose (`*_base` models, `runs/proxy_base.gin`:
+1024-piece vocabulary, 10M tokens; experiments/README.md says why); `PROXY_SCALES` maps every family to
+the earlier tiny and small proxies and to the paper's 2B models with one switch.
 
 `Family.runs(seeds, scale)` expands it into `Run`s (member x seed), each with its own workdir name.
 """
@@ -31,12 +34,15 @@ class Member:
       model: gin model name (`gin/models/**/<model>.gin`).
       bindings: extra gin bindings ("KEY=VALUE") for this member only.
       label: longer description for reports (default: name).
+      seeds: if given, the member runs only those of the requested seeds that are in it (e.g. an
+        expensive member with fewer seeds than the family); None = every requested seed.
     """
 
     name: str
     model: str
     bindings: tuple[str, ...] = ()
     label: str = ""
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,16 @@ class Scale:
     model_suffix: tuple[str, str] = ("", "")
     base: tuple[str, ...] | None = None
     bindings: tuple[str, ...] = ()
+
+
+# The default regime's models end in _base (gin/models/proxy/*_base.gin, trained with
+# runs/proxy_base.gin); these scales swap them for the tiny or small proxies (runs/proxy_cpu.gin, the
+# regime before the crossover study) or the paper's 2B models (runs/pretrain_2b.gin).
+PROXY_SCALES = {
+    "tiny": Scale(model_suffix=("_base", "_tiny"), base=("runs/proxy_cpu.gin",)),
+    "small": Scale(model_suffix=("_base", "_small"), base=("runs/proxy_cpu.gin",)),
+    "paper": Scale(model_suffix=("_base", "_2b"), base=("runs/pretrain_2b.gin",)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +123,7 @@ class Family:
 
     name: str
     members: tuple[Member, ...]
-    base: tuple[str, ...] = ("runs/proxy_cpu.gin",)
+    base: tuple[str, ...] = ("runs/proxy_base.gin",)
     seeds: tuple[int, ...] = (0,)
     bindings: tuple[str, ...] = ()
     paper: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
@@ -138,6 +154,8 @@ class Family:
             if old and model.endswith(old):
                 model = model[: -len(old)] + new
             for seed in self.seeds if seeds is None else seeds:
+                if member.seeds is not None and int(seed) not in member.seeds:
+                    continue
                 out.append(
                     Run(
                         member=member,

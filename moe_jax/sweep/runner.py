@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from moe_jax.sweep.family import Family, FollowUp, Run
+from moe_jax.sweep.reuse import link_reusable
 
 
 def is_finished(workdir: Path) -> bool:
@@ -109,11 +110,15 @@ def run_family(
     extra_bindings: Sequence[str] = (),
     eval_tasks: str | None = None,
     only: Sequence[str] = (),
+    reuse: Sequence[Path] = (),
 ) -> list[Run]:
     """Train (or skip) every run of the family (or of the members named in `only`); returns the runs.
-    Raises if a member fails."""
+    `reuse`: workdir roots of other families whose finished runs are linked where they are exactly a
+    run of this one (`moe_jax.sweep.reuse`). Raises if a member fails."""
     root.mkdir(parents=True, exist_ok=True)
     runs = _select(family, family.runs(seeds, scale), only)
+    if reuse:
+        link_reusable(runs, root, extra_bindings, reuse)
     todo = _queue(runs, root, family, extra_bindings, eval_tasks)
     total, launched = len(todo), 0
     slots = device_slots(max(1, parallel))
@@ -191,7 +196,10 @@ def _queue(runs: list[Run], root: Path, family: Family, extra_bindings, eval_tas
 
 
 def _write_member(wd: Path, run: Run) -> None:
-    """`<workdir>/member.json`: which member, seed, model, gin files and bindings the run is."""
+    """`<workdir>/member.json`: which member, seed, model, gin files and bindings the run is. A run
+    reused from another family (a link) keeps that family's file; the report names it by its link."""
+    if wd.is_symlink():
+        return
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "member.json").write_text(
         json.dumps(

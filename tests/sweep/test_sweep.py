@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
-from moe_jax.sweep.family import Family, Member, Scale, load_family
+from moe_jax.sweep.family import PROXY_SCALES, Family, Member, Scale, load_family
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,3 +217,70 @@ def test_runs_on_different_data_builds_are_flagged_in_the_report(tmp_path):
         data_note(collect(tmp_path, fam))
         == "Data: token cache `c0ffee00/01234567` (corpus/vocab fingerprints) for every run."
     )
+
+
+def _finished_run(wd: Path, model: str, bindings: tuple[str, ...], base: str = "runs/proxy_cpu.gin") -> Path:
+    """A finished run whose config.gin configures `model` with `bindings` (as the operative config would)."""
+    from moe_jax.configs.gin_utils import model_gin_path
+
+    wd.mkdir(parents=True)
+    lines = [f"include '{model_gin_path(model)}'", f"include '{base}'", *bindings]
+    (wd / "config.gin").write_text("\n".join(lines) + "\n")
+    (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0}))
+    (wd / "member.json").write_text(json.dumps({"member": "gshard", "seed": 0, "model": model}))
+    return wd
+
+
+def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, capsys):
+    """--reuse links a finished run of another family when its resolved ModelConfig and TrainConfig equal
+    the member's (a model written as an include of another matches it), and nothing else: not another
+    seed, not another binding, not an unfinished run; a linked run's member.json is left as it was."""
+    from moe_jax.sweep.runner import _write_member, run_family
+
+    other = tmp_path / "crossover"
+    _finished_run(other / "gshard_s0", "gshard_tiny", ("TrainConfig.seed=0", "TrainConfig.log_every=7"))
+    _finished_run(other / "gshard_s1", "gshard_tiny", ("TrainConfig.seed=1", "MoEConfig.renormalize_topk=True"))
+    unfinished = _finished_run(other / "dsm_s0", "deepseekmoe_tiny", ("TrainConfig.seed=0",))
+    (unfinished / "result.json").write_text(json.dumps({"stopped": "interrupted"}))
+    fam = Family(
+        name="fig3",
+        members=(Member("0s_2of16", "ablation_0s_2of16_tiny"), Member("1s_7of63", "ablation_1s_7of63_tiny")),
+        seeds=(0, 1),
+        base=("runs/proxy_cpu.gin",),
+    )
+    root = tmp_path / "fig3"
+    from moe_jax.sweep import reuse
+
+    runs = fam.runs()
+    reuse.link_reusable(runs, root, (), [other])
+    linked = {p.name: p.resolve() for p in root.iterdir() if p.is_symlink()}
+    assert linked == {"0s_2of16_s0": (other / "gshard_s0").resolve()}
+    assert "0s_2of16_s0: reusing" in capsys.readouterr().out
+    before = (other / "gshard_s0" / "member.json").read_text()
+    _write_member(root / "0s_2of16_s0", runs[0])
+    assert (other / "gshard_s0" / "member.json").read_text() == before
+    # An extra binding for every member changes the training: now only the renormalised run matches.
+    root2 = tmp_path / "fig3_b"
+    reuse.link_reusable(runs, root2, ("MoEConfig.renormalize_topk=True",), [other])
+    assert {p.name: p.resolve() for p in root2.iterdir() if p.is_symlink()} == {
+        "0s_2of16_s1": (other / "gshard_s1").resolve()
+    }
+    with pytest.raises(ValueError, match="not a directory"):
+        run_family(fam, tmp_path / "x", reuse=[tmp_path / "missing"])
+
+
+def test_a_member_with_fewer_seeds_runs_only_those_requested_and_its_own():
+    fam = Family(
+        name="f",
+        members=(Member("a", "gshard_base"), Member("b", "dense_x16_base", seeds=(0, 1))),
+        seeds=(0, 1, 2),
+        scales=PROXY_SCALES,
+    )
+    assert [r.name for r in fam.runs()] == ["a_s0", "a_s1", "a_s2", "b_s0", "b_s1"]
+    assert [r.name for r in fam.runs(seeds=(1, 2))] == ["a_s1", "a_s2", "b_s1"]
+    assert {r.gin_files for r in fam.runs()} == {("runs/proxy_base.gin",)}
+    tiny = fam.runs(seeds=(0,), scale="tiny")
+    assert [(r.model, r.gin_files) for r in tiny] == [
+        ("gshard_tiny", ("runs/proxy_cpu.gin",)),
+        ("dense_x16_tiny", ("runs/proxy_cpu.gin",)),
+    ]
