@@ -160,7 +160,10 @@ def run_task(task: TaskData, score_fn, tokenizer, seq_len: int, opts: EvalOption
     else:
         m = scoring.bpb_metrics(scores)
         entry.update(
-            metrics=dataclasses.asdict(m), value=m.bits_per_byte, paper_generation=PAPER_GENERATION.get(spec.name)
+            metrics=dataclasses.asdict(m),
+            value=m.bits_per_byte,
+            paper_generation=PAPER_GENERATION.get(spec.name),
+            generation_metric={"": None, "exact_match": "exact_match"}.get(spec.generation, "pass@1"),
         )
         if decoder is not None and spec.generation:
             entry["generation"] = _generation_metrics(task, decoder, tokenizer, seq_len, opts)
@@ -325,22 +328,36 @@ def format_report(report: dict) -> str:
                     f"{se:>6.1f}{100 * e['chance']:>8.1f}{_fmt(e['paper']):>7}"
                 )
             else:
-                lines.append(
-                    f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {'gold bits/byte':<14}"
-                    f"{e['value']:>7.3f}{'':>6}{'':>8}{_fmt(e.get('paper_generation')):>7}"
-                )
-                g = e.get("generation")
-                if g:
-                    score = g.get("exact_match", g.get("pass@1"))
-                    label = "exact_match" if "exact_match" in g else "pass@1"
-                    lines.append(
-                        f"{'':<15}{'':>5}{'':>11}{g['docs']:>7}  {label:<14}"
-                        f"{'n/a' if score is None else f'{100 * score:.1f}':>7}"
-                    )
-        lines.append("paper = DeepSeekMoE 2B, Tab 1 (accuracy %; for bpb tasks the paper's EM / pass@1 %)")
+                lines += _bpb_rows(name, e)
+        lines.append(
+            "paper = DeepSeekMoE 2B, Tab 1 (accuracy %; exact match / pass@1 % on the generation line: the paper "
+            "reports no bits/byte, so a bits/byte row has no paper value)"
+        )
     for name, why in report.get("skipped", {}).items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
+
+
+def _bpb_rows(name: str, e: dict) -> list[str]:
+    """A bits/byte task's rows: our gold bits/byte (the paper reports none), then its generation metric
+    (exact match or pass@1) with the paper's value beside it; ours only with `--generate`."""
+    rows = [
+        f"{name:<15}{e['shots']:>5}{e['split']:>11}{e['docs']:>7}  {'gold bits/byte':<14}"
+        f"{e['value']:>7.3f}{'':>6}{'':>8}{'-':>7}"
+    ]
+    label = e.get("generation_metric")
+    if not label:
+        return rows
+    g = e.get("generation")
+    if g is None:
+        ours, docs = "--generate", ""
+    else:
+        score, docs = g.get(label), g["docs"]
+        ours = "n/a" if score is None else f"{100 * score:.1f}"
+    rows.append(
+        f"{'':<15}{'':>5}{'':>11}{docs:>7}  {label:<14}{ours:>7}{'':>6}{'':>8}{_fmt(e.get('paper_generation')):>7}"
+    )
+    return rows
 
 
 def _fmt(x) -> str:

@@ -148,3 +148,22 @@ def test_exact_match_and_code_execution():
     mbpp = {"test_list": ["assert g(1) == 2"], "test_setup_code": ""}
     assert run_program(code_program("mbpp", mbpp, "def g(x):\n    return x + 1"))
     assert not run_program("while True:\n    pass\n", timeout=1.0)
+
+
+def test_report_prints_the_papers_generation_score_beside_ours_never_beside_bits_per_byte():
+    """The paper reports exact match / pass@1, not bits/byte: its value goes on the generation line."""
+    from moe_jax.evaluate.run import format_report
+
+    entry = dict(kind="bpb", shots=5, split="validation", docs=500, value=4.042, paper_generation=16.6)
+    head = {"workdir": "w", "step": 1, "seq_len": 256}
+    without = format_report({**head, "tasks": {"triviaqa": {**entry, "generation_metric": "exact_match"}}}).splitlines()
+    bpb = next(line for line in without if "gold bits/byte" in line)
+    assert "16.6" not in bpb and bpb.split()[-1] == "-"
+    gen = without[without.index(bpb) + 1].split()
+    assert gen == ["exact_match", "--generate", "16.6"]
+    generated = {**entry, "generation_metric": "exact_match", "generation": {"docs": 100, "exact_match": 0.02}}
+    lines = format_report({**head, "tasks": {"triviaqa": generated}}).splitlines()
+    assert next(line for line in lines if "exact_match" in line).split() == ["100", "exact_match", "2.0", "16.6"]
+    code = {**entry, "generation_metric": "pass@1", "paper_generation": 4.9, "generation": {"docs": 164}}
+    lines = format_report({**head, "tasks": {"humaneval": code}}).splitlines()
+    assert next(line for line in lines if "pass@1" in line and "164" in line).split() == ["164", "pass@1", "n/a", "4.9"]
