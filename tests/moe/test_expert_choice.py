@@ -123,11 +123,11 @@ def _numpy_expert_choice(layer: MoELayer, x: np.ndarray, groups: int) -> np.ndar
     tg = t // groups
     cap = min(tg, int(np.ceil(layer.cfg.expert_choice_capacity_factor * tg * layer.cfg.top_k / e)))
     y = np.zeros_like(xf)
-    for g in range(groups):
-        for i in range(e):
+    for i in range(e):
+        ffn = np.asarray(swiglu(jnp.asarray(x).reshape(t, -1), layer.wi[i], layer.wo[i]), np.float64)  # every token
+        for g in range(groups):
             for tok in g * tg + np.argsort(-probs[g * tg : (g + 1) * tg, i], kind="stable")[:cap]:
-                ffn = swiglu(jnp.asarray(xf[tok : tok + 1], jnp.float32), layer.wi[i], layer.wo[i])
-                y[tok] += probs[tok, i] * np.asarray(ffn, np.float64)[0]
+                y[tok] += probs[tok, i] * ffn[tok]
     return y
 
 
@@ -231,3 +231,44 @@ def test_activated_parameters_count_the_average_experts_per_token():
     double = count_params(_model_cfg(expert_choice_capacity_factor=2.0), 64)
     assert double.activated == ec.activated + routed * 2 // 8
     assert _model_cfg(expert_choice_capacity_factor=8.0).moe.routed_per_token == 8.0  # capped at E
+
+
+@pytest.mark.slow
+def test_expert_choice_trains_and_logs_its_stats(train_cache, tmp_path):
+    from helpers import TRAIN_SEQ, TRAIN_VOCAB
+
+    from moe_jax.parallel import MeshConfig
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.train.loop import train
+    from moe_jax.train.metrics import read_metrics
+
+    model = ModelConfig(
+        vocab_size=TRAIN_VOCAB,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        init_std=0.02,
+        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, router="expert_choice"),  # 1 shared + 7 routed, 1 on average
+    )
+    cfg = TrainConfig(
+        steps=20,
+        batch_size=8,
+        seq_len=TRAIN_SEQ,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        log_every=5,
+        eval_every=20,
+        eval_batches=2,
+        checkpoint_every=20,
+        data_cache=str(train_cache),
+        async_checkpointing=False,
+        peak_flops_per_device=1e10,
+    )
+    train(tmp_path, model, cfg, MeshConfig(data=-1), progress=False)
+    steps = [r for r in read_metrics(tmp_path) if "ce" in r]
+    assert steps[-1]["ce"] < steps[0]["ce"] - 0.3, (steps[0]["ce"], steps[-1]["ce"])
+    last = steps[-1]
+    assert last["expert_balance"] == 0.0 and last["moe/mean_max_load"] == 1.0
+    assert 0.0 <= last["moe/mean_unrouted_fraction"] < 1.0 and "moe/layer1/unrouted_fraction" in last
