@@ -64,7 +64,8 @@ class MoEConfig:
       router: "softmax" (learned softmax over the routed experts, top-k; Switch is k=1, GShard k=2),
         "hash" (a fixed token-id -> expert table, Roller et al. 2021; k must be 1) or "expert_choice"
         (each expert takes its top-C tokens, Zhou et al. 2022, arXiv:2202.09368; `top_k` is then the
-        average number of experts per token, see `expert_choice_capacity_factor`, docs/routing.md).
+        average number of experts per token, see `expert_choice_capacity_factor`, docs/routing.md;
+        balanced by construction, so `expert_balance_alpha` and `device_balance_alpha` are ignored).
       router_score: the learned router's score function s_{i,t} of u_t^T e_i: "softmax" over the
         routed experts (the paper, Eq 11) or "sigmoid" per expert (DeepSeek-V3, arXiv:2412.19437
         §2.1.2 Eq 15; V3 renormalises the selected gates, Eq 13: set `renormalize_topk` too, and
