@@ -21,12 +21,13 @@ import gin
 # moe_jax.moe (router.ROUTER_CLASSES, dispatch.DISPATCH_SPECS) keyed by these names; each checks itself
 # against them at import (`check_registry`). The names live here, not there, because this module is
 # the bottom of the import graph: validating a config must not import the model code.
-ROUTERS = ("softmax", "hash")
+ROUTERS = ("softmax", "hash", "expert_choice")
 DISPATCHES = ("dropless", "capacity", "reference")
 ROUTER_SCORES = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("greedy", "random")
 BALANCE_SCOPES = ("sequence", "global")
 HASH_TABLES = ("random", "balanced")
+EXPERT_CHOICE_SCOPES = ("sequence", "batch")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 EXPERT_PARALLEL_SCHEMES = ("ring", "all_to_all")
@@ -60,8 +61,11 @@ class MoEConfig:
         width `num_shared_experts * expert_dim` as in DeepSeek's code.
       expert_dim: f, intermediate width of one expert (routed or shared).
       top_k: K', routed experts activated per token.
-      router: "softmax" (learned softmax over the routed experts, top-k; Switch is k=1, GShard k=2)
-        or "hash" (a fixed token-id -> expert table, Roller et al. 2021; k must be 1).
+      router: "softmax" (learned softmax over the routed experts, top-k; Switch is k=1, GShard k=2),
+        "hash" (a fixed token-id -> expert table, Roller et al. 2021; k must be 1) or "expert_choice"
+        (each expert takes its top-C tokens, Zhou et al. 2022, arXiv:2202.09368; `top_k` is then the
+        average number of experts per token, see `expert_choice_capacity_factor`, docs/routing.md;
+        balanced by construction, so `expert_balance_alpha` and `device_balance_alpha` are ignored).
       router_score: the learned router's score function s_{i,t} of u_t^T e_i: "softmax" over the
         routed experts (the paper, Eq 11) or "sigmoid" per expert (DeepSeek-V3, arXiv:2412.19437
         §2.1.2 Eq 15; V3 renormalises the selected gates, Eq 13: set `renormalize_topk` too, and
@@ -104,6 +108,17 @@ class MoEConfig:
         ones (gates stay the original probabilities). 0 = normal routing. Softmax routers only.
       disable_shared: inference-time analysis (paper §4.5): drop the shared experts' output (the
         paper then activates one more routed expert: set `top_k` one higher too).
+      expert_choice_capacity_factor: for router="expert_choice": every routed expert takes
+        C = min(T, ceil(expert_choice_capacity_factor * T * top_k / num_experts)) of the T tokens of
+        its selection group (`expert_choice_scope`), so a token gets 0..num_experts experts and on
+        average about expert_choice_capacity_factor * top_k. The paper's capacity factor c (average
+        experts per token, arXiv:2202.09368 §3.1) is expert_choice_capacity_factor * top_k; 1.0 matches
+        the compute of token-choice top-k.
+      expert_choice_scope: for router="expert_choice", the tokens an expert chooses among: "sequence"
+        (each sequence of the batch separately: a sequence's output never depends on the other
+        sequences, the batch size, the mesh or gradient accumulation) or "batch" (all B*S tokens of the
+        (micro-)batch the layer sees; the paper's setting). Either way a token's routing depends on the
+        later tokens of its group (causal leakage; docs/routing.md).
     """
 
     num_experts: int = 16
@@ -130,11 +145,14 @@ class MoEConfig:
     ep_buffer_factor: float = 0.0
     disable_top_experts: int = 0
     disable_shared: bool = False
+    expert_choice_capacity_factor: float = 1.0
+    expert_choice_scope: str = "sequence"
 
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
         _check_choice("MoEConfig.dispatch", self.dispatch, DISPATCHES)
         _check_choice("MoEConfig.router_score", self.router_score, ROUTER_SCORES)
+        self._check_expert_choice()
         self._check_score()
         _check_choice("MoEConfig.second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
@@ -202,6 +220,53 @@ class MoEConfig:
                 "MoEConfig: sigmoid gates renormalised over top_k=1 expert are always 1 and give the router no "
                 "gradient: set top_k >= 2 or renormalize_topk=False"
             )
+
+    def _check_expert_choice(self) -> None:
+        """Expert-choice routing (arXiv:2202.09368) against the token-choice options it cannot take."""
+        _check_choice("MoEConfig.expert_choice_scope", self.expert_choice_scope, EXPERT_CHOICE_SCOPES)
+        if not 0 < self.expert_choice_capacity_factor < float("inf"):
+            raise ValueError(
+                f"MoEConfig.expert_choice_capacity_factor={self.expert_choice_capacity_factor} must be a finite "
+                f"number > 0 (1.0: on average top_k experts per token)"
+            )
+        if self.router != "expert_choice":
+            return
+        fix = "or set router='softmax' for token-choice top-k"
+        if not self.num_experts:
+            raise ValueError(
+                f"MoEConfig.router='expert_choice' routes to routed experts, but num_experts=0 (shared experts "
+                f"only): set num_experts > 0, {fix}"
+            )
+        refused = {
+            "router_score": (self.router_score != "softmax", "router_score='softmax' (the paper's S = softmax(X W_g))"),
+            "renormalize_topk": (
+                self.renormalize_topk,
+                "renormalize_topk=False (a token may get 0..E experts: one chosen expert renormalised is a gate "
+                "of 1 and no router gradient)",
+            ),
+            "second_expert_policy": (
+                self.second_expert_policy != "greedy",
+                "second_expert_policy='greedy' (GShard's policy drops a token's second choice; experts choose here)",
+            ),
+            "router_z_loss_alpha": (
+                self.router_z_loss_alpha != 0,
+                "router_z_loss_alpha=0 (the MoE layer applies no auxiliary loss to expert-choice routers)",
+            ),
+        }
+        for name, (bad, setting) in refused.items():
+            if bad:
+                raise ValueError(
+                    f"MoEConfig.{name}={getattr(self, name)!r} does not apply to router='expert_choice': set "
+                    f"{setting}, {fix}"
+                )
+
+    @property
+    def routed_per_token(self) -> float:
+        """Routed experts a token activates: top_k, or for expert choice the nominal average
+        min(expert_choice_capacity_factor * top_k, num_experts) (before C is rounded up to whole tokens)."""
+        if self.router != "expert_choice":
+            return float(self.top_k)
+        return min(self.expert_choice_capacity_factor * self.top_k, float(self.num_experts))
 
     @classmethod
     def fine_grained(

@@ -298,6 +298,13 @@ def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
             "scaling) nor in transformers' Qwen2Moe: the exported model would compute different logits. Export "
             "refuses them; keep the workdir's orbax checkpoint"
         )
+    if m is not None and m.router == "expert_choice":
+        raise LayoutError(
+            "expert-choice routing (router='expert_choice', arXiv:2202.09368: each expert picks its top-C "
+            "tokens) has no equivalent in DeepSeek's V1 layout nor in transformers' Qwen2Moe, whose routers "
+            "give every token its top-k experts: the exported model would compute different logits. Export "
+            "refuses expert-choice models; keep the workdir's orbax checkpoint"
+        )
     if lay is DEEPSEEK:
         return _check_deepseek(cfg)
     m = cfg.moe

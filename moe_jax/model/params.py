@@ -8,7 +8,10 @@ The paper's accounting (docs/paper.md §3.1-§3.4, [derived] there):
   activated  = total - routed experts + (top_k / num_experts) * routed experts, per MoE layer:
                a token runs K' of the N' routed experts (all routed experts of a layer are the same
                size); shared experts, dense FFNs, attention, norms, router, embedding, LM head are
-               always active.
+               always active. Expert-choice routing (router="expert_choice") gives a token a variable
+               number of experts; it is counted at its nominal average, K' = `MoEConfig.routed_per_token`
+               = expert_choice_capacity_factor * top_k (capped at N'; exactly the average when C =
+               capacity_factor * T * top_k / N' is a whole number of tokens), rounded to whole parameters.
   FLOPs      = training FLOPs (forward + backward) for one sequence of T tokens:
                6 * (activated - embedding) * T + 12 * L * T^2 * (num_heads * head_dim),
                i.e. 6 FLOPs per activated non-embedding parameter (the LM head counts, the embedding
@@ -123,6 +126,8 @@ def counts_from_categories(cfg: ModelConfig, by_category: dict[str, int], seq_le
     routed = by_category["routed_experts"]
     m = cfg.moe
     active_routed = routed * m.top_k // m.num_experts if (m is not None and m.num_experts) else 0
+    if m is not None and m.num_experts and m.router == "expert_choice":  # a fractional average K'
+        active_routed = round(routed * m.routed_per_token / m.num_experts)
     activated = total - routed + active_routed
     expert = routed + by_category["shared_experts"]
     activated_expert = active_routed + by_category["shared_experts"]

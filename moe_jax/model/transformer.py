@@ -233,10 +233,18 @@ class Transformer(nnx.Module):
         cache positions cache.index.., each row's RoPE positions counted from its cache.offset; the
         output then carries the updated cache. MoE routing is per token, so decoding a token at a time
         routes as the full forward does (with the dropless dispatch; a capacity dispatch drops tokens
-        depending on the rest of the batch)."""
+        depending on the rest of the batch). Expert-choice routing is not per token and refuses a cache."""
         b, s = tokens.shape
         if cache is not None:
             _check_cache(cache, len(self.stacks), s, positions, segment_ids)
+            if self.cfg.moe is not None and self.cfg.moe.router == "expert_choice":
+                raise ValueError(
+                    "expert-choice routing (MoEConfig.router='expert_choice') picks each expert's tokens among a "
+                    "whole sequence or batch, so it cannot route the new tokens of a KV-cached step as the full "
+                    "forward does: decode without the cache (moe_jax.evaluate.generate.greedy_generate(..., "
+                    "use_cache=False), which reruns the full forward and so still routes with the later padding) "
+                    "or use a token-choice router"
+                )
             positions = cache.stack(0).positions(s)
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))

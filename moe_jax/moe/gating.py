@@ -1,7 +1,8 @@
 """Gating maths: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
 
 Besides the paper's softmax gates, `sigmoid_topk` gives DeepSeek-V3's sigmoid gates
-(arXiv:2412.19437 §2.1.2, Eq 13-15).
+(arXiv:2412.19437 §2.1.2, Eq 13-15), and `expert_choice` the expert-choice routing of Zhou et al. 2022
+(arXiv:2202.09368), where each expert picks its tokens.
 
 Pure functions over token-major arrays returning a `Routing`; `moe_jax.moe.router` wraps them in NNX
 modules that own the router weights or the hash table. Shapes: T tokens, d hidden size, E routed
@@ -9,6 +10,8 @@ experts, k experts per token.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +135,67 @@ def sigmoid_topk(logits: jax.Array, k: int, *, renormalize: bool = True) -> Rout
     probs = scores / _positive(jnp.sum(scores, axis=-1, keepdims=True))
     mask = jnp.ones(indices.shape, dtype=bool)
     return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
+
+
+def expert_choice_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens each expert takes from a group of T tokens: C = min(T, ceil(capacity_factor * T * k / E)), >= 1."""
+    return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * k / num_experts)))
+
+
+def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, num_groups: int = 1) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022, arXiv:2202.09368 §3.1): each expert takes its top-C tokens.
+
+    The T tokens are split into G = `num_groups` contiguous groups of T_g = T / G tokens (G = B: one per
+    sequence; G = 1: the whole batch), and in each group g, for every routed expert i:
+
+        S_{t,i}  = Softmax_i(u_t^T e_i)                         scores, softmax over the E experts per token
+        C        = min(T_g, ceil(capacity_factor * T_g * k / E))   tokens per expert (paper: k = n c / e)
+        I_{g,i}  = TopK({S_{t,i} | t in g}, C)                   the C tokens of g with the highest score
+        g_{i,t}  = S_{t,i} if t in I_{g,i} else 0                 the gate: the raw score, no renormalisation
+
+    and the layer computes sum_i g_{i,t} FFN_i(u_t). Every expert processes exactly C tokens per group
+    (balanced by construction: no balance loss), so on average E C / T_g ~ capacity_factor * k experts
+    per token, and a token gets anywhere from 0 (the routed part of its output is then 0) to E experts.
+    Equal scores are broken towards the earlier token (`jax.lax.top_k`).
+
+    Causal leakage: whether expert i takes token t depends on the scores of every token of t's group,
+    including the tokens after t. In a decoder LM trained on next-token prediction, token t's output
+    (hence the prediction of token t+1) can thus see the future of its sequence (and, with G = 1, other
+    sequences of the batch); the model may learn to exploit it, and one cannot route a token before the
+    rest of its group exists (no incremental decoding). docs/routing.md discusses it.
+
+    The result is a `Routing` with k = E columns, so every dispatch runs it unchanged: for each token
+    the E experts ordered chosen-first, then by score (best first); `mask` is True for the experts that
+    chose the token, `weights` their scores (0 elsewhere). No narrower token-major form holds every case,
+    since a token may be chosen by all E experts.
+
+    Args:
+      logits: [T, E] float32 router logits u_t^T e_i.
+      k: the average number of experts per token the capacity is sized for (`MoEConfig.top_k`).
+      capacity_factor: `MoEConfig.expert_choice_capacity_factor`; the paper's c is capacity_factor * k.
+      num_groups: G, how many contiguous groups the selection runs over; must divide T.
+
+    Returns:
+      Routing with indices/weights/mask [T, E], probs (S) and logits [T, E].
+    """
+    logits = logits.astype(jnp.float32)
+    t, e = logits.shape
+    if num_groups < 1 or t % num_groups:
+        raise ValueError(f"expert choice: {num_groups} selection groups do not divide the {t} tokens")
+    probs = jax.nn.softmax(logits, axis=-1)
+    tg = t // num_groups
+    cap = expert_choice_capacity(tg, k, e, capacity_factor)
+    by_expert = jax.lax.stop_gradient(probs).reshape(num_groups, tg, e).transpose(0, 2, 1)  # [G, E, T_g]
+    _, chosen = jax.lax.top_k(by_expert, cap)  # [G, E, C] token positions within the group
+    rows = jnp.arange(num_groups)[:, None, None], jnp.arange(e)[None, :, None]
+    picked = jnp.zeros((num_groups, e, tg), bool).at[rows[0], rows[1], chosen].set(True)
+    picked = picked.transpose(0, 2, 1).reshape(t, e)  # [T, E]: expert i chose token t
+    # Chosen experts first, each part best first (scores lie in [0, 1]: shifting the unchosen by -2 sorts them last).
+    score = jax.lax.stop_gradient(probs)
+    _, indices = jax.lax.top_k(jnp.where(picked, score, score - 2.0), e)
+    mask = jnp.take_along_axis(picked, indices, axis=-1)
+    weights = jnp.where(mask, jnp.take_along_axis(probs, indices, axis=-1), 0.0)
+    return Routing(indices=indices.astype(jnp.int32), weights=weights, mask=mask, probs=probs, logits=logits)
 
 
 def hash_route(token_ids: jax.Array, table: jax.Array) -> Routing:

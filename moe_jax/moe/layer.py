@@ -19,7 +19,7 @@ from moe_jax.layers.mlp import MLP
 from moe_jax.moe import balance
 from moe_jax.moe.dispatch import ExpertParams, dispatch_from_config
 from moe_jax.moe.dispatch.expert_parallel import ambient_mesh, expert_axis_size, expert_parallel_dispatch
-from moe_jax.moe.router import ROUTER_CLASSES
+from moe_jax.moe.router import ROUTER_CLASSES, route
 from moe_jax.moe.stats import RoutingStats, routing_stats
 
 
@@ -105,7 +105,7 @@ class MoELayer(nnx.Module):
         if self.router is not None:
             m = self.cfg
             ids = None if token_ids is None else token_ids.reshape(b * s)
-            routing = self.router(xf, ids, rng)
+            routing = route(self.router, xf, ids, rng, b)
             experts = ExpertParams(wi=self.wi[...].astype(x.dtype), wo=self.wo[...].astype(x.dtype))
             mesh = ambient_mesh()
             if mesh is not None and m.dispatch != "reference":

@@ -1,7 +1,10 @@
 """Router modules: they own the router's state and return a `Routing` (the maths is in gating.py).
 
 A router is called as `router(x [T, d], token_ids [T], rng) -> Routing`. `uses_balance_loss` says
-whether balance losses apply (not for hash routing, which never learns: Megatron-LM #7079).
+whether balance losses apply (not for hash routing, which never learns: Megatron-LM #7079). A router
+that selects among tokens (expert choice) also takes `num_sequences` (the T tokens are that many
+sequences, one after another) and says so with `selects_tokens`; the MoE layer calls every router
+through `route`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,46 @@ class HashRouter(nnx.Module):
         return R.hash_route(token_ids, self.table[...])
 
 
+class ExpertChoiceRouter(nnx.Module):
+    """Expert-choice router (Zhou et al. 2022, arXiv:2202.09368): every expert takes its top-C tokens
+    (`R.expert_choice`) among each sequence's tokens (`MoEConfig.expert_choice_scope="sequence"`) or the
+    whole batch's ("batch"); the expert centroids e_i are the columns of `kernel` [d, E] as for softmax.
+
+    Balanced by construction (every expert takes exactly C tokens per group), so no balance loss
+    applies: `expert_balance_alpha` and `device_balance_alpha` are ignored (the config refuses the
+    z-loss). The Routing has k = E columns; a token may have no active one.
+    """
+
+    uses_balance_loss = False
+    selects_tokens = True
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg.moe
+        self.kernel = nnx.Param(
+            cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
+            axes=("embed", "router_experts"),
+        )
+
+    def __call__(
+        self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None, num_sequences: int = 1
+    ) -> R.Routing:
+        groups = num_sequences if self.cfg.expert_choice_scope == "sequence" else 1
+        return R.expert_choice(
+            R.router_logits(x, self.kernel[...]),
+            self.cfg.top_k,
+            capacity_factor=self.cfg.expert_choice_capacity_factor,
+            num_groups=groups,
+        )
+
+
+def route(router: nnx.Module, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None, num_sequences: int):
+    """`router`'s Routing of x [T, d], the T tokens being `num_sequences` sequences one after another
+    (only routers that select among tokens, `selects_tokens`, use it)."""
+    if getattr(router, "selects_tokens", False):
+        return router(x, token_ids, rng, num_sequences=num_sequences)
+    return router(x, token_ids, rng)
+
+
 # The router modules by the name `MoEConfig.router` takes; its names are `moe_jax.config.ROUTERS`.
-ROUTER_CLASSES = {"softmax": SoftmaxRouter, "hash": HashRouter}
+ROUTER_CLASSES = {"softmax": SoftmaxRouter, "hash": HashRouter, "expert_choice": ExpertChoiceRouter}
 check_registry("router", ROUTER_CLASSES)

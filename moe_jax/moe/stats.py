@@ -7,10 +7,18 @@ stop-gradient, float32 scalars per layer; E routed experts, k active per token, 
     top-k gate mass        M_k    = mean_t sum_{i in top-k} s_{i,t}                 k/E = uniform router
     load spread            CV     = std_e(load_e) / mean_e(load_e)                   0 = balanced
     dead experts           #{e : load_e = 0} in the batch
+    unrouted tokens        U      = mean_t [token t has no active assignment]       0 for token choice
     output norms           mean_t ||routed output_t||, mean_t ||shared output_t||
 
 With the paper's raw softmax gates (arXiv:2401.06066 Eq 5, no renormalisation), M_k is also the scale
 at which the routed experts enter the output: about k/E while the router is near uniform.
+
+Expert-choice routing (arXiv:2202.09368; `gating.expert_choice`) gives each token a variable number
+(0..E) of experts. There "top-k" means "the experts that chose the token": M_k is the mean over tokens
+of the summed scores of the experts that took the token (0 for a token no expert took), still the
+scale of the routed output; about k/E for a near-uniform router, as for token choice with the same
+average k. Its load is exactly C per expert and selection group, so max_load = 1, CV = 0 and no dead
+experts (unless a capacity dispatch drops); U is the share of tokens that got no routed expert.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class RoutingStats:
       dead_experts: number of routed experts that got no token in the batch.
       routed_norm: mean L2 norm of a token's combined routed-expert output.
       shared_norm: mean L2 norm of a token's shared-expert output (0 without shared experts).
+      unrouted_fraction: share of tokens with no active routed assignment (before capacity drops); only
+        expert-choice routing leaves tokens without an expert.
     """
 
     tokens_per_expert: jax.Array
@@ -47,6 +57,7 @@ class RoutingStats:
     dead_experts: jax.Array
     routed_norm: jax.Array
     shared_norm: jax.Array
+    unrouted_fraction: jax.Array
 
 
 def mean_token_norm(y: jax.Array | None) -> jax.Array:
@@ -90,4 +101,5 @@ def routing_stats(
         dead_experts=jnp.sum(counts == 0).astype(jnp.float32),
         routed_norm=mean_token_norm(routed_out),
         shared_norm=mean_token_norm(shared_out),
+        unrouted_fraction=jnp.mean(~jnp.any(mask, axis=-1)).astype(jnp.float32),
     )

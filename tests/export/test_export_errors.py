@@ -90,6 +90,7 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
             "Export refuses them",
         ),
         (DEEPSEEK[len(TINY) :] + ["MoEConfig.routed_scaling_factor=2.5"], "routed_scaling_factor=2.5"),
+        (DEEPSEEK[len(TINY) :] + ["ROUTER='expert_choice'"], "Export refuses expert-choice models"),
     ],
 )
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
