@@ -323,3 +323,44 @@ def test_export_refuses_group_limited_models():
         with pytest.raises(LayoutError, match="Export refuses group-limited models"):
             check_exportable(cfg, layout)
     check_exportable(_cfg(topk_groups=0, num_expert_groups=0, comm_balance_alpha=0.0))  # the plain model exports
+
+
+def test_params_table_counts_group_limited_models_like_plain_ones(capsys):
+    from moe_jax import cli
+
+    def counts(*bindings):
+        assert cli.main(["params", "--model=deepseekmoe_tiny", *bindings, "--json"]) == 0
+        return capsys.readouterr().out
+
+    groups = ["--gin.MoEConfig.topk_groups=3", "--gin.MoEConfig.num_expert_groups=7"]
+    assert counts(*groups, "--gin.MoEConfig.comm_balance_alpha=0.02") == counts()  # no parameters added
+
+
+def test_plan_names_mesh_groups_that_cannot_hold_top_k(capsys):
+    from moe_jax.train import plan
+
+    args = ["--model=gshard_tiny", "--gin_file=runs/proxy_cpu.gin", "--batch_size=8", "--seq_len=32"]
+    # 16 experts over the expert axis of 8: groups of 2 cannot hold top-3 with topk_groups=1.
+    bindings = ["--gin.MoEConfig.topk_groups=1", "--gin.BASE_TOP_K=3"]
+    assert plan.main([*args, "--mesh=data:1,expert:8", *bindings]) == 2
+    assert "set MoEConfig.num_expert_groups, topk_groups or top_k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_step_logs_the_communication_balance_loss():
+    import optax
+
+    from moe_jax.model.transformer import Transformer
+    from moe_jax.train.step import TrainState, make_train_step
+
+    graphdef, params, rest = nnx.split(Transformer(_cfg(), nnx.Rngs(0)), nnx.Param, ...)
+    tx = optax.sgd(0.1)
+    toks = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+    batch = {"decoder_input_tokens": toks, "decoder_target_tokens": jnp.roll(toks, -1, 1)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    _, metrics = jax.jit(make_train_step(graphdef, rest, tx, optax.constant_schedule(0.1)))(
+        state, batch, jax.random.key(1)
+    )
+    terms = [float(metrics[k]) for k in ("ce", "expert_balance", "device_balance", "z_loss", "comm_balance")]
+    assert bool(metrics["finite"]) and terms[-1] > 0.0
+    assert float(metrics["loss"]) == pytest.approx(sum(terms), rel=1e-6)
