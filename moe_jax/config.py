@@ -26,6 +26,7 @@ DISPATCHES = ("dropless", "capacity", "reference")
 ROUTER_SCORES = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("greedy", "random")
 BALANCE_SCOPES = ("sequence", "global")
+GROUP_SCORES = ("max", "top2_sum")  # group scores of group-limited routing (moe_jax.moe.gating.group_scores)
 HASH_TABLES = ("random", "balanced")
 EXPERT_CHOICE_SCOPES = ("sequence", "batch")
 DTYPES = ("float32", "bfloat16")
@@ -119,6 +120,24 @@ class MoEConfig:
         sequences, the batch size, the mesh or gradient accumulation) or "batch" (all B*S tokens of the
         (micro-)batch the layer sees; the paper's setting). Either way a token's routing depends on the
         later tokens of its group (causal leakage; docs/routing.md).
+      topk_groups: M of group-limited routing, the expert groups a token may use; 0 (the default, the
+        paper) disables it. Each token keeps its M best groups and takes its top-k among their experts
+        only (DeepSeek-V2's device-limited routing, arXiv:2405.04434 §2.1.3: M = 3 of D = 8 devices;
+        DeepSeek-V3's node-limited routing, arXiv:2412.19437 §2.1.2: `topk_group` = 4 of 8). Needs
+        router='softmax' (either `router_score`), second_expert_policy='greedy', disable_top_experts=0
+        and top_k <= M * num_experts / G.
+      num_expert_groups: G, the groups of group-limited routing: group g is experts [g*E/G, (g+1)*E/G),
+        the experts device g holds under expert parallelism (V2: D = 8 devices; V3: `n_group` = 8).
+        0 (the default) means "the size of the mesh's expert axis", read when the layer runs: the
+        routing then follows the mesh (a token's experts live on at most M devices) and changes with
+        it (one device: G = 1, no restriction); a G > 0 gives the same routing on every mesh, and
+        equals device-limited routing where G is the expert-parallel size. With G <= M every group
+        is kept (no restriction). Must divide num_experts; needs topk_groups.
+      group_score: the score of a group for group-limited routing: "max" (the highest affinity of its
+        experts, V2) or "top2_sum" (the sum of its two highest, V3: the highest K_r/M = 8/4 scores;
+        needs >= 2 experts per group).
+      comm_balance_alpha: alpha_3 of DeepSeek-V2's communication balance loss (arXiv:2405.04434
+        §2.1.4, Eq 29-31) over the G groups of group-limited routing (V2: 0.02); needs topk_groups.
     """
 
     num_experts: int = 16
@@ -147,6 +166,10 @@ class MoEConfig:
     disable_shared: bool = False
     expert_choice_capacity_factor: float = 1.0
     expert_choice_scope: str = "sequence"
+    topk_groups: int = 0
+    num_expert_groups: int = 0
+    group_score: str = "max"
+    comm_balance_alpha: float = 0.0
 
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
@@ -192,6 +215,50 @@ class MoEConfig:
         if self.num_device_groups and self.num_experts % self.num_device_groups:
             raise ValueError(
                 f"MoEConfig.num_device_groups={self.num_device_groups} must divide num_experts={self.num_experts}"
+            )
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Group-limited routing (DeepSeek-V2/V3) and V2's communication balance loss."""
+        _check_choice("MoEConfig.group_score", self.group_score, GROUP_SCORES)
+        m, g, e = self.topk_groups, self.num_expert_groups, self.num_experts
+        if m < 0 or g < 0 or self.comm_balance_alpha < 0:
+            raise ValueError(
+                f"MoEConfig.topk_groups={m}, num_expert_groups={g} and comm_balance_alpha={self.comm_balance_alpha} "
+                f"must be >= 0 (0 disables group-limited routing / uses the mesh's expert axis / disables the loss)"
+            )
+        if not m:
+            if g or self.comm_balance_alpha:
+                raise ValueError(
+                    f"MoEConfig.num_expert_groups={g} / comm_balance_alpha={self.comm_balance_alpha} belong to "
+                    f"group-limited routing: set topk_groups (M, e.g. 3 as DeepSeek-V2) or unbind them"
+                )
+            return
+        fix = "set topk_groups=0 or"
+        if self.router != "softmax" or not e:
+            raise ValueError(
+                f"MoEConfig.topk_groups={m} limits a learned router over routed experts (router={self.router!r}, "
+                f"num_experts={e}): {fix} router='softmax' with num_experts > 0"
+            )
+        if self.second_expert_policy != "greedy" or self.disable_top_experts:
+            raise ValueError(
+                f"MoEConfig.topk_groups={m} selects greedily: {fix} second_expert_policy='greedy' and "
+                f"disable_top_experts=0"
+            )
+        if g and (e % g or m > g):
+            raise ValueError(
+                f"MoEConfig.num_expert_groups={g} must divide num_experts={e} and be >= topk_groups={m} "
+                f"(or 0: the mesh's expert-axis size)"
+            )
+        if g and self.top_k > m * (e // g):
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} exceeds the {m * (e // g)} experts of topk_groups={m} groups of "
+                f"{e // g}: raise topk_groups or lower top_k"
+            )
+        if g and self.group_score == "top2_sum" and e // g < 2:
+            raise ValueError(
+                f"MoEConfig.group_score='top2_sum' needs >= 2 experts per group ({e} in {g} groups): "
+                f"use group_score='max' or fewer num_expert_groups"
             )
 
     def _check_score(self) -> None:

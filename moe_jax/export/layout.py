@@ -305,6 +305,14 @@ def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
             "give every token its top-k experts: the exported model would compute different logits. Export "
             "refuses expert-choice models; keep the workdir's orbax checkpoint"
         )
+    if m is not None and m.topk_groups:
+        raise LayoutError(
+            f"group-limited routing (MoEConfig.topk_groups={m.topk_groups}, num_expert_groups="
+            f"{m.num_expert_groups}: DeepSeek-V2/V3's device-/node-limited routing) has no equivalent in "
+            "DeepSeek's V1 layout (DeepseekForCausalLM: top-k over all routed experts) nor in transformers' "
+            "Qwen2Moe: the exported model would route differently. Export refuses group-limited models; keep "
+            "the workdir's orbax checkpoint"
+        )
     if lay is DEEPSEEK:
         return _check_deepseek(cfg)
     m = cfg.moe

@@ -1,7 +1,7 @@
 """Balance losses of paper §3.3 and the router z-loss, as pure functions.
 
 Shapes: B sequences, S tokens per sequence, E routed experts (N'), k activated routed experts (K').
-All functions return the *unweighted* loss; the MoE layer multiplies by alpha_1 / alpha_2.
+All functions return the *unweighted* loss; the MoE layer multiplies by alpha_1 / alpha_2 / alpha_3.
 
 Expert-level (Eq 12-14), per sequence of length T = S:
     L = sum_i f_i P_i,   f_i = N'/(K' T) * #{t : token t selects expert i},   P_i = (1/T) sum_t s_{i,t}
@@ -11,6 +11,11 @@ DeepSeek's `seq_aux=True`); `scope="global"` computes f and P over all B*S token
 Device-level (Eq 15-17) over D equal groups of experts:
     L = sum_g f'_g P'_g,   f'_g = mean_{i in g} f_i,   P'_g = sum_{i in g} P_i
 f_i carries no gradient (it counts); gradients flow through P_i.
+
+Communication (DeepSeek-V2, arXiv:2405.04434 §2.1.4, Eq 29-31), for group-limited routing over D
+groups (devices) of which a token may use M:
+    L = sum_i f''_i P''_i,   f''_i = D/(M T) * #{t : token t is sent to group i},   P''_i = sum_{j in i} P_j
+Uniform routing (each token on exactly M groups, spread evenly) gives f''_i = 1, P''_i = 1/D and L = 1.
 """
 
 from __future__ import annotations
@@ -86,6 +91,57 @@ def device_balance_loss(
     f_group = f.reshape(f.shape[0], num_groups, e // num_groups).mean(-1)
     p_group = p.reshape(p.shape[0], num_groups, e // num_groups).sum(-1)
     return jnp.mean(jnp.sum(f_group * p_group, axis=-1))
+
+
+def group_fraction(
+    indices: jax.Array, mask: jax.Array, num_experts: int, num_groups: int, topk_groups: int, scope: str = "sequence"
+) -> jax.Array:
+    """f''_i of V2 Eq 30: D/(M T) times the number of tokens sent to group (device) i.
+
+    A token is sent to group i when at least one of its active assignments is an expert of group i
+    (experts [i*E/D, (i+1)*E/D)); two experts on one device count once.
+
+    Args:
+      indices, mask: [B, S, k]; num_experts: E; num_groups: D (divides E); topk_groups: M; scope as above.
+
+    Returns:
+      [B, D] (or [1, D] for scope="global") float32, without gradient.
+    """
+    b, s, _ = indices.shape
+    if num_experts % num_groups:
+        raise ValueError(f"communication balance loss: {num_groups} groups do not divide {num_experts} experts")
+    group = indices // (num_experts // num_groups)
+    onehot = jax.nn.one_hot(group, num_groups, dtype=jnp.float32) * mask[..., None].astype(jnp.float32)
+    counts = onehot.max(axis=2).sum(axis=1)  # [B, D]: tokens that reach each group
+    tokens = s
+    if scope == "global":
+        counts, tokens = counts.sum(axis=0, keepdims=True), b * s
+    elif scope != "sequence":
+        raise ValueError(f"unknown balance scope {scope!r}")
+    return jax.lax.stop_gradient(counts * num_groups / (topk_groups * tokens))
+
+
+def communication_balance_loss(
+    probs: jax.Array, indices: jax.Array, mask: jax.Array, num_groups: int, topk_groups: int, scope: str = "sequence"
+) -> jax.Array:
+    """DeepSeek-V2's communication balance loss sum_i f''_i P''_i (arXiv:2405.04434 Eq 29-31).
+
+    It balances what each device receives under device-limited routing: f''_i is the share of tokens
+    sent to device i (normalised by the M devices a token may use, `group_fraction`), P''_i the summed
+    mean score of its experts.
+
+    Args:
+      probs: [B, S, E] router scores; indices, mask: [B, S, k]; num_groups: D (must divide E);
+      topk_groups: M; scope: "sequence" (averaged over sequences) or "global".
+
+    Returns:
+      scalar float32 (1.0 for perfectly uniform routing).
+    """
+    e = probs.shape[-1]
+    f = group_fraction(indices, mask, e, num_groups, topk_groups, scope)
+    p = expert_probability(probs, scope)
+    p_group = p.reshape(p.shape[0], num_groups, e // num_groups).sum(-1)
+    return jnp.mean(jnp.sum(f * p_group, axis=-1))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:

@@ -3,6 +3,9 @@
 Besides the paper's softmax gates, `sigmoid_topk` gives DeepSeek-V3's sigmoid gates
 (arXiv:2412.19437 §2.1.2, Eq 13-15), and `expert_choice` the expert-choice routing of Zhou et al. 2022
 (arXiv:2202.09368), where each expert picks its tokens.
+(arXiv:2412.19437 §2.1.2, Eq 13-15), and `group_limited_topk` restricts either score to the top-M of G
+expert groups before the top-k: DeepSeek-V2's device-limited routing (arXiv:2405.04434 §2.1.3) and
+DeepSeek-V3's node-limited routing (arXiv:2412.19437 §2.1.2).
 
 Pure functions over token-major arrays returning a `Routing`; `moe_jax.moe.router` wraps them in NNX
 modules that own the router weights or the hash table. Shapes: T tokens, d hidden size, E routed
@@ -17,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from moe_jax.config import GROUP_SCORES
 
 
 @struct.dataclass
@@ -196,6 +201,112 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
     mask = jnp.take_along_axis(picked, indices, axis=-1)
     weights = jnp.where(mask, jnp.take_along_axis(probs, indices, axis=-1), 0.0)
     return Routing(indices=indices.astype(jnp.int32), weights=weights, mask=mask, probs=probs, logits=logits)
+
+
+def group_scores(scores: jax.Array, num_groups: int, group_score: str = "max") -> jax.Array:
+    """The score a_{g,t} of each of G equal groups of consecutive experts. scores [T, E] -> [T, G].
+
+        "max":      a_{g,t} = max_{i in g} s_{i,t}                  (DeepSeek-V2 §2.1.3)
+        "top2_sum": a_{g,t} = sum of the two largest s_{i,t}, i in g  (DeepSeek-V3 §2.1.2: the highest
+                    K_r/M = 8/4 = 2 scores; its released `n_group`/`topk_group` code sums the top 2)
+    Group g holds experts [g*E/G, (g+1)*E/G): the ones device g owns under expert parallelism.
+    """
+    t, e = scores.shape
+    if num_groups < 1 or e % num_groups:
+        raise ValueError(f"group-limited routing: {num_groups} groups must divide the {e} routed experts")
+    grouped = scores.reshape(t, num_groups, e // num_groups)
+    if group_score == "max":
+        return grouped.max(axis=-1)
+    if group_score == "top2_sum":
+        if e // num_groups < 2:
+            raise ValueError(
+                f"group_score='top2_sum' needs >= 2 experts per group ({e} experts in {num_groups} groups): "
+                f"use group_score='max' or fewer groups"
+            )
+        return jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
+    raise ValueError(f"group_score={group_score!r} is not one of {GROUP_SCORES}")
+
+
+def group_limited_mask(scores: jax.Array, num_groups: int, topk_groups: int, group_score: str = "max") -> jax.Array:
+    """[T, E] bool: True for the experts in each token's top-M groups, G_t = TopK({a_{g,t}}, M).
+
+    scores [T, E] are the selection scores (see `group_scores`); M = `topk_groups` <= G = `num_groups`.
+    """
+    t, e = scores.shape
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"group-limited routing: topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
+    _, top = jax.lax.top_k(group_scores(scores, num_groups, group_score), topk_groups)  # [T, M]
+    kept = jnp.zeros((t, num_groups), bool).at[jnp.arange(t)[:, None], top].set(True)
+    return jnp.repeat(kept, e // num_groups, axis=1)
+
+
+def group_limited_topk(
+    logits: jax.Array,
+    k: int,
+    *,
+    num_groups: int,
+    topk_groups: int,
+    group_score: str = "max",
+    score: str = "softmax",
+    renormalize: bool = False,
+    bias: jax.Array | None = None,
+) -> Routing:
+    """Group-limited top-k routing: DeepSeek-V2's device-limited routing (arXiv:2405.04434 §2.1.3) and
+    DeepSeek-V3's node-limited routing (arXiv:2412.19437 §2.1.2).
+
+    The E routed experts form G groups of E/G consecutive experts (group g = the experts device g
+    holds under expert parallelism). Each token first keeps the M groups with the highest group
+    score, then takes its top-k experts among the experts of those groups only:
+
+        s_{i,t}  = Softmax_i(u_t^T e_i) over all E experts (V2 Eq 11-12), or sigmoid(u_t^T e_i) (V3 Eq 15)
+        c_{i,t}  = s_{i,t} + b_i          selection score; b_i is V3's selection bias (Eq 16), 0 without
+        a_{g,t}  = max_{i in g} c_{i,t}   ("max", V2)  or  sum of the top 2 c_{i,t} in g  ("top2_sum", V3)
+        G_t      = TopK({a_{g,t} | 1 <= g <= G}, M)
+        c~_{i,t} = c_{i,t} if group(i) in G_t else -inf
+        g'_{i,t} = s_{i,t} if c~_{i,t} in TopK({c~_{j,t}}, k) else 0
+        g_{i,t}  = g'_{i,t} / sum_j g'_{j,t}                          (`renormalize`: V3 yes, V2 no)
+
+    The gates are the unmasked scores of the selected experts: V2's softmax stays over all E experts
+    (the mask only restricts the selection), so with M = G this is `softmax_topk` / `sigmoid_topk`.
+    Every token's experts then live on at most M groups (devices, when G is the expert-parallel size).
+    `probs` is as in those functions (softmax scores, or sigmoid scores normalised over E).
+
+    Args:
+      logits: [T, E] float32 router logits.
+      k: experts per token (V2: 6 of 160; V3: 8 of 256); needs k <= M * E/G.
+      num_groups: G (V2: D = 8 devices; V3: `n_group` = 8 nodes); must divide E.
+      topk_groups: M (V2: 3; V3: `topk_group` = 4), 1 <= M <= G.
+      group_score: "max" or "top2_sum" (see `group_scores`).
+      score: "softmax" or "sigmoid".
+      renormalize: divide the k selected gates by their sum.
+      bias: optional [E] float32 selection bias b_i, added for the group and top-k selection only.
+
+    Returns:
+      Routing with indices/weights/mask [T, k], probs/logits [T, E].
+    """
+    logits = logits.astype(jnp.float32)
+    e = logits.shape[-1]
+    if num_groups >= 1 and e % num_groups == 0 and k > topk_groups * (e // num_groups):
+        raise ValueError(
+            f"group-limited routing: top_k={k} exceeds the {topk_groups * (e // num_groups)} experts of "
+            f"topk_groups={topk_groups} groups of {e // num_groups}: raise topk_groups or lower top_k"
+        )
+    if score == "softmax":
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    elif score == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / _positive(jnp.sum(scores, axis=-1, keepdims=True))
+    else:
+        raise ValueError(f"score={score!r} is not 'softmax' or 'sigmoid'")
+    select = scores if bias is None else scores + bias.astype(jnp.float32)
+    keep = group_limited_mask(select, num_groups, topk_groups, group_score)
+    _, indices = jax.lax.top_k(jnp.where(keep, select, -jnp.inf), k)
+    gates = jnp.take_along_axis(scores, indices, axis=-1)
+    if renormalize:
+        total = jnp.sum(gates, axis=-1, keepdims=True)
+        gates = gates / (total + 1e-20 if score == "softmax" else _positive(total))
+    mask = jnp.ones(indices.shape, dtype=bool)
+    return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
 
 
 def hash_route(token_ids: jax.Array, table: jax.Array) -> Routing:

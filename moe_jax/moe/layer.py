@@ -19,7 +19,7 @@ from moe_jax.layers.mlp import MLP
 from moe_jax.moe import balance
 from moe_jax.moe.dispatch import ExpertParams, dispatch_from_config
 from moe_jax.moe.dispatch.expert_parallel import ambient_mesh, expert_axis_size, expert_parallel_dispatch
-from moe_jax.moe.router import ROUTER_CLASSES, route
+from moe_jax.moe.router import ROUTER_CLASSES, expert_groups, route
 from moe_jax.moe.stats import RoutingStats, routing_stats
 
 
@@ -30,15 +30,16 @@ class MoELosses:
     expert_balance: jax.Array
     device_balance: jax.Array
     z_loss: jax.Array
+    comm_balance: jax.Array  # DeepSeek-V2's communication balance loss (arXiv:2405.04434 Eq 29)
 
     @classmethod
     def zeros(cls) -> "MoELosses":
         z = jnp.zeros((), jnp.float32)
-        return cls(z, z, z)
+        return cls(z, z, z, z)
 
     @property
     def total(self) -> jax.Array:
-        return self.expert_balance + self.device_balance + self.z_loss
+        return self.expert_balance + self.device_balance + self.z_loss + self.comm_balance
 
     def __add__(self, other: "MoELosses") -> "MoELosses":
         return jax.tree.map(jnp.add, self, other)
@@ -160,4 +161,13 @@ class MoELayer(nnx.Module):
             )
         if m.router_z_loss_alpha:
             z = m.router_z_loss_alpha * balance.router_z_loss(routing.logits)
-        return MoELosses(expert_balance=expert, device_balance=device, z_loss=z)
+        comm = self._comm_loss(probs, idx, mask) if m.comm_balance_alpha else losses.comm_balance
+        return MoELosses(expert_balance=expert, device_balance=device, z_loss=z, comm_balance=comm)
+
+    def _comm_loss(self, probs, idx, mask) -> jax.Array:
+        """alpha_3 * L_CommBal (DeepSeek-V2 Eq 29) over the groups the router limited the tokens to."""
+        m = self.cfg
+        groups, topk_groups = expert_groups(m)
+        return m.comm_balance_alpha * balance.communication_balance_loss(
+            probs, idx, mask, groups, topk_groups, m.balance_loss_scope
+        )

@@ -100,6 +100,7 @@ def make_train_step(
             "expert_balance": losses.expert_balance,
             "device_balance": losses.device_balance,
             "z_loss": losses.z_loss,
+            "comm_balance": losses.comm_balance,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "finite": finite,

@@ -91,6 +91,10 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
         ),
         (DEEPSEEK[len(TINY) :] + ["MoEConfig.routed_scaling_factor=2.5"], "routed_scaling_factor=2.5"),
         (DEEPSEEK[len(TINY) :] + ["ROUTER='expert_choice'"], "Export refuses expert-choice models"),
+        (
+            DEEPSEEK[len(TINY) :] + ["MoEConfig.topk_groups=3", "MoEConfig.num_expert_groups=7"],
+            "Export refuses group-limited models",
+        ),
     ],
 )
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
