@@ -22,6 +22,7 @@ FAMILY = Family(
     members=(
         Member("deepseekmoe", "deepseekmoe_base", label="DeepSeekMoE"),
         Member("gshard_x1.5", "gshard_x1.5_base", label="GShard x1.5"),
+        Member("gshard", "gshard_base", label="GShard (Fig 5's reference)"),
     ),
     follow_ups=(
         FollowUp(
