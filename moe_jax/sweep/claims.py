@@ -263,8 +263,8 @@ def comparison_row(o: Outcome) -> str:
     ours = _stats(o.member, signed) + (f" vs {_stats(o.baseline, signed)}" if c.baseline else "")
     if o.member is None and o.baseline is None:
         ours = "-"
-    cells = ["", c.text, _paper(c.paper), ours, _stats(o.diff, signed=True), o.verdict]
-    return "| " + " | ".join(cells) + " |"
+    cells = [c.text, _paper(c.paper), ours, _stats(o.diff, signed=True), o.verdict]
+    return "| | " + " | ".join(cells) + " |"
 
 
 NOTE = (

@@ -79,7 +79,7 @@ def test_family_expands_members_seeds_and_scales():
 def test_every_experiment_file_loads_and_names_existing_models():
     from moe_jax.configs.gin_utils import model_gin_path
 
-    for path in sorted((REPO / "experiments").glob("*.py")):
+    for path in sorted(p for p in (REPO / "experiments").glob("*.py") if p.name != "claims.py"):  # claims: no family
         fam = load_family(path)
         for scale in (None, *fam.scales):
             for run in fam.runs(scale=scale):
