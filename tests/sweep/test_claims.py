@@ -153,10 +153,14 @@ def test_table_rows_and_bad_input(results, tmp_path):
             Comparison("fam", "ghost", "base", "bpb", "lower", "ghost < base"),
         ),
     )
-    text = cl.table((claim,), results)
+    text = cl.table((claim,), cl.load_results((claim,), results))
     assert "**not run yet: ghost < base; reproduced: better < base**" in text
     assert "| | better < base | 1.500 vs 2.000 (-0.500) | 1.7000 ± 0.9000 (3) vs 2.0000 ± 1.0000 (3) | " in text
     assert "-0.3000 ± 0.1000 (3) | reproduced |" in text
+    mixed = {"fam": [row("a", 0, data="aaaa/1111"), row("a", 1, data="bbbb/1111")]}
+    assert cl.data_warnings(mixed) == [
+        "**Warning: fam mixes data builds (aaaa/1111, bbbb/1111); its verdicts do not hold.**"
+    ]
     with pytest.raises(ValueError, match="expect="):
         Comparison("fam", "a", "b", "bpb", "less", "a < b")
     with pytest.raises(ValueError, match="give \\(member, baseline\\)"):
