@@ -342,10 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="experiments/results", help="folder of <family>/results.csv")
     p.add_argument("--write", default=None, metavar="README", help="replace the claims block of this file")
     args = p.parse_args(argv)
-    new_block = block(load_claims(args.claims), Path(args.results))
-    print(new_block)
-    if args.write:
-        path = Path(args.write)
-        path.write_text(replace_block(path.read_text(), new_block))
-        print(f"wrote the claims block of {path}")
+    try:
+        new_block = block(load_claims(args.claims), Path(args.results))
+        print(new_block)
+        if args.write:
+            path = Path(args.write)
+            path.write_text(replace_block(path.read_text(), new_block))
+            print(f"wrote the claims block of {path}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"moe-jax claims: {err}")
+        return 1
     return 0

@@ -181,6 +181,8 @@ def test_write_replaces_only_the_block(results, tmp_path):
         "<!-- claims:end -->\n\n## rest\n"
     )
     assert "old" not in text and "| **7.** " in text
+    assert cl.main([str(tmp_path / "none.py")]) == 1
+    assert cl.main([str(REPO / "experiments/claims.py"), "--write", str(tmp_path / "none.py")]) == 1
 
 
 def test_claims_name_members_of_their_families():
