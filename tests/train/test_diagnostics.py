@@ -48,9 +48,25 @@ def test_topk_changed_golden():
 def test_machine_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(M, "measure_peak_flops", lambda dtype, repeats=5: calls.append(repeats) or 1e11)
+    monkeypatch.setattr(M, "cpu_busy", lambda: "")
     path = tmp_path / "peak.json"
     flops, note = M.machine_peak_flops(jnp.float32, cache=path)
     assert flops == 1e11 and "measured now" in note and calls == [20]
     flops2, note2 = M.machine_peak_flops(jnp.float32, cache=path)
     assert flops2 == 1e11 and "measured 20" in note2 and calls == [20]  # read back, not measured again
     assert M.machine_key(jnp.float32) in json.loads(path.read_text())
+
+
+def test_a_peak_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    import os
+
+    real_busy = M.cpu_busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    assert real_busy() == f"load 99.0 on {os.cpu_count()} cores"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    assert real_busy() == ""
+    monkeypatch.setattr(M, "measure_peak_flops", lambda dtype, repeats=5: 3e10)
+    monkeypatch.setattr(M, "cpu_busy", lambda: "load 7.4 on 2 cores")
+    path = tmp_path / "peak.json"
+    flops, note = M.machine_peak_flops(jnp.float32, cache=path)
+    assert flops == 3e10 and "busy machine, load 7.4 on 2 cores: not kept" in note and not path.exists()
