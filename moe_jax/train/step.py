@@ -6,7 +6,7 @@
 decoder_loss_weights, decoder_segment_ids, decoder_positions. A non-finite loss, gradient, updated parameter
 or optimizer state leaves the state unchanged and reports `finite = False`, so the loop can stop with the
 last good state intact. A model with DeepSeek-V3's selection bias (`MoEConfig.selection_bias`) has it moved
-here after every step, outside the gradient, from the step's expert load (`_update_router_bias`).
+here after every step, outside the gradient, from the step's expert load (`update_router_bias`).
 """
 
 from __future__ import annotations
@@ -53,15 +53,26 @@ class TrainState:
 
 
 def _state_fields(state: TrainState) -> tuple[str, ...]:
+    """The pytree children of a state: router_bias only where there is one."""
     return ("step", "params", "opt_state") + (() if state.router_bias is None else ("router_bias",))
 
 
-jax.tree_util.register_pytree_with_keys(
-    TrainState,
-    lambda s: ([(jax.tree_util.GetAttrKey(n), getattr(s, n)) for n in _state_fields(s)], _state_fields(s)),
-    lambda names, children: TrainState(**dict(zip(names, children))),
-    lambda s: ([getattr(s, n) for n in _state_fields(s)], _state_fields(s)),
-)
+def _flatten_with_keys(state: TrainState):
+    names = _state_fields(state)
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], names
+
+
+def _unflatten(names: tuple[str, ...], children) -> TrainState:
+    return TrainState(**dict(zip(names, children)))
+
+
+def _flatten(state: TrainState):
+    names = _state_fields(state)
+    return [getattr(state, n) for n in names], names
+
+
+# Keys as flax.struct.dataclass gave them (attribute names), so orbax names the arrays as it always did.
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten_with_keys, _unflatten, _flatten)
 
 
 def _bias_layers(bias: nnx.State) -> list[jax.Array]:
@@ -70,7 +81,7 @@ def _bias_layers(bias: nnx.State) -> list[jax.Array]:
     return jax.tree.leaves(bias)
 
 
-def _update_router_bias(bias: nnx.State, load: jax.Array, speed: float) -> nnx.State:
+def update_router_bias(bias: nnx.State, load: jax.Array, speed: float) -> nnx.State:
     """Every MoE layer's bias moved by V3's rule (`gating.update_selection_bias`) from its load [L_moe, E]."""
     leaves, treedef = jax.tree.flatten(bias)
     bounds = [0]
@@ -162,7 +173,7 @@ def make_train_step(
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         bias = state.router_bias
         if load is not None:
-            bias = _update_router_bias(bias, load, bias_update_speed)
+            bias = update_router_bias(bias, load, bias_update_speed)
         new_state = TrainState(
             step=state.step + finite.astype(jnp.int32),
             params=keep(params, state.params),

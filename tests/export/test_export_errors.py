@@ -90,6 +90,10 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
             "Export refuses them",
         ),
         (DEEPSEEK[len(TINY) :] + ["MoEConfig.routed_scaling_factor=2.5"], "routed_scaling_factor=2.5"),
+        (
+            DEEPSEEK[len(TINY) :] + ["MoEConfig.selection_bias=True", "MoEConfig.bias_update_speed=0.001"],
+            "selection_bias=True (DeepSeek-V3's auxiliary-loss-free balancing)",
+        ),
     ],
 )
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
