@@ -155,10 +155,10 @@ def test_layer_with_a_bias_matches_the_reference_loop(dispatch, score):
     y_ref, aux_ref = ref_layer(x)
     assert max_rel_err(y, y_ref) <= 1e-5
     np.testing.assert_array_equal(aux.expert_ids, aux_ref.expert_ids)
-    # The bias did change the routing.
-    plain, _ = _layer_with_bias(_model_cfg(dispatch=dispatch, capacity_factor=8.0, router_score=score), 0 * bias)(x)
-    unbiased_ids = _layer_with_bias(_model_cfg(router_score=score), 0 * bias)(x)[1].expert_ids
-    assert not np.array_equal(aux.expert_ids, unbiased_ids) and max_rel_err(plain, y) > 1e-3
+    # The bias did change the routing: the un-biased router picks other experts for some tokens.
+    logits = R.router_logits(x.reshape(-1, 16), layer.router.kernel[...])
+    plain = R.sigmoid_topk(logits, 3) if score == "sigmoid" else R.softmax_topk(logits, 3, renormalize=True)
+    assert not np.array_equal(aux.expert_ids, plain.indices)
 
 
 def test_the_bias_is_state_not_a_parameter():
