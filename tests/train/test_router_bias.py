@@ -258,3 +258,30 @@ def test_checkpoints_written_before_the_router_bias_restore_and_resume_exactly(t
         loop.train(wd, cfg, _loop_cfg(train_cache, 3), progress=False)
     tc3 = _loop_cfg(train_cache, 3)
     _bitwise_equal(_restored(old, cfg, tc3, 3)[0], _restored(tmp_path / "new", cfg, tc3, 3)[0])
+
+
+BIAS_BINDINGS = [
+    "--gin.MoEConfig.router_score='sigmoid'",
+    "--gin.MoEConfig.renormalize_topk=True",
+    "--gin.MoEConfig.selection_bias=True",
+    "--gin.MoEConfig.bias_update_speed=0.001",
+]
+
+
+def test_params_counts_a_bias_model_like_the_model_without_it(capsys):
+    from moe_jax.configs.params_cli import main as params_main
+
+    assert params_main(["--model=gshard_tiny"]) == 0
+    plain = capsys.readouterr().out
+    assert params_main(["--model=gshard_tiny", *BIAS_BINDINGS]) == 0
+    assert capsys.readouterr().out == plain  # the bias is state, not a parameter
+
+
+@pytest.mark.slow
+def test_plan_lowers_the_step_of_a_bias_model():
+    from moe_jax.train import plan
+
+    tc = _train_cfg()
+    built, lowered = plan.lower_step(_model(), tc, _mesh("data:2,expert:4"))
+    assert _bias_rows(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), built.abstract.router_bias)).shape == (2, 8)
+    assert len(jax.tree.leaves(lowered.out_info[0].router_bias)) == 1  # the step returns the moved bias
