@@ -138,6 +138,18 @@ class MoEConfig:
         needs >= 2 experts per group).
       comm_balance_alpha: alpha_3 of DeepSeek-V2's communication balance loss (arXiv:2405.04434
         §2.1.4, Eq 29-31) over the G groups of group-limited routing (V2: 0.02); needs topk_groups.
+      selection_bias: DeepSeek-V3's auxiliary-loss-free load balancing (arXiv:2412.19437 §2.1.2,
+        Eq 16): the learned router keeps a per-expert bias b_i that is added to the scores for the
+        top-k *selection only*; the gates stay the un-biased scores s_{i,t}. The bias is not a
+        parameter (no gradient, no optimizer): it is carried in the train state, checkpointed, and
+        moved by `bias_update_speed` after every step. V3 uses it with router_score="sigmoid"; with
+        "softmax" scores (about 1/E each) it works the same but wants a smaller speed. False (the
+        paper) leaves the model and its checkpoints as they were.
+      bias_update_speed: gamma of V3's bias update, after every optimizer step from that step's load
+        c_i (tokens that selected expert i, over the whole global batch and every micro-batch):
+        b_i <- b_i + gamma * sign(mean_j c_j - c_i), i.e. overloaded experts lose gamma, underloaded
+        ones gain it. V3: 0.001 for the first 14.3T tokens, then 0 (the bias frozen). Needs
+        `selection_bias`; 0 keeps the bias as it is.
     """
 
     num_experts: int = 16
@@ -170,6 +182,8 @@ class MoEConfig:
     num_expert_groups: int = 0
     group_score: str = "max"
     comm_balance_alpha: float = 0.0
+    selection_bias: bool = False
+    bias_update_speed: float = 0.0
 
     def __post_init__(self):
         _check_choice("MoEConfig.router", self.router, ROUTERS)
@@ -177,6 +191,7 @@ class MoEConfig:
         _check_choice("MoEConfig.router_score", self.router_score, ROUTER_SCORES)
         self._check_expert_choice()
         self._check_score()
+        self._check_selection_bias()
         _check_choice("MoEConfig.second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         _check_choice("MoEConfig.balance_loss_scope", self.balance_loss_scope, BALANCE_SCOPES)
         _check_choice("MoEConfig.hash_table", self.hash_table, HASH_TABLES)
@@ -334,6 +349,39 @@ class MoEConfig:
         if self.router != "expert_choice":
             return float(self.top_k)
         return min(self.expert_choice_capacity_factor * self.top_k, float(self.num_experts))
+
+    def _check_selection_bias(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing (selection bias and its update speed) against the rest."""
+        if not 0 <= self.bias_update_speed < float("inf"):
+            raise ValueError(
+                f"MoEConfig.bias_update_speed={self.bias_update_speed} must be a finite number >= 0 "
+                f"(0 freezes the selection bias; DeepSeek-V3 uses 0.001)"
+            )
+        if not self.selection_bias:
+            if self.bias_update_speed:
+                raise ValueError(
+                    f"MoEConfig.bias_update_speed={self.bias_update_speed} moves the selection bias, which this "
+                    f"model does not have: set MoEConfig.selection_bias=True (DeepSeek-V3's auxiliary-loss-free "
+                    f"balancing) or bias_update_speed=0"
+                )
+            return
+        fix = "or selection_bias=False"
+        if self.router != "softmax" or not self.num_experts:
+            raise ValueError(
+                f"MoEConfig.selection_bias biases a learned router's top-k choice of routed experts (router="
+                f"{self.router!r}, num_experts={self.num_experts}): set router='softmax' with routed experts {fix}"
+            )
+        if self.second_expert_policy != "greedy":
+            raise ValueError(
+                f"MoEConfig.selection_bias selects the biased top-k; second_expert_policy="
+                f"{self.second_expert_policy!r} (GShard) drops choices by their gates: set "
+                f"second_expert_policy='greedy' {fix}"
+            )
+        if self.disable_top_experts:
+            raise ValueError(
+                f"MoEConfig.disable_top_experts (paper §4.5) masks the top experts of the un-biased scores: "
+                f"set disable_top_experts=0 {fix}"
+            )
 
     @classmethod
     def fine_grained(

@@ -291,6 +291,14 @@ def transformers_layout(cfg: ModelConfig) -> Layout:
 def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
     """Raise LayoutError (saying why and what to do) for models `lay` cannot express."""
     m = cfg.moe
+    if m is not None and m.selection_bias:
+        raise LayoutError(
+            "selection_bias=True (DeepSeek-V3's auxiliary-loss-free balancing) chooses experts by their scores plus "
+            "a trained per-expert bias; DeepSeek's V1 layout (DeepseekForCausalLM) and transformers' Qwen2Moe have "
+            "no such bias (DeepseekV3's `e_score_correction_bias` belongs to a layout this exporter does not "
+            "write): the exported model would route differently. Export refuses it; keep the workdir's orbax "
+            "checkpoint"
+        )
     if m is not None and (m.router_score != "softmax" or m.routed_scaling_factor != 1.0):
         raise LayoutError(
             f"router_score={m.router_score!r} / routed_scaling_factor={m.routed_scaling_factor} (DeepSeek-V3 "

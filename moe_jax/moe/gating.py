@@ -1,11 +1,12 @@
 """Gating maths: which experts each token goes to, and with what gate value (paper Eq 3-5, 9-11).
 
 Besides the paper's softmax gates, `sigmoid_topk` gives DeepSeek-V3's sigmoid gates
-(arXiv:2412.19437 §2.1.2, Eq 13-15), and `expert_choice` the expert-choice routing of Zhou et al. 2022
-(arXiv:2202.09368), where each expert picks its tokens.
-(arXiv:2412.19437 §2.1.2, Eq 13-15), and `group_limited_topk` restricts either score to the top-M of G
-expert groups before the top-k: DeepSeek-V2's device-limited routing (arXiv:2405.04434 §2.1.3) and
-DeepSeek-V3's node-limited routing (arXiv:2412.19437 §2.1.2).
+(arXiv:2412.19437 §2.1.2, Eq 13-15), with `biased_topk` and `update_selection_bias` its
+auxiliary-loss-free balancing (a per-expert bias for the selection only, Eq 16);
+`group_limited_topk` restricts either score to the top-M of G expert groups before the top-k:
+DeepSeek-V2's device-limited routing (arXiv:2405.04434 §2.1.3) and DeepSeek-V3's node-limited
+routing (arXiv:2412.19437 §2.1.2); and `expert_choice` is the expert-choice routing of Zhou et al.
+2022 (arXiv:2202.09368), where each expert picks its tokens.
 
 Pure functions over token-major arrays returning a `Routing`; `moe_jax.moe.router` wraps them in NNX
 modules that own the router weights or the hash table. Shapes: T tokens, d hidden size, E routed
@@ -307,6 +308,88 @@ def group_limited_topk(
         gates = gates / (total + 1e-20 if score == "softmax" else _positive(total))
     mask = jnp.ones(indices.shape, dtype=bool)
     return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
+
+
+def biased_topk(
+    logits: jax.Array, bias: jax.Array, k: int, *, score: str = "sigmoid", renormalize: bool = True
+) -> Routing:
+    """DeepSeek-V3's auxiliary-loss-free balancing (arXiv:2412.19437 §2.1.2, Eq 16): the top-k of the scores
+    plus a per-expert bias b_i chooses the experts; the gates are the un-biased scores.
+
+        s_{i,t}  = sigmoid(u_t^T e_i)          (score="sigmoid", Eq 15; "softmax": over the E experts, Eq 11)
+        g'_{i,t} = s_{i,t} if s_{i,t} + b_i in TopK({s_{j,t} + b_j | 1 <= j <= E}, k) else 0       (Eq 16)
+        g_{i,t}  = g'_{i,t} / sum_j g'_{j,t}                                    (Eq 13, `renormalize`)
+
+    The bias decides where a token goes, never how much an expert's output weighs, and gets no gradient.
+    `probs` and `logits` are those of the un-biased router (`sigmoid_topk` / `softmax_topk`), so balance
+    losses and the z-loss do not see the bias. With b = 0 the routing equals `sigmoid_topk` (or greedy
+    `softmax_topk`) bitwise. The bias moves outside the gradient: `update_selection_bias`.
+
+    Args:
+      logits: [T, E] float32 router logits u_t^T e_i.
+      bias: [E] float32 selection bias b_i.
+      k: experts per token.
+      score: "sigmoid" (V3) or "softmax".
+      renormalize: divide the k selected gates by their sum (V3: yes).
+
+    Returns:
+      Routing with indices/weights/mask [T, k], probs/logits [T, E].
+    """
+    logits = logits.astype(jnp.float32)
+    if score == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / _positive(jnp.sum(scores, axis=-1, keepdims=True))
+    elif score == "softmax":
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        raise ValueError(f"biased_topk: score={score!r} is not 'sigmoid' or 'softmax'")
+    _, indices = jax.lax.top_k(scores + jax.lax.stop_gradient(bias.astype(jnp.float32)), k)
+    gates = jnp.take_along_axis(scores, indices, axis=-1)
+    if renormalize:  # each score function's own guard against a zero sum, as in its un-biased routing
+        total = jnp.sum(gates, axis=-1, keepdims=True)
+        gates = gates / (_positive(total) if score == "sigmoid" else total + 1e-20)
+    mask = jnp.ones(indices.shape, dtype=bool)
+    return Routing(indices=indices.astype(jnp.int32), weights=gates, mask=mask, probs=probs, logits=logits)
+
+
+def selection_load(expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """The load c_i of every expert: how many active (token, choice) pairs selected it.
+
+    Args:
+      expert_ids: [..., T, k] int expert ids (-1: an inactive choice, not counted).
+      num_experts: E.
+
+    Returns:
+      [..., E] int32 counts (exact: integer sums, the same on any mesh and in any order).
+    """
+    ids = jnp.where(expert_ids < 0, num_experts, expert_ids).astype(jnp.int32)
+    ids = ids.reshape(-1, ids.shape[-2] * ids.shape[-1])
+    counts = jax.vmap(lambda row: jnp.bincount(row, length=num_experts + 1)[:num_experts])(ids)
+    return counts.astype(jnp.int32).reshape(*expert_ids.shape[:-2], num_experts)
+
+
+def update_selection_bias(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
+    """DeepSeek-V3's bias update after a step (arXiv:2412.19437 §2.1.2): an overloaded expert's bias drops
+    by gamma, an underloaded one's rises by gamma, one exactly at the mean load keeps it.
+
+        b_i <- b_i + gamma * sign(mean_j c_j - c_i)
+
+    The sign is computed in integers, with no rounding: mean_j c_j = q + r/E (q, r = divmod(sum_j c_j, E)),
+    so c_i > q is above the mean, c_i < q or (c_i = q and r > 0) below it, and c_i = q with r = 0 equal.
+
+    Args:
+      bias: [..., E] float32 b_i.
+      load: [..., E] int counts c_i (`selection_load`).
+      speed: gamma (V3: 0.001).
+
+    Returns:
+      [..., E] float32, the updated bias.
+    """
+    load = load.astype(jnp.int32)
+    total = jnp.sum(load, axis=-1, keepdims=True)
+    q, r = total // load.shape[-1], total % load.shape[-1]
+    sign = jnp.where(load > q, -1.0, jnp.where((load < q) | ((load == q) & (r > 0)), 1.0, 0.0))
+    return bias.astype(jnp.float32) + jnp.float32(speed) * sign.astype(jnp.float32)
 
 
 def hash_route(token_ids: jax.Array, table: jax.Array) -> Routing:

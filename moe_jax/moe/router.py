@@ -23,12 +23,21 @@ class HashTable(nnx.Variable):
     """A non-trainable int table (not an nnx.Param, so optimizers and gradients never see it)."""
 
 
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's per-expert selection bias b_i (arXiv:2412.19437 §2.1.2, Eq 16; `MoEConfig.selection_bias`).
+
+    Not an nnx.Param, so optimizers and gradients never see it: the train step moves it after every step
+    (`gating.update_selection_bias`) and carries it in `TrainState.router_bias`, which checkpoints keep."""
+
+
 class SoftmaxRouter(nnx.Module):
     """Learned top-k router; the expert centroids e_i are the columns of `kernel` [d, E].
 
     Its scores are the paper's softmax over the routed experts (Eq 11, `R.softmax_topk`) or, with
     `MoEConfig.router_score="sigmoid"`, DeepSeek-V3's per-expert sigmoid (`R.sigmoid_topk`). With
-    `MoEConfig.topk_groups` the selection is group-limited (DeepSeek-V2/V3, `R.group_limited_topk`).
+    `MoEConfig.topk_groups` the selection is group-limited (DeepSeek-V2/V3, `R.group_limited_topk`). With
+    `MoEConfig.selection_bias` it also owns V3's selection bias `bias` [E] (`RouterBias`, `R.biased_topk`),
+    added to the scores for the group and top-k selection only.
     """
 
     uses_balance_loss = True
@@ -39,11 +48,22 @@ class SoftmaxRouter(nnx.Module):
             cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
             axes=("embed", "router_experts"),
         )
+        if cfg.moe.selection_bias:  # only then: other models keep their module tree (and checkpoints)
+            self.bias = RouterBias(jnp.zeros((cfg.moe.num_experts,), jnp.float32), axes=("router_experts",))
 
     def __call__(self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None) -> R.Routing:
         logits = R.router_logits(x, self.kernel[...])
         if self.cfg.topk_groups:
             return self._group_limited(logits)
+        # V3's selection bias without groups (with groups, `_group_limited` passes it on).
+        if self.cfg.selection_bias:
+            return R.biased_topk(
+                logits,
+                self.bias[...],
+                self.cfg.top_k,
+                score=self.cfg.router_score,
+                renormalize=self.cfg.renormalize_topk,
+            )
         if self.cfg.router_score == "sigmoid":
             return R.sigmoid_topk(logits, self.cfg.top_k, renormalize=self.cfg.renormalize_topk)
         return R.softmax_topk(
@@ -65,6 +85,7 @@ class SoftmaxRouter(nnx.Module):
             group_score=self.cfg.group_score,
             score=self.cfg.router_score,
             renormalize=self.cfg.renormalize_topk,
+            bias=self.bias[...] if self.cfg.selection_bias else None,
         )
 
 

@@ -325,9 +325,10 @@ class _Run:
         """Held-out loss (a fixed sample every `eval_every` steps, the whole split at the end), written to
         the metrics with the routing changes (periodic only); a non-finite value ends the run with an error."""
         max_batches = 0 if final else self.cfg.eval_batches
-        ho = heldout_pass(self.steps.eval, state.params, self.data.heldout(not final), self.mesh, max_batches)
+        variables = state.variables()  # the parameters, and the router bias of a model with one
+        ho = heldout_pass(self.steps.eval, variables, self.data.heldout(not final), self.mesh, max_batches)
         self.heldout_loss, self.heldout_bpb = ho.loss, ho.bits_per_byte
-        changes = {} if final else self.routing_changes.update(state.params)
+        changes = {} if final else self.routing_changes.update(variables)
         self.log.writer.write(step, {"heldout/loss": ho.loss, "heldout/bits_per_byte": ho.bits_per_byte, **changes})
         _heldout_check(ho.loss, step, self.ckpt, self.log.writer)
         if not final and self.log.is_main:
@@ -363,7 +364,7 @@ def _routing_changes(workdir: Path, steps: _Steps, data: _Data, mesh, log: _Log,
             workdir, steps.probe, shard_batch(next(data.heldout(True)), mesh), log.moe_layers, enabled=log.is_main
         )
         if start == 0 and log.moe_layers:
-            changes.update(state.params)  # the routing at initialisation
+            changes.update(state.variables())  # the routing at initialisation
     return changes
 
 

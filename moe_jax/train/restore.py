@@ -29,7 +29,8 @@ class TrainedModel:
       workdir: where it was trained.
       step: the checkpoint's step.
       model_cfg, train_cfg: the configurations (after `bindings`).
-      graphdef, params, rest: the split nnx model (params restored; rest = non-trainable state).
+      graphdef, params, rest: the split nnx model (params restored; rest = non-trainable state: hash
+        tables, and the restored router bias of a model with DeepSeek-V3's selection bias).
       data_state: the data-loader position saved with the checkpoint.
     """
 
@@ -72,6 +73,9 @@ def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequenc
     built = build_train_state(model_cfg, train_cfg, mesh or build_mesh(MeshConfig()))
     state, data_state = ckpt.restore(step, built.restore_target())
     ckpt.close()
+    rest = built.rest()
+    if state.router_bias is not None:  # the trained bias chooses the experts, as in training
+        rest = nnx.merge_state(rest, state.router_bias)
     return TrainedModel(
         workdir=workdir,
         step=int(step),
@@ -79,6 +83,6 @@ def load_trained(workdir: str | Path, step: int | None = None, bindings: Sequenc
         train_cfg=train_cfg,
         graphdef=built.graphdef,
         params=state.params,
-        rest=built.rest(),
+        rest=rest,
         data_state=data_state,
     )

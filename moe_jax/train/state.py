@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.transformer import Transformer
+from moe_jax.moe.router import RouterBias
 from moe_jax.parallel import validate
 from moe_jax.parallel.rules import batch_sharding, state_shardings, tree_shardings_like
 from moe_jax.train.checkpoint import abstract_like
@@ -50,10 +51,13 @@ class ShardedTrainState:
       model_cfg, train_cfg: what it was built from (`train_cfg` gives the seed and the optimizer).
       mesh: the device mesh the shardings refer to.
       graphdef: the model's nnx graph (structure without arrays).
-      abstract: `TrainState` of `jax.ShapeDtypeStruct` (step, params, opt_state).
-      shardings: `TrainState` of `NamedSharding`, the same structure (step replicated, parameters by the
-        logical-axis rules of `moe_jax.parallel.rules`, optimizer state like the parameter it tracks).
-      abstract_rest: the non-parameter state (hash-routing tables), abstract.
+      abstract: `TrainState` of `jax.ShapeDtypeStruct` (step, params, opt_state, and router_bias for a
+        model with DeepSeek-V3's selection bias, else None).
+      shardings: `TrainState` of `NamedSharding`, the same structure (step replicated, parameters and the
+        router bias by the logical-axis rules of `moe_jax.parallel.rules`, optimizer state like the
+        parameter it tracks).
+      abstract_rest: the fixed non-parameter state (hash-routing tables), abstract; the router bias,
+        which training moves, is in the `TrainState` instead.
       model_state: the whole abstract model state (what `moe_jax.parallel.validate` checks).
       tx: the optimizer (`moe_jax.train.optimizer.make_optimizer(train_cfg)`).
     """
@@ -80,15 +84,27 @@ class ShardedTrainState:
         """Step 0: parameters initialised directly in their shardings, optimizer state from them."""
 
         def init():
-            params = nnx.state(self.make_model(), nnx.Param)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+            _, params, bias, _ = nnx.split(self.make_model(), nnx.Param, RouterBias, ...)
+            return TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                opt_state=self.tx.init(params),
+                router_bias=bias if self.abstract.router_bias is not None else None,
+            )
 
         return jax.jit(init, out_shardings=self.shardings)()
 
     def rest(self) -> nnx.State:
-        """The non-parameter state (hash-routing tables), built under jit straight into its shardings."""
+        """The fixed non-parameter state (hash-routing tables), built under jit straight into its shardings."""
         rest_sh = state_shardings(self.abstract_rest, self.mesh)
-        return jax.jit(lambda: nnx.split(self.make_model(), nnx.Param, ...)[2], out_shardings=rest_sh)()
+        return jax.jit(lambda: nnx.split(self.make_model(), nnx.Param, RouterBias, ...)[3], out_shardings=rest_sh)()
+
+    def initial_router_bias(self) -> nnx.State | None:
+        """The router bias of step 0 (zeros) in its shardings; None for a model without one."""
+        if self.abstract.router_bias is None:
+            return None
+        make = lambda: nnx.split(self.make_model(), nnx.Param, RouterBias, ...)[2]
+        return jax.jit(make, out_shardings=self.shardings.router_bias)()
 
     def restore_target(self) -> TrainState:
         """What a checkpoint restores onto: the abstract state carrying its shardings."""
@@ -96,11 +112,12 @@ class ShardedTrainState:
 
     def from_params(self, params: nnx.State, step: int) -> TrainState:
         """A state at `step` around given parameter values (placed in their shardings), with the optimizer
-        state a fresh run would have (`tx.init`), e.g. for weights imported from another format."""
+        state (`tx.init`) and router bias (zeros) a fresh run would have, e.g. for weights imported from
+        another format or upcycled from a dense model."""
         params = jax.device_put(params, self.shardings.params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         step = jax.device_put(jnp.asarray(step, jnp.int32), self.replicated)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+        return TrainState(step=step, params=params, opt_state=opt_state, router_bias=self.initial_router_bias())
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes of one global batch of seqio decoder features ([batch_size, seq_len] int32)."""
@@ -110,8 +127,9 @@ class ShardedTrainState:
         """The trainer's step, jitted with the state's shardings (the state argument is donated):
         `step(state, batch, rng) -> (state, metrics)`."""
         cfg = self.train_cfg
+        speed = self.model_cfg.moe.bias_update_speed if self.model_cfg.moe is not None else 0.0
         return jax.jit(
-            make_train_step(self.graphdef, rest, self.tx, learning_rate_schedule(cfg), cfg.grad_accum_steps),
+            make_train_step(self.graphdef, rest, self.tx, learning_rate_schedule(cfg), cfg.grad_accum_steps, speed),
             in_shardings=(self.shardings, batch_sharding(self.mesh), self.replicated),
             out_shardings=(self.shardings, None),
             donate_argnums=(0,),
@@ -142,7 +160,8 @@ def build_train_state(
     """
     make_model = lambda: Transformer(model_cfg, nnx.Rngs(train_cfg.seed))
     abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, abstract_params, abstract_bias, abstract_rest = nnx.split(abstract_model, nnx.Param, RouterBias, ...)
+    abstract_bias = abstract_bias if jax.tree.leaves(abstract_bias) else None  # None: no field in TrainState
     model_state = nnx.state(abstract_model)
     if global_batch is not None:
         validate(model_cfg, mesh, global_batch, state=model_state, num_devices=num_devices)
@@ -150,14 +169,21 @@ def build_train_state(
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     param_sh = state_shardings(abstract_params, mesh)
     opt_sh = tree_shardings_like(abstract_opt, abstract_params, param_sh, mesh)
+    bias_sh = None if abstract_bias is None else state_shardings(abstract_bias, mesh)
     replicated = NamedSharding(mesh, P())
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=abstract_params,
+        opt_state=abstract_opt,
+        router_bias=abstract_bias,
+    )
     return ShardedTrainState(
         model_cfg=model_cfg,
         train_cfg=train_cfg,
         mesh=mesh,
         graphdef=graphdef,
-        abstract=TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
-        shardings=TrainState(step=replicated, params=param_sh, opt_state=opt_sh),
+        abstract=abstract,
+        shardings=TrainState(step=replicated, params=param_sh, opt_state=opt_sh, router_bias=bias_sh),
         abstract_rest=abstract_rest,
         model_state=model_state,
         tx=tx,

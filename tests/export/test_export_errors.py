@@ -95,6 +95,10 @@ def test_import_refuses_unsupported_config(ds_export, tmp_path):
             DEEPSEEK[len(TINY) :] + ["MoEConfig.topk_groups=3", "MoEConfig.num_expert_groups=7"],
             "Export refuses group-limited models",
         ),
+        (
+            DEEPSEEK[len(TINY) :] + ["MoEConfig.selection_bias=True", "MoEConfig.bias_update_speed=0.001"],
+            "selection_bias=True (DeepSeek-V3's auxiliary-loss-free balancing)",
+        ),
     ],
 )
 def test_export_refuses_with_clear_message(tmp_path, extra, message, capsys):
