@@ -194,3 +194,23 @@ def test_selection_bias_is_allowed_with_either_score_and_frozen():
     for score in ("sigmoid", "softmax"):
         MoEConfig(num_experts=8, top_k=2, expert_dim=16, router_score=score, selection_bias=True)
     MoEConfig(num_experts=8, top_k=2, expert_dim=16, selection_bias=True, bias_update_speed=0.0)  # V3's last phase
+
+
+def test_with_group_limited_routing_the_bias_also_chooses_the_groups():
+    """V3 (arXiv:2412.19437 §2.1.2) scores the groups with the biased scores too: a large bias on one
+    expert pulls every token into that expert's group, while the gates stay the un-biased scores."""
+    cfg = _model_cfg(topk_groups=1, num_expert_groups=3)  # 15 routed experts in 3 groups of 5, top-3
+    bias = jnp.zeros(15).at[12].set(10.0)
+    layer = _layer_with_bias(cfg, bias)
+    x = jax.random.normal(jax.random.key(2), (2, 12, 16)).reshape(-1, 16)
+    routing = layer.router(x, None, None)
+    assert np.all(np.asarray(routing.indices) >= 10) and np.all(np.asarray(routing.indices)[:, 0] == 12)
+    logits = R.router_logits(x, layer.router.kernel[...])
+    expected = R.group_limited_topk(
+        logits, 3, num_groups=3, topk_groups=1, score="sigmoid", renormalize=True, bias=bias
+    )
+    np.testing.assert_array_equal(routing.indices, expected.indices)
+    np.testing.assert_array_equal(routing.weights, expected.weights)
+    scores = jax.nn.sigmoid(logits)
+    gates = jnp.take_along_axis(scores, routing.indices, axis=-1)
+    np.testing.assert_allclose(routing.weights, gates / gates.sum(-1, keepdims=True), rtol=1e-6)
