@@ -23,3 +23,41 @@ def assert_tree_close(actual, expected, tol: float = 1e-5):
         assert np.shape(a) == np.shape(e), (jax.tree_util.keystr(path), np.shape(a), np.shape(e))
         err = max_rel_err(a, e)
         assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {tol:.0e}"
+
+
+def tiny_model(**moe):
+    """The 2-layer DeepSeekMoE-shaped model the training tests share (1 shared + 7 routed experts)."""
+    from moe_jax.config import ModelConfig, MoEConfig
+
+    return ModelConfig(
+        vocab_size=TRAIN_VOCAB,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        init_std=0.02,
+        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, **moe),
+    )
+
+
+def tiny_train(cache, **kw):
+    """The training setup the training tests share, on the `train_cache` fixture's cache; `kw` overrides."""
+    from moe_jax.train.config import TrainConfig
+
+    base = dict(
+        steps=30,
+        batch_size=8,
+        seq_len=TRAIN_SEQ,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        log_every=5,
+        eval_every=15,
+        eval_batches=2,
+        checkpoint_every=15,
+        data_cache=str(cache),
+        async_checkpointing=False,
+        peak_flops_per_device=1e10,
+    )
+    base.update(kw)
+    return TrainConfig(**base)

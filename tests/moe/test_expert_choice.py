@@ -235,37 +235,14 @@ def test_activated_parameters_count_the_average_experts_per_token():
 
 @pytest.mark.slow
 def test_expert_choice_trains_and_logs_its_stats(train_cache, tmp_path):
-    from helpers import TRAIN_SEQ, TRAIN_VOCAB
+    from helpers import tiny_model, tiny_train
 
     from moe_jax.parallel import MeshConfig
-    from moe_jax.train.config import TrainConfig
     from moe_jax.train.loop import train
     from moe_jax.train.metrics import read_metrics
 
-    model = ModelConfig(
-        vocab_size=TRAIN_VOCAB,
-        d_model=32,
-        num_layers=2,
-        num_heads=2,
-        head_dim=16,
-        ffn_dim=64,
-        init_std=0.02,
-        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, router="expert_choice"),  # 1 shared + 7 routed, 1 on average
-    )
-    cfg = TrainConfig(
-        steps=20,
-        batch_size=8,
-        seq_len=TRAIN_SEQ,
-        learning_rate=3e-3,
-        warmup_steps=5,
-        log_every=5,
-        eval_every=20,
-        eval_batches=2,
-        checkpoint_every=20,
-        data_cache=str(train_cache),
-        async_checkpointing=False,
-        peak_flops_per_device=1e10,
-    )
+    model = tiny_model(router="expert_choice")  # 1 shared + 7 routed, 1 on average
+    cfg = tiny_train(train_cache, steps=20, eval_every=20, checkpoint_every=20)
     train(tmp_path, model, cfg, MeshConfig(data=-1), progress=False)
     steps = [r for r in read_metrics(tmp_path) if "ce" in r]
     assert steps[-1]["ce"] < steps[0]["ce"] - 0.3, (steps[0]["ce"], steps[-1]["ce"])

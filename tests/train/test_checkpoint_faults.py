@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
-from test_train_loop import tiny_model, tiny_train
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, tiny_model, tiny_train
 
 from moe_jax.parallel import MeshConfig
 from moe_jax.train import loop

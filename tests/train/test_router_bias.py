@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, struct
-from helpers import TRAIN_SEQ, TRAIN_VOCAB, assert_tree_close
+from helpers import TRAIN_VOCAB, assert_tree_close, tiny_train
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.moe import gating as R
@@ -162,20 +162,7 @@ def test_bias_is_equal_on_one_device_and_under_expert_parallelism(dispatch):
 
 
 def _loop_cfg(cache, steps) -> TrainConfig:
-    return TrainConfig(
-        steps=steps,
-        warmup_steps=1,
-        batch_size=8,
-        seq_len=TRAIN_SEQ,
-        learning_rate=3e-3,
-        log_every=1,
-        eval_every=0,
-        eval_batches=1,
-        checkpoint_every=2,
-        data_cache=str(cache),
-        async_checkpointing=False,
-        peak_flops_per_device=1e10,
-    )
+    return tiny_train(cache, steps=steps, warmup_steps=1, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=2)
 
 
 def _gin(cfg: ModelConfig, tc: TrainConfig) -> str:

@@ -6,8 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import TRAIN_VOCAB
-from test_train_loop import tiny_model, tiny_train
+from helpers import TRAIN_VOCAB, tiny_model, tiny_train
 
 from moe_jax.config import MoEConfig
 from moe_jax.parallel import MeshConfig, ShardingError, build_mesh

@@ -8,47 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TRAIN_SEQ, TRAIN_VOCAB, assert_tree_close
+from helpers import TRAIN_VOCAB, assert_tree_close, tiny_model, tiny_train
 
-from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel import MeshConfig
-from moe_jax.train.config import TrainConfig
 from moe_jax.train.loop import NonFiniteLossError, train
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.step import TrainState, make_train_step
-
-
-def tiny_model(**moe) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=TRAIN_VOCAB,
-        d_model=32,
-        num_layers=2,
-        num_heads=2,
-        head_dim=16,
-        ffn_dim=64,
-        init_std=0.02,
-        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, **moe),
-    )
-
-
-def tiny_train(cache, **kw) -> TrainConfig:
-    base = dict(
-        steps=30,
-        batch_size=8,
-        seq_len=TRAIN_SEQ,
-        learning_rate=3e-3,
-        warmup_steps=5,
-        log_every=5,
-        eval_every=15,
-        eval_batches=2,
-        checkpoint_every=15,
-        data_cache=str(cache),
-        async_checkpointing=False,
-        peak_flops_per_device=1e10,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.mark.slow
