@@ -6,7 +6,7 @@ against 0 (baseline None: a one-sample test, e.g. of a loss increase). The numbe
 `<results>/<family>/results.csv`, one row per run, as `moe-jax sweep --report` writes it.
 
 Statistics of a comparison:
-    member, baseline: mean ± sample std (ddof 1) over every seed each has;
+    member, baseline: mean ± sample std (ddof 1, `moe_jax.sweep.stats.describe`) over every seed each has;
     d_s = member_s - baseline_s over the n seeds both have: mean ± sample std of d.
 Noise rule: d is beyond noise when a two-sided paired t-test at 5% rejects 0,
     |mean d| > t_{0.975, n-1} * std d / sqrt(n)        (t quantile: scipy.stats.t)
@@ -35,6 +35,8 @@ import importlib.util
 import math
 import textwrap
 from pathlib import Path
+
+from moe_jax.sweep.stats import Stats, describe
 
 EXPECTS = ("lower", "higher", "equal")
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -124,15 +126,6 @@ class Claim:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stats:
-    """mean and sample std (0 for n = 1) of n values."""
-
-    n: int
-    mean: float
-    std: float
-
-
-@dataclasses.dataclass(frozen=True)
 class Outcome:
     """A comparison as measured: member, baseline and paired-difference statistics (None where absent)."""
 
@@ -142,15 +135,6 @@ class Outcome:
     diff: Stats | None
     kind: str
     verdict: str
-
-
-def describe(values: list[float]) -> Stats | None:
-    """Mean and sample std (ddof 1; 0 for one value) of `values`; None when empty."""
-    if not values:
-        return None
-    n, mean = len(values), math.fsum(values) / len(values)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return Stats(n, mean, std)
 
 
 def _number(text: str):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_jax.sweep.family import Family
+from moe_jax.sweep.stats import describe
 
 HELDOUT = "heldout/bits_per_byte"
 # (metrics.jsonl key, plot title): the router diagnostics of moe_jax.moe.stats and the loop.
@@ -84,11 +85,11 @@ def crossover(tokens: np.ndarray, diffs: np.ndarray) -> dict:
         slope, icpt = np.polyfit(np.log10(tokens[half]), mean[half], 1)
         if slope < -1e-9:  # falling (a flat line, up to rounding, predicts nothing)
             trend = float(10 ** (-icpt / slope))
-    std = float(diffs[:, -1].std(ddof=1)) if diffs.shape[0] > 1 else 0.0
+    final = describe(diffs[:, -1])
     return {
         "tokens": None if first is None else float(tokens[first]),
-        "final": float(mean[-1]),
-        "final_std": std,
+        "final": final.mean,
+        "final_std": final.std,
         "trend_tokens": trend,
     }
 
@@ -102,9 +103,10 @@ def paired_table(rows: list[dict], family: Family, metric: str) -> str:
         seeds = sorted(s for s in set(va) & set(vb) if isinstance(va[s], float) and isinstance(vb[s], float))
         if not seeds:
             continue
-        d = np.array([va[s] - vb[s] for s in seeds])
-        std = f" ± {d.std(ddof=1):.4f}" if len(d) > 1 else ""
-        lines.append(f"| {a} - {b} | {len(d)} | {d.mean():+.4f}{std} | " + ", ".join(f"{x:+.4f}" for x in d) + " |")
+        d = [va[s] - vb[s] for s in seeds]
+        s = describe(d)
+        std = f" ± {s.std:.4f}" if s.n > 1 else ""
+        lines.append(f"| {a} - {b} | {s.n} | {s.mean:+.4f}{std} | " + ", ".join(f"{x:+.4f}" for x in d) + " |")
     return "\n".join(lines)
 
 

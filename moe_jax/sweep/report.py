@@ -21,6 +21,7 @@ import numpy as np
 
 from moe_jax.sweep import curves
 from moe_jax.sweep.family import Family
+from moe_jax.sweep.stats import describe
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -125,8 +126,8 @@ def summarise(rows: list[dict], family: Family) -> list[dict]:
         for key in group[0]:
             values = [r[key] for r in group if isinstance(r.get(key), float)]
             if values and key not in ("seed", "step"):
-                summary[key] = float(np.mean(values))
-                summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                stats = describe(values)
+                summary[key], summary[f"{key}_std"] = stats.mean, stats.std
         out.append(summary)
     return out
 
