@@ -35,6 +35,29 @@ def tokens_per_step(workdir: Path) -> int:
     return cfg.batch_size * cfg.seq_len
 
 
+def training_time(records: list[dict], tokens_per_step: int) -> dict[str, float]:
+    """A run's training wall time and mean throughput, from its metrics.jsonl `records`.
+
+    Each logged row's `tokens_per_second` is the throughput of the window since the previous logged row:
+    the window's steps x tokens per step over its wall time, which includes a periodic held-out evaluation
+    inside it and, in the first window after a start or resume, compilation. A window's time is then
+    (step - previous logged step) x `tokens_per_step` / `tokens_per_second`. A resumed run logs again the
+    steps it redoes after its last checkpoint: only the last row of each step is kept, so the redone work
+    (and the lost work it replaces) is not counted. Rows without a positive `tokens_per_second` (held-out
+    rows) are skipped. The final whole-split evaluation and the start-up before the first step are outside
+    every window. Returns {"train_hours", "mean_tokens_per_second" (tokens trained / that time)}, or {}
+    when no row has a throughput.
+    """
+    rate = {r["step"]: r["tokens_per_second"] for r in records if r.get("tokens_per_second", 0) > 0}
+    seconds, previous = 0.0, 0
+    for step in sorted(rate):
+        seconds += (step - previous) * tokens_per_step / rate[step]
+        previous = step
+    if not seconds:
+        return {}
+    return {"train_hours": seconds / 3600, "mean_tokens_per_second": previous * tokens_per_step / seconds}
+
+
 def series(workdir: Path, key: str, last_step: int | None = None) -> dict[int, float]:
     """step -> value of `key` in a run's metrics.jsonl (periodic records only: before `last_step`)."""
     from moe_jax.train.metrics import read_metrics

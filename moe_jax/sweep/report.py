@@ -2,8 +2,9 @@
 
 Reads each member workdir's `member.json`, `result.json`, optional `eval.json` and `metrics.jsonl`;
 writes `<root>/report/`: `results.csv` (one row per run), `summary.md` (mean and spread over seeds
-per member, with the paper's numbers beside ours; for a family with `pairs`, the paired per-seed
-differences and where each member's held-out curve overtakes its baseline), `loss_curves.png`
+per member, with the paper's numbers beside ours, and what the runs cost: training hours and mean
+tokens/s from each run's metrics.jsonl; for a family with `pairs`, the paired per-seed differences and
+where each member's held-out curve overtakes its baseline), `loss_curves.png`
 (training loss of every member overlaid, mean over seeds), `bar_<metric>.png`, and from the periodic
 evaluations `heldout_curves.png` and `router_diagnostics.png` (`moe_jax.sweep.curves`).
 """
@@ -63,7 +64,11 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
     """One row per finished run under `root` (with the family's follow-up metrics, when given).
 
     A run directory named `<member>_s<seed>` of the family is reported as that member even when it is
-    a link to an identical run of another family (e.g. table1's DeepSeekMoE reused as Fig 3's 1+7/63)."""
+    a link to an identical run of another family (e.g. table1's DeepSeekMoE reused as Fig 3's 1+7/63).
+    A run with a config.gin also gets its parameter counts, and from its metrics.jsonl its training wall
+    time and mean throughput (`train_hours`, `mean_tokens_per_second`: `curves.training_time`)."""
+    from moe_jax.train.metrics import read_metrics
+
     rows = []
     members = {m.name: m for m in (family.members if family else ())}
     for wd in sorted(p for p in root.iterdir() if (p / "member.json").exists()):
@@ -88,6 +93,7 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
         row.update(follow_up_metrics(family, wd))
         if (wd / "config.gin").exists():
             row.update(param_counts(wd))
+            row.update(curves.training_time(read_metrics(wd), curves.tokens_per_step(wd)))
         rows.append(row)
     return rows
 
@@ -112,6 +118,26 @@ def data_note(rows: list[dict]) -> str:
         "**Warning: these runs trained on different data builds**, so their losses are not comparable "
         f"({parts}). Rerun the odd ones out on one build (delete their workdirs and rerun the sweep)."
     )
+
+
+def cost_note(root: Path, rows: list[dict]) -> str:
+    """The cost line of summary.md: the runs, their training hours summed, and how many of them are links
+    to other families' runs (`--reuse`: trained there, their hours included)."""
+    hours = [r["train_hours"] for r in rows if "train_hours" in r]
+    text = (
+        f"Cost: {len(rows)} runs, {sum(hours):.1f} run-hours of training in all (each run's training wall time "
+        "from its metrics.jsonl, summed; the runs of a `--parallel` sweep train side by side, each on its own "
+        "device slot, e.g. one CPU core); mean throughput per member in the table."
+    )
+    if len(hours) < len(rows):
+        text += f" {len(rows) - len(hours)} of the runs logged no throughput and are not counted."
+    linked = [r for r in rows if (root / r["run"]).is_symlink()]
+    if linked:
+        text += (
+            f" {len(linked)} of the runs ({sum(r.get('train_hours', 0.0) for r in linked):.1f} h) are links to "
+            "other families' runs (`--reuse`), trained there."
+        )
+    return text
 
 
 def summarise(rows: list[dict], family: Family) -> list[dict]:
@@ -139,9 +165,15 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return text + ((f" ± {std:.4f}" if abs(mean) < 100 else f" ± {std:,.0f}") if std else "")
 
 
+# Columns of every run's cost (`curves.training_time`), shown after the family's metrics.
+COST = (("train_hours", "train hours"), ("mean_tokens_per_second", "mean tokens/s"))
+
+
 def markdown_table(summary: list[dict], family: Family) -> str:
     paper_keys = sorted({k for v in family.paper.values() for k in v})
-    head = ["member", "model", "seeds", "params", "activated", *family.metrics, *[f"paper {k}" for k in paper_keys]]
+    cost = [(k, name) for k, name in COST if k not in family.metrics and any(k in s for s in summary)]
+    head = ["member", "model", "seeds", "params", "activated", *family.metrics, *[name for _, name in cost]]
+    head += [f"paper {k}" for k in paper_keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [
@@ -151,7 +183,7 @@ def markdown_table(summary: list[dict], family: Family) -> str:
             f"{s.get('params_total', float('nan')) / 1e6:.2f}M",
             f"{s.get('params_activated', float('nan')) / 1e6:.2f}M",
         ]
-        cells += [_fmt(s.get(m), s.get(f"{m}_std")) for m in family.metrics]
+        cells += [_fmt(s.get(m), s.get(f"{m}_std")) for m in (*family.metrics, *(k for k, _ in cost))]
         cells += [_fmt(family.paper.get(s["member"], {}).get(k)) for k in paper_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -233,7 +265,7 @@ def write_report(family: Family, root: Path) -> Path:
     note = data_note(rows)
     if note.startswith("**Warning"):
         print(f"moe-jax sweep: {note.replace('**', '')}", file=sys.stderr)
-    text = f"# {family.name}\n\n{family.description}\n\n{table}\n\n{note}\n"
+    text = f"# {family.name}\n\n{family.description}\n\n{table}\n\n{note}\n\n{cost_note(root, rows)}\n"
     heldout = curves.run_curves(root, rows)
     if family.pairs:
         diffs = "\n\n".join(

@@ -52,3 +52,22 @@ def test_paired_table_golden():
 def test_family_rejects_unknown_pair_members():
     with pytest.raises(ValueError, match="not members"):
         Family("f", members=(Member("a", "x"),), pairs=(("a", "zz"),))
+
+
+def test_training_time_sums_the_windows_and_keeps_the_last_row_of_a_redone_step():
+    """100 tokens per step; windows of 10 steps: 1 s (1000 tok/s), 2 s (500), then step 30 logged at 250 tok/s
+    before an interruption and again at 100 tok/s after resuming from step 20 (only the redone row
+    counts: 10 s), then 0.5 s (2000): 13.5 s for 40 steps. Held-out rows (no throughput) are skipped."""
+    records = [
+        {"step": 10, "tokens_per_second": 1000.0},
+        {"step": 20, "tokens_per_second": 500.0},
+        {"step": 20, "heldout/loss": 3.0},
+        {"step": 30, "tokens_per_second": 250.0},
+        {"step": 30, "tokens_per_second": 100.0},  # resumed from the checkpoint at step 20
+        {"step": 40, "tokens_per_second": 2000.0},
+        {"step": 40, "tokens_per_second": 0.0},  # no throughput: skipped
+    ]
+    out = C.training_time(records, tokens_per_step=100)
+    assert out["train_hours"] == pytest.approx(13.5 / 3600)
+    assert out["mean_tokens_per_second"] == pytest.approx(40 * 100 / 13.5)
+    assert C.training_time([{"step": 10, "heldout/loss": 3.0}], 100) == {}

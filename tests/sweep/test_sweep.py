@@ -231,6 +231,32 @@ def _finished_run(wd: Path, model: str, bindings: tuple[str, ...], base: str = "
     return wd
 
 
+def test_report_rows_carry_training_time_and_the_summary_its_cost(tmp_path):
+    """collect() derives each run's training hours and mean tokens/s from its metrics.jsonl (16 x 256 = 4096
+    tokens per step in runs/proxy_cpu.gin); the cost line sums the hours and counts the linked runs."""
+    from moe_jax.sweep.report import collect, cost_note, markdown_table, summarise
+
+    root = tmp_path / "fam"
+    wd = _finished_run(root / "gshard_s0", "gshard_tiny", ("TrainConfig.seed=0",))
+    records = [{"step": 10, "tokens_per_second": 4096.0}, {"step": 20, "tokens_per_second": 2048.0}]  # 10 s + 20 s
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    other = _finished_run(tmp_path / "other" / "gshard_s1", "gshard_tiny", ("TrainConfig.seed=1",))
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 90, "tokens_per_second": 4096.0}) + "\n")  # 90 s
+    (root / "gshard_s1").symlink_to(other)
+    fam = Family(name="fam", members=(Member("gshard", "gshard_tiny"),), seeds=(0, 1))
+    rows = collect(root, fam)
+    assert [r["train_hours"] * 3600 for r in rows] == pytest.approx([30.0, 90.0])
+    assert [r["mean_tokens_per_second"] for r in rows] == pytest.approx([20 * 4096 / 30, 4096.0])
+    assert cost_note(root, rows) == (
+        "Cost: 2 runs, 0.0 run-hours of training in all (each run's training wall time from its metrics.jsonl, "
+        "summed; the runs of a `--parallel` sweep train side by side, each on its own device slot, e.g. one CPU "
+        "core); mean throughput per member in the table. 1 of the runs (0.0 h) are links to other families' runs "
+        "(`--reuse`), trained there."
+    )
+    table = markdown_table(summarise(rows, fam), fam)
+    assert "| train_loss | train hours | mean tokens/s |" in table and "| 0.0167 ± 0.0118 | 3,413 ± 965 |" in table
+
+
 def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, capsys):
     """--reuse links a finished run of another family when its resolved ModelConfig and TrainConfig equal
     the member's (a model written as an include of another matches it), and nothing else: not another
