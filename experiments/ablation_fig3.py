@@ -25,7 +25,7 @@ FAMILY = Family(
         "1s_3of31": {"hellaswag_norm": 0.980, "triviaqa_norm": 0.934},
         "1s_7of63": {"hellaswag_norm": 1.000, "triviaqa_norm": 1.000},
     },
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(("1s_1of15", "0s_2of16"), ("1s_3of31", "1s_1of15"), ("1s_7of63", "1s_3of31"), ("1s_7of63", "0s_2of16")),
     scales=PROXY_SCALES,
 )

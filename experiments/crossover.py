@@ -34,7 +34,7 @@ FAMILY = Family(
         Member("deepseekmoe", "deepseekmoe_base", label="DeepSeekMoE"),
     ),
     seeds=(0, 1),
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(
         ("dense_x2", "dense"),
         ("gshard", "dense"),

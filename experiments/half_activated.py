@@ -21,7 +21,7 @@ FAMILY = Family(
         "gshard": {"hellaswag": 50.5, "piqa": 70.6, "arc_e": 43.9},
         "1s_3of63": {"hellaswag": 51.9, "piqa": 71.4, "arc_e": 48.0},
     },
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(("1s_3of63", "gshard"),),
     scales=PROXY_SCALES,
 )

@@ -28,5 +28,5 @@ FAMILY = Family(
         for name, label in (("dense", "Dense"), ("gshard", "GShard"))
         for rate in RATES
     ),
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
 )

@@ -68,7 +68,7 @@ FAMILY = Family(
             label="expert choice, per sequence (sees later tokens: not a fair next-token loss)",
         ),
     ),
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(
         ("sigmoid", "softmax"),
         ("aux_free", "softmax"),

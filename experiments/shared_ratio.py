@@ -18,7 +18,7 @@ FAMILY = Family(
         Member("4s_4of60", "ablation_4s_4of60_base", label="4 shared + 4/60"),
     ),
     paper={"1s_7of63": {"pile_loss": 1.808}, "2s_6of62": {"pile_loss": 1.806}, "4s_4of60": {"pile_loss": 1.811}},
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(("2s_6of62", "1s_7of63"), ("4s_4of60", "1s_7of63"), ("4s_4of60", "2s_6of62")),
     scales=PROXY_SCALES,
 )

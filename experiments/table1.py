@@ -27,7 +27,7 @@ FAMILY = Family(
         "gshard": {"pile_loss": 1.867, "hellaswag": 50.5},
         "deepseekmoe": {"pile_loss": 1.808, "hellaswag": 54.8},
     },
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(
         ("hash", "dense"),
         ("switch", "hash"),

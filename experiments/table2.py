@@ -24,7 +24,7 @@ FAMILY = Family(
         "dense_x16": {"pile_loss": 1.806},
         "deepseekmoe": {"pile_loss": 1.808},
     },
-    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss", "tokens_per_second"),
+    metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     pairs=(
         ("deepseekmoe", "gshard_x1.5"),
         ("deepseekmoe", "dense_x16"),
