@@ -38,6 +38,10 @@ class Routing:
         sigmoid scores normalised over the E experts, DeepSeek-V3 Eq 19), or None for routers
         without scores (hash). Balance losses need them.
       logits: [T, E] float32 router logits, or None (z-loss needs them).
+      max_active: a static upper bound on the active assignments (True entries of `mask`), or None
+        (no bound below T*k). Expert choice sets it to E*C*G, far below its T*E columns, so the
+        dropless dispatch computes only that many rows. Pytree metadata, not a leaf: it is part of
+        the jit cache key and survives jit, vmap and tree maps unchanged.
     """
 
     indices: jax.Array
@@ -45,6 +49,7 @@ class Routing:
     mask: jax.Array
     probs: jax.Array | None = None
     logits: jax.Array | None = None
+    max_active: int | None = struct.field(pytree_node=False, default=None)
 
 
 def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -173,7 +178,8 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
     The result is a `Routing` with k = E columns, so every dispatch runs it unchanged: for each token
     the E experts ordered chosen-first, then by score (best first); `mask` is True for the experts that
     chose the token, `weights` their scores (0 elsewhere). No narrower token-major form holds every case,
-    since a token may be chosen by all E experts.
+    since a token may be chosen by all E experts. Exactly E C G of the T E assignments are active, which
+    `max_active` records, so the dropless dispatch computes those rows only.
 
     Args:
       logits: [T, E] float32 router logits u_t^T e_i.
@@ -182,7 +188,7 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
       num_groups: G, how many contiguous groups the selection runs over; must divide T.
 
     Returns:
-      Routing with indices/weights/mask [T, E], probs (S) and logits [T, E].
+      Routing with indices/weights/mask [T, E], probs (S) and logits [T, E], max_active = E C G.
     """
     logits = logits.astype(jnp.float32)
     t, e = logits.shape
@@ -201,7 +207,14 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
     _, indices = jax.lax.top_k(jnp.where(picked, score, score - 2.0), e)
     mask = jnp.take_along_axis(picked, indices, axis=-1)
     weights = jnp.where(mask, jnp.take_along_axis(probs, indices, axis=-1), 0.0)
-    return Routing(indices=indices.astype(jnp.int32), weights=weights, mask=mask, probs=probs, logits=logits)
+    return Routing(
+        indices=indices.astype(jnp.int32),
+        weights=weights,
+        mask=mask,
+        probs=probs,
+        logits=logits,
+        max_active=e * cap * num_groups,
+    )
 
 
 def group_scores(scores: jax.Array, num_groups: int, group_score: str = "max") -> jax.Array:

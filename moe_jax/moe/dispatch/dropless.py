@@ -9,6 +9,13 @@ choices keep it close to a dense FFN's:
   * the gather, the SwiGLU elementwise part and the output projection are rematerialised in the
     backward pass: of the whole expert computation only the first projection h [T*k, 2f] is saved
     (plus x itself); the two grouped matmuls are not recomputed.
+
+A routing with a static bound on its active assignments (`Routing.max_active` = A, set by expert
+choice: A = E C G of its T*E columns) takes a narrower path: only the first A rows of the sorted order
+(the active ones; the inactive sort past them) are gathered and computed, and their gate-weighted
+outputs are scatter-added back to their tokens. The same rows get the same FFN, so it equals the
+T*k-row path up to the order of the float32 sum over a token's experts. Every other routing
+(max_active None: all token-choice routers) runs the T*k-row path, unchanged.
 """
 
 from __future__ import annotations
@@ -66,10 +73,39 @@ def _sorted_expert_outputs(
     return grouped_swiglu(xs, group_sizes, experts, gmm, row_weights)
 
 
+@functools.partial(
+    jax.checkpoint, static_argnums=(5,), policy=jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
+)
+def _active_expert_outputs(x, tokens, row_weights, group_sizes, experts: ExpertParams, gmm: GmmFn) -> jax.Array:
+    """x [T, d], tokens [A] (the token of each sorted active row) -> [A, d] gate-weighted expert outputs."""
+    return grouped_swiglu(jnp.take(x, tokens, axis=0), group_sizes, experts, gmm, row_weights)
+
+
+def _bounded_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, gmm: GmmFn) -> DispatchOutput:
+    """The dropless dispatch of a routing with at most `routing.max_active` = A active assignments:
+    A rows gathered and computed instead of T*k, combined by a scatter-add into the T tokens."""
+    t, k = routing.indices.shape
+    ids = active_expert_ids(routing.indices, routing.mask, experts.num_experts)
+    order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+    rows = order[: min(routing.max_active, t * k)]  # the active assignments, by expert (plus inactive ones if fewer)
+    tokens = rows // k
+    gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
+    group_sizes = count_per_expert(ids, experts.num_experts)
+    out = _active_expert_outputs(x, tokens, jnp.take(gates, rows), group_sizes, experts, gmm)  # 0 past the groups
+    y = jnp.zeros((t, x.shape[1]), jnp.float32).at[tokens].add(out.astype(jnp.float32))
+    return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=group_sizes, dropped=jnp.zeros((t, k), bool))
+
+
 def dropless_dispatch(
     x: jax.Array, routing: Routing, experts: ExpertParams, *, gmm_backend: str = "auto"
 ) -> DispatchOutput:
-    """x [T, d] -> DispatchOutput with y [T, d]; every active assignment is computed."""
+    """x [T, d] -> DispatchOutput with y [T, d]; every active assignment is computed.
+
+    With `routing.max_active` set, only that many rows are computed (see the module docstring); it
+    must bound the active assignments, or the ones past it are silently lost.
+    """
+    if routing.max_active is not None:
+        return _bounded_dispatch(x, routing, experts, get_gmm(gmm_backend))
     t, k = routing.indices.shape
     order, inv, group_sizes = sort_by_expert(routing, experts.num_experts)
     gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
