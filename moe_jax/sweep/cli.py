@@ -4,6 +4,7 @@
                   [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa] [--only MEMBER ...]
                   [--reuse workdirs/crossover ...]
     moe-jax sweep experiments/table1.py --report      # tables and plots from stored results only
+    moe-jax sweep experiments/table1.py --status [--parallel 2]  # each run's state, hours left; writes nothing
 
 Rerunning the same command skips finished members and resumes interrupted ones.
 """
@@ -48,7 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         "(same resolved model and training config) instead of training them again (repeatable)",
     )
     p.add_argument("--report", action="store_true", help="only regenerate the report from stored results")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="only print each run's state, training hours and an estimate of the hours left (writes nothing; "
+        "the wall-hours estimate divides by --parallel)",
+    )
     args = p.parse_args(argv)
+    if args.status and args.report:
+        p.error(
+            "--status and --report are exclusive: --status only reads where the runs stand, --report writes "
+            "the report; give one of them"
+        )
+    if args.status and args.parallel < 1:
+        p.error(f"--parallel {args.parallel}: give at least 1 (the wall-hours estimate divides by it)")
 
     from moe_jax.sweep.family import load_family
     from moe_jax.sweep.report import write_report
@@ -56,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     family = load_family(args.family)
     root = Path(args.workdir or f"workdirs/{family.name}")
+    if args.status:
+        return _print_status(family, root, args)
     if not args.report:
         try:
             run_family(
@@ -77,4 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_report(family, root)
     print(summary.read_text())
     print(f"report: {summary.parent}")
+    return 0
+
+
+def _print_status(family, root: Path, args) -> int:
+    from moe_jax.sweep.status import family_status, format_status
+
+    try:
+        statuses = family_status(
+            family, root, seeds=args.seeds, scale=args.scale, only=args.only, extra_bindings=args.bindings
+        )
+    except ValueError as err:
+        print(f"moe-jax sweep: {err}")
+        return 1
+    print(format_status(family, root, statuses, args.parallel))
     return 0

@@ -1,0 +1,207 @@
+"""Where a family's sweep stands, read from its workdirs alone (`moe-jax sweep ... --status`).
+
+One line per run the sweep would train with the same options (`Family.runs` and the runner's `--only`
+selection): `finished` (`runner.is_finished`), `running or interrupted: step s/N` (s: the last step in
+its metrics.jsonl; N: `TrainConfig.steps` of its config.gin, or of its gin files when it has none yet)
+or `not started`; `link -> target` for a run linked from another family (`--reuse`); the training hours
+so far and mean tokens/s (`curves.training_time`); and an estimate of the run-hours left. The estimate of
+an unfinished run comes from the runs' own throughput: (N - s) x tokens per step / the run's mean
+tokens/s; without a throughput yet, the mean training hours of the finished runs of the same member (else
+of the same model) for the steps left. Writes nothing: no report, member.json, link or directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from moe_jax.sweep import curves
+from moe_jax.sweep.family import Family, Run
+from moe_jax.sweep.runner import _select, is_finished
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """One run's progress as its workdir shows it.
+
+    Attributes:
+      name: the run's workdir name (`<member>_s<seed>`).
+      member: its member's name.
+      model: its gin model name.
+      state: "finished", "running or interrupted" or "not started".
+      step: last step in metrics.jsonl (0 when there is none).
+      steps: its training steps N (None when its configuration does not parse).
+      tokens_per_step: batch size x sequence length (None likewise).
+      link: where the workdir links to (`--reuse`), else None.
+      hours: training hours so far; tokens_per_second: mean throughput (None without logged throughput).
+      left: estimated run-hours left (None: unknown); left_from: what the estimate is based on.
+    """
+
+    name: str
+    member: str
+    model: str
+    state: str
+    step: int = 0
+    steps: int | None = None
+    tokens_per_step: int | None = None
+    link: Path | None = None
+    hours: float | None = None
+    tokens_per_second: float | None = None
+    left: float | None = None
+    left_from: str = ""
+
+
+def last_records(workdir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; a line still being written by a live run is skipped."""
+    path = workdir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def workdir_train_config(workdir: Path):
+    """The TrainConfig of a workdir's config.gin (`parse_workdir_config`, as `curves.tokens_per_step`
+    resolves it); None when it does not parse (e.g. a run of older code)."""
+    from moe_jax.configs.gin_utils import GinConfigError
+    from moe_jax.train.restore import parse_workdir_config
+
+    try:
+        return parse_workdir_config(workdir)[1]
+    except (GinConfigError, ValueError, TypeError):
+        return None
+
+
+def train_config(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()):
+    """The run's TrainConfig: from its config.gin, else (not written yet) from its gin files and bindings
+    as the runner passes them; None when it does not parse."""
+    from moe_jax.configs.gin_utils import model_gin_path
+    from moe_jax.sweep.reuse import resolved
+
+    if (workdir / "config.gin").exists():
+        return workdir_train_config(workdir)
+    configs = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+    return None if configs is None else configs[1]
+
+
+def run_status(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -> RunStatus:
+    """The state, progress and training time of one run (no estimate of what is left)."""
+    link = Path(workdir.readlink()) if workdir.is_symlink() else None
+    base = RunStatus(name=run.name, member=run.member.name, model=run.model, state="not started", link=link)
+    records = last_records(workdir)
+    if is_finished(workdir):
+        state = "finished"
+    elif records or (workdir / "config.gin").exists():
+        state = "running or interrupted"
+    else:
+        return base
+    cfg = train_config(run, workdir, extra_bindings)
+    per = None if cfg is None else cfg.batch_size * cfg.seq_len
+    time = curves.training_time(records, per) if per else {}
+    return dataclasses.replace(
+        base,
+        state=state,
+        step=int(records[-1]["step"]) if records else 0,
+        steps=None if cfg is None else cfg.steps,
+        tokens_per_step=per,
+        hours=time.get("train_hours"),
+        tokens_per_second=time.get("mean_tokens_per_second"),
+    )
+
+
+def finished_hours(root: Path, statuses: Sequence[RunStatus]) -> list[tuple[str, str, float]]:
+    """(member, model, training hours) of every finished run with a logged throughput: the listed runs,
+    and the other run directories under `root` (e.g. seeds not asked for; member from the directory name
+    `<member>_s<seed>`, model from its member.json)."""
+    out = [(s.member, s.model, s.hours) for s in statuses if s.state == "finished" and s.hours]
+    listed = {s.name for s in statuses}
+    others = sorted(p for p in root.iterdir() if p.name not in listed) if root.is_dir() else []
+    for wd in others:
+        if not (is_finished(wd) and (wd / "member.json").exists() and (wd / "config.gin").exists()):
+            continue
+        cfg = workdir_train_config(wd)
+        hours = curves.training_time(last_records(wd), cfg.batch_size * cfg.seq_len) if cfg else {}
+        if hours:
+            model = json.loads((wd / "member.json").read_text())["model"]
+            out.append((wd.name.rpartition("_s")[0], model, hours["train_hours"]))
+    return out
+
+
+def estimate(status: RunStatus, finished: Sequence[tuple[str, str, float]]) -> tuple[float | None, str]:
+    """(run-hours left, what it is based on) for one run; (None, why) when unknown."""
+    if status.state == "finished":
+        return 0.0, ""
+    if status.state == "running or interrupted" and status.steps and status.tokens_per_second:
+        left = max(status.steps - status.step, 0) * status.tokens_per_step / status.tokens_per_second
+        return left / 3600, "own throughput"
+    by_member = [h for member, _, h in finished if member == status.member]
+    by_model = [h for _, model, h in finished if model == status.model]
+    for hours, what in ((by_member, f"member {status.member}"), (by_model, f"model {status.model}")):
+        if hours:
+            share = 1.0 if not status.steps else max(status.steps - status.step, 0) / status.steps
+            return share * sum(hours) / len(hours), f"mean of {len(hours)} finished run(s) of {what}"
+    return None, f"no finished run of member {status.member} or model {status.model}"
+
+
+def family_status(
+    family: Family,
+    root: Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    scale: str | None = None,
+    only: Sequence[str] = (),
+    extra_bindings: Sequence[str] = (),
+) -> list[RunStatus]:
+    """Every run the sweep would train with these options, with its state and an estimate of what is left."""
+    runs = _select(family, family.runs(seeds, scale), only)
+    statuses = [run_status(run, root / run.name, extra_bindings) for run in runs]
+    finished = finished_hours(root, statuses)
+    out = []
+    for s in statuses:
+        left, source = estimate(s, finished)
+        out.append(dataclasses.replace(s, left=left, left_from=source))
+    return out
+
+
+def format_line(s: RunStatus) -> str:
+    """One run: name, state (with step s/N), link, hours so far and mean tokens/s, hours left."""
+    state = s.state
+    if state == "running or interrupted":
+        state += f": step {s.step}/{s.steps if s.steps else '?'}"
+    parts = [f"{s.name:<24} {state}"]
+    if s.link is not None:
+        parts.append(f"link -> {s.link}")
+    if s.hours is not None:
+        parts.append(f"{s.hours:.2f} h trained, {s.tokens_per_second:,.0f} tokens/s")
+    if s.state != "finished":
+        parts.append(
+            f"left ~{s.left:.2f} h ({s.left_from})" if s.left is not None else f"left: unknown ({s.left_from})"
+        )
+    return "; ".join(parts)
+
+
+def format_status(family: Family, root: Path, statuses: Sequence[RunStatus], parallel: int = 1) -> str:
+    """The run lines, a count per state and the estimated run-hours and wall-hours left."""
+    counts = {k: sum(s.state == k for s in statuses) for k in ("finished", "running or interrupted", "not started")}
+    head = f"{family.name} in {root}: {len(statuses)} runs (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")"
+    known = [s.left for s in statuses if s.left is not None]
+    unknown = len(statuses) - len(known)
+    total = sum(known)
+    bound = "at least " if unknown else ""
+    tail = (
+        f"Remaining: {bound}~{total:.1f} run-hours; with --parallel {parallel}: {bound}~{total / parallel:.1f} "
+        "wall-hours."
+    )
+    if unknown:
+        tail += f" {unknown} run(s) have no estimate (no finished run of their member or model) and are not counted."
+    note = (
+        "Estimates from the runs' own throughput: a running or interrupted run, its steps left at its mean "
+        "tokens/s so far; a run not started, the mean training hours of the finished runs of its member, else "
+        "of its model."
+    )
+    return "\n".join([head, *map(format_line, statuses), tail, note])

@@ -1,0 +1,171 @@
+"""`moe-jax sweep --status`: each run's state, training time and an estimate of the hours left, read from
+fake workdirs (runs/proxy_cpu.gin: 300 steps of 16 x 256 = 4096 tokens), writing nothing."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from moe_jax.sweep.family import Family, Member, load_family
+from moe_jax.sweep.status import family_status, format_status
+
+FAMILY_FILE = """from moe_jax.sweep.family import Family, Member
+FAMILY = Family(
+    name="fam",
+    members=(
+        Member("gshard", "gshard_tiny"),
+        Member("dsm", "deepseekmoe_tiny", seeds=(0, 1)),
+        Member("gshard2", "gshard_tiny", seeds=(0, 1)),
+    ),
+    seeds=(0, 1, 2),
+    base=("runs/proxy_cpu.gin",),
+)
+"""
+
+
+def _family_file(tmp_path: Path) -> Path:
+    path = tmp_path / "experiments" / "fam.py"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(FAMILY_FILE)
+    return path
+
+
+def _workdir(wd: Path, member: str, model: str, records=(), finished: bool = False) -> Path:
+    """A run's workdir as `moe-jax train` leaves it: config.gin, member.json, metrics.jsonl rows and, once
+    finished, result.json."""
+    from moe_jax.configs.gin_utils import model_gin_path
+
+    wd.mkdir(parents=True)
+    (wd / "config.gin").write_text(f"include '{model_gin_path(model)}'\ninclude 'runs/proxy_cpu.gin'\n")
+    (wd / "member.json").write_text(json.dumps({"member": member, "seed": int(wd.name[-1]), "model": model}))
+    if records:
+        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0}))
+    return wd
+
+
+@pytest.fixture
+def sweep_dirs(tmp_path):
+    """gshard_s0 finished (150 s + 300 s = 450 s), gshard_s1 a link to a finished run of another family
+    (1200 s), dsm_s0 interrupted at step 30 (40 s + 10 s = 50 s), gshard2_s1 just started (config.gin, no
+    metrics yet); gshard_s2, dsm_s1 and gshard2_s0 not started."""
+    root = tmp_path / "runs"
+    rows = [{"step": 150, "tokens_per_second": 4096.0}, {"step": 300, "tokens_per_second": 2048.0}]
+    _workdir(root / "gshard_s0", "gshard", "gshard_tiny", rows + [{"step": 300, "heldout/loss": 5.0}], True)
+    other = _workdir(
+        tmp_path / "other" / "gshard_s1", "gshard", "gshard_tiny", [{"step": 300, "tokens_per_second": 1024.0}], True
+    )
+    (root / "gshard_s1").symlink_to(other)
+    dsm = _workdir(
+        root / "dsm_s0",
+        "dsm",
+        "deepseekmoe_tiny",
+        [
+            {"step": 20, "tokens_per_second": 2048.0},
+            {"step": 20, "heldout/loss": 6.0},
+            {"step": 30, "tokens_per_second": 4096.0},
+        ],
+    )
+    with (dsm / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 40, "tokens_per')  # a row the live run is still writing
+    _workdir(root / "gshard2_s1", "gshard2", "gshard_tiny")
+    return tmp_path
+
+
+def test_status_states_links_and_remaining_hours(sweep_dirs):
+    """Hand-computed: gshard's finished runs took 450 s and 1200 s (mean 825 s); dsm_s0 ran 30 steps in 50 s
+    (mean 30 x 4096 / 50 = 2457.6 tokens/s), so its 270 steps left take 270 x 4096 / 2457.6 = 450 s;
+    gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no finished run of their own, same model gshard_tiny)
+    take 825 s each; dsm_s1 has no estimate. 450 + 3 x 825 = 2925 s = 0.8125 run-hours, 0.406 with 2 at once."""
+    fam = load_family(_family_file(sweep_dirs))
+    root = sweep_dirs / "runs"
+    status = {s.name: s for s in family_status(fam, root)}
+    assert list(status) == ["gshard_s0", "gshard_s1", "gshard_s2", "dsm_s0", "dsm_s1", "gshard2_s0", "gshard2_s1"]
+    assert {n: s.state for n, s in status.items()} == {
+        "gshard_s0": "finished",
+        "gshard_s1": "finished",
+        "gshard_s2": "not started",
+        "dsm_s0": "running or interrupted",
+        "dsm_s1": "not started",
+        "gshard2_s0": "not started",
+        "gshard2_s1": "running or interrupted",
+    }
+    assert status["gshard_s1"].link == sweep_dirs / "other" / "gshard_s1" and status["gshard_s0"].link is None
+    assert [status[n].hours * 3600 for n in ("gshard_s0", "gshard_s1", "dsm_s0")] == pytest.approx([450, 1200, 50])
+    assert status["gshard_s0"].tokens_per_second == pytest.approx(300 * 4096 / 450)
+    dsm = status["dsm_s0"]
+    assert (dsm.step, dsm.steps, dsm.tokens_per_step) == (30, 300, 4096)
+    assert dsm.tokens_per_second == pytest.approx(2457.6)
+    left = {n: None if s.left is None else s.left * 3600 for n, s in status.items()}
+    assert left == {
+        "gshard_s0": 0.0,
+        "gshard_s1": 0.0,
+        "gshard_s2": pytest.approx(825),
+        "dsm_s0": pytest.approx(450),
+        "dsm_s1": None,
+        "gshard2_s0": pytest.approx(825),
+        "gshard2_s1": pytest.approx(825),
+    }
+    assert status["gshard2_s0"].left_from == "mean of 2 finished run(s) of model gshard_tiny"
+    text = format_status(fam, root, list(status.values()), parallel=2)
+    lines = text.splitlines()
+    assert lines[0] == f"fam in {root}: 7 runs (2 finished, 2 running or interrupted, 3 not started)"
+    assert (
+        lines[2].startswith("gshard_s1")
+        and f"finished; link -> {sweep_dirs / 'other' / 'gshard_s1'}; 0.33 h" in lines[2]
+    )
+    assert "running or interrupted: step 30/300; 0.01 h trained, 2,458 tokens/s; left ~0.1" in lines[4]
+    assert lines[4].endswith(" h (own throughput)")
+    assert (
+        "running or interrupted: step 0/300; left ~0.23 h (mean of 2 finished run(s) of model gshard_tiny)" in lines[7]
+    )
+    assert lines[5].endswith("not started; left: unknown (no finished run of member dsm or model deepseekmoe_tiny)")
+    assert lines[8].startswith("Remaining: at least ~0.8 run-hours; with --parallel 2: at least ~0.4 wall-hours.")
+    assert "own throughput" in lines[9]
+
+
+def test_status_estimates_from_finished_runs_not_asked_for(sweep_dirs):
+    """With --seeds 2 only gshard_s2 is listed; its estimate still comes from the finished seeds 0 and 1."""
+    fam = Family(name="fam", members=(Member("gshard", "gshard_tiny"),), seeds=(0, 1, 2), base=("runs/proxy_cpu.gin",))
+    (only,) = family_status(fam, sweep_dirs / "runs", seeds=[2])
+    assert only.name == "gshard_s2" and only.left * 3600 == pytest.approx(825)
+    assert only.left_from == "mean of 2 finished run(s) of member gshard"
+
+
+def _snapshot(top: Path) -> dict:
+    """Every path under `top` (links not followed) with its kind, link target or content, and mtime."""
+    out = {}
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            p = Path(folder) / name
+            what = os.readlink(p) if p.is_symlink() else (p.read_bytes() if p.is_file() else "dir")
+            out[str(p.relative_to(top))] = (what, p.lstat().st_mtime_ns)
+    return out
+
+
+def test_status_writes_nothing_and_a_missing_root_is_all_not_started(sweep_dirs, tmp_path_factory, capsys):
+    from moe_jax.sweep.cli import main
+
+    family_file = _family_file(tmp_path_factory.mktemp("experiments"))
+    before = _snapshot(sweep_dirs)
+    assert main([str(family_file), "--status", f"--workdir={sweep_dirs / 'runs'}", "--parallel", "2"]) == 0
+    assert _snapshot(sweep_dirs) == before  # no report, member.json, link or directory
+    out = capsys.readouterr().out
+    assert "7 runs (2 finished, 2 running or interrupted, 3 not started)" in out and "at least ~0.4 wall-hours" in out
+    missing = sweep_dirs / "nowhere"
+    assert main([str(family_file), "--status", f"--workdir={missing}", "--only", "gshard"]) == 0
+    assert not missing.exists()
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"fam in {missing}: 3 runs (0 finished, 0 running or interrupted, 3 not started)"
+    assert "3 run(s) have no estimate" in out
+
+
+def test_status_and_report_are_exclusive(tmp_path, capsys):
+    from moe_jax.sweep.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["experiments/table1.py", "--status", "--report", f"--workdir={tmp_path}"])
+    assert err.value.code == 2
+    assert "--status and --report are exclusive" in capsys.readouterr().err and not any(tmp_path.iterdir())
