@@ -116,7 +116,7 @@ def run_family(
     `reuse`: workdir roots of other families whose finished runs are linked where they are exactly a
     run of this one (`moe_jax.sweep.reuse`). Raises if a member fails."""
     root.mkdir(parents=True, exist_ok=True)
-    runs = _select(family, family.runs(seeds, scale), only)
+    runs = select_runs(family, family.runs(seeds, scale), only)
     if reuse:
         link_reusable(runs, root, extra_bindings, reuse)
     todo = _queue(runs, root, family, extra_bindings, eval_tasks)
@@ -165,7 +165,7 @@ def run_family(
     return runs
 
 
-def _select(family: Family, runs: list[Run], only: Sequence[str]) -> list[Run]:
+def select_runs(family: Family, runs: list[Run], only: Sequence[str]) -> list[Run]:
     """The runs of the members named in `only` (all when empty); an unknown name is an error."""
     if not only:
         return runs

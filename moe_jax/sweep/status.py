@@ -19,7 +19,7 @@ from typing import Sequence
 
 from moe_jax.sweep import curves
 from moe_jax.sweep.family import Family, Run
-from moe_jax.sweep.runner import _select, is_finished
+from moe_jax.sweep.runner import is_finished, select_runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def family_status(
     extra_bindings: Sequence[str] = (),
 ) -> list[RunStatus]:
     """Every run the sweep would train with these options, with its state and an estimate of what is left."""
-    runs = _select(family, family.runs(seeds, scale), only)
+    runs = select_runs(family, family.runs(seeds, scale), only)
     statuses = [run_status(run, root / run.name, extra_bindings) for run in runs]
     finished = finished_hours(root, statuses)
     out = []
