@@ -53,18 +53,6 @@ class RunStatus:
     left_from: str = ""
 
 
-def last_records(workdir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl; a line still being written by a live run is skipped."""
-    path = workdir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else ():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def workdir_train_config(workdir: Path):
     """The TrainConfig of a workdir's config.gin (`parse_workdir_config`, as `curves.tokens_per_step`
     resolves it); None when it does not parse (e.g. a run of older code)."""
@@ -91,9 +79,11 @@ def train_config(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()):
 
 def run_status(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -> RunStatus:
     """The state, progress and training time of one run (no estimate of what is left)."""
+    from moe_jax.train.metrics import read_metrics  # skips a line a live run is still writing
+
     link = Path(workdir.readlink()) if workdir.is_symlink() else None
     base = RunStatus(name=run.name, member=run.member.name, model=run.model, state="not started", link=link)
-    records = last_records(workdir)
+    records = read_metrics(workdir)
     if is_finished(workdir):
         state = "finished"
     elif records or (workdir / "config.gin").exists():
@@ -118,6 +108,8 @@ def finished_hours(root: Path, statuses: Sequence[RunStatus]) -> list[tuple[str,
     """(member, model, training hours) of every finished run with a logged throughput: the listed runs,
     and the other run directories under `root` (e.g. seeds not asked for; member from the directory name
     `<member>_s<seed>`, model from its member.json)."""
+    from moe_jax.train.metrics import read_metrics
+
     out = [(s.member, s.model, s.hours) for s in statuses if s.state == "finished" and s.hours]
     listed = {s.name for s in statuses}
     others = sorted(p for p in root.iterdir() if p.name not in listed) if root.is_dir() else []
@@ -125,7 +117,7 @@ def finished_hours(root: Path, statuses: Sequence[RunStatus]) -> list[tuple[str,
         if not (is_finished(wd) and (wd / "member.json").exists() and (wd / "config.gin").exists()):
             continue
         cfg = workdir_train_config(wd)
-        hours = curves.training_time(last_records(wd), cfg.batch_size * cfg.seq_len) if cfg else {}
+        hours = curves.training_time(read_metrics(wd), cfg.batch_size * cfg.seq_len) if cfg else {}
         if hours:
             model = json.loads((wd / "member.json").read_text())["model"]
             out.append((wd.name.rpartition("_s")[0], model, hours["train_hours"]))

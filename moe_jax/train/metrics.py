@@ -122,8 +122,12 @@ class MetricsWriter:
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, np.ndarray] = ()) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        record = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        with self.path.open("a+b") as f:
+            f.seek(0, 2)
+            if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                record = "\n" + record  # a process killed mid-line left it unterminated: never extend it
+            f.write(record.encode())
         for key, value in scalars.items():
             self._tb.add_scalar(key, float(value), int(step))
         for key, value in dict(histograms).items():
@@ -136,11 +140,24 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """All records of `<workdir>/metrics.jsonl` (empty if there is none)."""
+    """All records of `<workdir>/metrics.jsonl` (empty if there is none).
+
+    A torn line (cut before its closing brace: a live run is writing it, or a run was killed mid-line,
+    which `MetricsWriter` never extends) is skipped; a whole line that does not parse is an error naming
+    the file and line."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.rstrip().endswith("}"):
+                raise ValueError(f"{path}, line {i + 1}: not a JSON record; fix or delete that line") from None
+    return out
 
 
 def topk_changed(previous: np.ndarray, current: np.ndarray) -> np.ndarray:

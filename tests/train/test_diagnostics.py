@@ -5,6 +5,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moe_jax.moe.stats import routing_stats
 from moe_jax.train import metrics as M
@@ -70,3 +71,21 @@ def test_a_peak_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkey
     path = tmp_path / "peak.json"
     flops, note = M.machine_peak_flops(jnp.float32, cache=path)
     assert flops == 3e10 and "busy machine, load 7.4 on 2 cores: not kept" in note and not path.exists()
+
+
+def test_metrics_survive_a_run_killed_mid_line(tmp_path):
+    """A torn last line (killed mid-write, or a live run's line being written) is skipped by the reader
+    and never extended by the writer; a whole line that does not parse is a named error."""
+    writer = M.MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, {"loss": 2.0})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss": 1.')  # the process died here
+    assert M.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    writer.write(2, {"loss": 1.5})  # the resumed run
+    writer.close()
+    assert M.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "loss": 1.' and json.loads(lines[2]) == {"step": 2, "loss": 1.5}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2,, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="line 2: not a JSON record"):
+        M.read_metrics(tmp_path)
