@@ -25,8 +25,9 @@ def assert_tree_close(actual, expected, tol: float = 1e-5):
         assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {tol:.0e}"
 
 
-def tiny_model(**moe):
-    """The 2-layer DeepSeekMoE-shaped model the training tests share (1 shared + 7 routed experts)."""
+def tiny_model(shared: int = 1, **moe):
+    """The 2-layer DeepSeekMoE-shaped model the training tests share (`shared` + 8 - `shared` routed
+    experts of width 32, top-2)."""
     from moe_jax.config import ModelConfig, MoEConfig
 
     return ModelConfig(
@@ -37,7 +38,7 @@ def tiny_model(**moe):
         head_dim=16,
         ffn_dim=64,
         init_std=0.02,
-        moe=MoEConfig.fine_grained(4, 1, 2, 1, 32, **moe),
+        moe=MoEConfig.fine_grained(4, 1, 2, shared, 32, **moe),
     )
 
 

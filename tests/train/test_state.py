@@ -5,9 +5,9 @@ import re
 
 import jax
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, tiny_model
 
-from moe_jax.config import ModelConfig, MoEConfig
+from moe_jax.config import ModelConfig
 from moe_jax.parallel import MeshConfig, build_mesh
 from moe_jax.train import loop, plan
 from moe_jax.train.config import TrainConfig
@@ -43,16 +43,7 @@ class _Stop(Exception):
 
 def _model() -> ModelConfig:
     # 8 routed experts of width 32, top-2 (fine_grained(4, 1, 2, 0, 32)): divisible by the expert axis.
-    return ModelConfig(
-        vocab_size=TRAIN_VOCAB,
-        d_model=32,
-        num_layers=2,
-        num_heads=2,
-        head_dim=16,
-        ffn_dim=64,
-        init_std=0.02,
-        moe=MoEConfig.fine_grained(4, 1, 2, 0, 32),
-    )
+    return tiny_model(shared=0)
 
 
 def _train_cfg(cache) -> TrainConfig:
