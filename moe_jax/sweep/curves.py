@@ -48,7 +48,7 @@ def training_time(records: list[dict], tokens_per_step: int) -> dict[str, float]
     every window. Returns {"train_hours", "mean_tokens_per_second" (tokens trained / that time)}, or {}
     when no row has a throughput.
     """
-    rate = {r["step"]: r["tokens_per_second"] for r in records if r.get("tokens_per_second", 0) > 0}
+    rate = window_rates(records)
     seconds, previous = 0.0, 0
     for step in sorted(rate):
         seconds += (step - previous) * tokens_per_step / rate[step]
@@ -56,6 +56,23 @@ def training_time(records: list[dict], tokens_per_step: int) -> dict[str, float]
     if not seconds:
         return {}
     return {"train_hours": seconds / 3600, "mean_tokens_per_second": previous * tokens_per_step / seconds}
+
+
+def window_rates(records: list[dict]) -> dict[int, float]:
+    """Logged step -> tokens/s of the window that ends there (the last row of each step: a resumed run's
+    redone steps replace the lost ones; rows without a positive `tokens_per_second` skipped)."""
+    return {r["step"]: r["tokens_per_second"] for r in records if r.get("tokens_per_second", 0) > 0}
+
+
+def median_tokens_per_second(records: list[dict]) -> float | None:
+    """The median of a run's window throughputs (`window_rates`), None without any.
+
+    Unlike the mean (`training_time`), it ignores the few windows that contain a compilation, a held-out
+    evaluation or a pause of the process (a stopped process puts its whole pause into one window), so it
+    is the run's rate on its own steps: what the steps it has left will take.
+    """
+    rates = list(window_rates(records).values())
+    return float(np.median(rates)) if rates else None
 
 
 def series(workdir: Path, key: str, last_step: int | None = None) -> dict[int, float]:

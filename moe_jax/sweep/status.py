@@ -5,9 +5,11 @@ selection): `finished` (`runner.is_finished`), `running or interrupted: step s/N
 its metrics.jsonl; N: `TrainConfig.steps` of its config.gin, or of its gin files when it has none yet)
 or `not started`; `link -> target` for a run linked from another family (`--reuse`); the training hours
 so far and mean tokens/s (`curves.training_time`); and an estimate of the run-hours left. The estimate of
-an unfinished run comes from the runs' own throughput: (N - s) x tokens per step / the run's mean
-tokens/s; without a throughput yet, the mean training hours of the finished runs of the same member (else
-of the same model) for the steps left. Writes nothing: no report, member.json, link or directory.
+an unfinished run comes from the runs' own throughput: (N - s) x tokens per step / the run's median
+window tokens/s (`curves.median_tokens_per_second`: unlike the mean, not skewed by a window in which the
+process was paused, e.g. by a benchmark stopping it); without a throughput yet, the mean training hours
+of the finished runs of the same member (else of the same model) for the steps left. Writes nothing: no
+report, member.json, link or directory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class RunStatus:
       tokens_per_step: batch size x sequence length (None likewise).
       link: where the workdir links to (`--reuse`), else None.
       hours: training hours so far; tokens_per_second: mean throughput (None without logged throughput).
+      median_tokens_per_second: the median window throughput (None likewise), for the estimate.
       left: estimated run-hours left (None: unknown); left_from: what the estimate is based on.
     """
 
@@ -49,6 +52,7 @@ class RunStatus:
     link: Path | None = None
     hours: float | None = None
     tokens_per_second: float | None = None
+    median_tokens_per_second: float | None = None
     left: float | None = None
     left_from: str = ""
 
@@ -101,6 +105,7 @@ def run_status(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -> R
         tokens_per_step=per,
         hours=time.get("train_hours"),
         tokens_per_second=time.get("mean_tokens_per_second"),
+        median_tokens_per_second=curves.median_tokens_per_second(records) if time else None,
     )
 
 
@@ -128,8 +133,8 @@ def estimate(status: RunStatus, finished: Sequence[tuple[str, str, float]]) -> t
     """(run-hours left, what it is based on) for one run; (None, why) when unknown."""
     if status.state == "finished":
         return 0.0, ""
-    if status.state == "running or interrupted" and status.steps and status.tokens_per_second:
-        left = max(status.steps - status.step, 0) * status.tokens_per_step / status.tokens_per_second
+    if status.state == "running or interrupted" and status.steps and status.median_tokens_per_second:
+        left = max(status.steps - status.step, 0) * status.tokens_per_step / status.median_tokens_per_second
         return left / 3600, "own throughput"
     by_member = [h for member, _, h in finished if member == status.member]
     by_model = [h for _, model, h in finished if model == status.model]
@@ -192,8 +197,8 @@ def format_status(family: Family, root: Path, statuses: Sequence[RunStatus], par
     if unknown:
         tail += f" {unknown} run(s) have no estimate (no finished run of their member or model) and are not counted."
     note = (
-        "Estimates from the runs' own throughput: a running or interrupted run, its steps left at its mean "
-        "tokens/s so far; a run not started, the mean training hours of the finished runs of its member, else "
+        "Estimates from the runs' own throughput: a running or interrupted run, its steps left at its median "
+        "window tokens/s so far; a run not started, the mean training hours of the finished runs of its member, else "
         "of its model."
     )
     return "\n".join([head, *map(format_line, statuses), tail, note])

@@ -76,9 +76,10 @@ def sweep_dirs(tmp_path):
 
 def test_status_states_links_and_remaining_hours(sweep_dirs):
     """Hand-computed: gshard's finished runs took 450 s and 1200 s (mean 825 s); dsm_s0 ran 30 steps in 50 s
-    (mean 30 x 4096 / 50 = 2457.6 tokens/s), so its 270 steps left take 270 x 4096 / 2457.6 = 450 s;
-    gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no finished run of their own, same model gshard_tiny)
-    take 825 s each; dsm_s1 has no estimate. 450 + 3 x 825 = 2925 s = 0.8125 run-hours, 0.406 with 2 at once."""
+    (mean 30 x 4096 / 50 = 2457.6 tokens/s; median of its windows (2048 + 4096) / 2 = 3072 tokens/s), so its
+    270 steps left take 270 x 4096 / 3072 = 360 s; gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no
+    finished run of their own, same model gshard_tiny) take 825 s each; dsm_s1 has no estimate.
+    360 + 3 x 825 = 2835 s = 0.7875 run-hours, 0.394 with 2 at once."""
     fam = load_family(_family_file(sweep_dirs))
     root = sweep_dirs / "runs"
     status = {s.name: s for s in family_status(fam, root)}
@@ -97,13 +98,13 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     assert status["gshard_s0"].tokens_per_second == pytest.approx(300 * 4096 / 450)
     dsm = status["dsm_s0"]
     assert (dsm.step, dsm.steps, dsm.tokens_per_step) == (30, 300, 4096)
-    assert dsm.tokens_per_second == pytest.approx(2457.6)
+    assert dsm.tokens_per_second == pytest.approx(2457.6) and dsm.median_tokens_per_second == pytest.approx(3072)
     left = {n: None if s.left is None else s.left * 3600 for n, s in status.items()}
     assert left == {
         "gshard_s0": 0.0,
         "gshard_s1": 0.0,
         "gshard_s2": pytest.approx(825),
-        "dsm_s0": pytest.approx(450),
+        "dsm_s0": pytest.approx(360),
         "dsm_s1": None,
         "gshard2_s0": pytest.approx(825),
         "gshard2_s1": pytest.approx(825),
@@ -124,6 +125,19 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     assert lines[5].endswith("not started; left: unknown (no finished run of member dsm or model deepseekmoe_tiny)")
     assert lines[8].startswith("Remaining: at least ~0.8 run-hours; with --parallel 2: at least ~0.4 wall-hours.")
     assert "own throughput" in lines[9]
+
+
+def test_status_estimate_ignores_a_paused_window(tmp_path):
+    """A run stopped for an hour between steps 40 and 50 (e.g. by a benchmark pausing other processes): that
+    window logs 10 x 4096 / 3610 s. Its mean throughput falls to 50 x 4096 / 3650 s, but the steps left are
+    estimated at its median window rate, 4096 tokens/s: 250 x 4096 / 4096 = 250 s, not about 5 hours."""
+    rows = [{"step": s, "tokens_per_second": 4096.0} for s in (10, 20, 30, 40)]
+    rows.append({"step": 50, "tokens_per_second": 10 * 4096 / 3610})
+    _workdir(tmp_path / "runs" / "dsm_s0", "dsm", "deepseekmoe_tiny", rows)
+    fam = load_family(_family_file(tmp_path))
+    dsm = {s.name: s for s in family_status(fam, tmp_path / "runs")}["dsm_s0"]
+    assert dsm.hours * 3600 == pytest.approx(3650) and dsm.tokens_per_second == pytest.approx(50 * 4096 / 3650)
+    assert dsm.left * 3600 == pytest.approx(250) and dsm.left_from == "own throughput"
 
 
 def test_status_estimates_from_finished_runs_not_asked_for(sweep_dirs):
