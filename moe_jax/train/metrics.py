@@ -43,23 +43,61 @@ def machine_key(dtype) -> str:
     )
 
 
-def cpu_busy() -> str:
-    """Why a CPU matmul-peak measurement now would be low ("load 7.4 on 2 cores"), or "" when it would not:
-    the 1-minute load average exceeds the machine's cores. Always "" on accelerators."""
+def cpu_busy(interval: float = 0.5) -> str:
+    """Why a CPU matmul-peak measurement now would be low ("cores 0-1 93% busy with other work"), or "" when
+    it would not. Always "" on accelerators.
+
+    The measurement runs on this process's usable cores (`os.sched_getaffinity`), so those must be idle:
+    their busy share is read from /proc/stat over `interval` seconds while this process sleeps, and above
+    25% they are busy. (The 1-minute load average, the fallback where /proc/stat is missing, cannot tell:
+    a 2-core measurement beside two training processes sees load 2.0 on 2 cores, and once kept 17 GFLOP/s
+    against a quiet peak of 80.)
+    """
     import os
 
-    if jax.default_backend() != "cpu" or not hasattr(os, "getloadavg"):
+    if jax.default_backend() != "cpu":
         return ""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    return f"load {load:.1f} on {cores} cores" if load > cores else ""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    before = _proc_stat_times()
+    if before is None:
+        if not hasattr(os, "getloadavg"):
+            return ""
+        load, n = os.getloadavg()[0], os.cpu_count() or 1
+        return f"load {load:.1f} on {n} cores" if load > n else ""
+    time.sleep(interval)
+    after = _proc_stat_times() or {}
+    busy, total = 0, 0
+    for c in cores:
+        if c in before and c in after:
+            (b0, t0), (b1, t1) = before[c], after[c]
+            busy, total = busy + b1 - b0, total + t1 - t0
+    share = busy / total if total else 0.0
+    names = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores))
+    return f"cores {names} {share:.0%} busy with other work" if share > 0.25 else ""
+
+
+def _proc_stat_times() -> dict[int, tuple[int, int]] | None:
+    """Core -> (busy, total) jiffies since boot, from /proc/stat (idle and iowait count as not busy), or None
+    where it cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(v) for v in fields[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out or None
 
 
 def machine_peak_flops(dtype=jnp.float32, cache: str | Path | None = None) -> tuple[float, str]:
     """The matmul peak used for MFU, fixed per machine so that runs are comparable: measured once (the
     best of 20 repeats of a 2048^3 matmul) and kept in `cache` (default
     $XDG_CACHE_HOME/moe_jax/peak_flops.json) under `machine_key(dtype)`. The best repeat survives short
-    interruptions but not a machine that stays busy, so a CPU measurement taken while more threads are
-    runnable than there are cores (`cpu_busy`) is used for this run only and not kept. Returns
+    interruptions but not a machine that stays busy, so a CPU measurement taken while other work keeps this
+    process's cores busy (`cpu_busy`) is used for this run only and not kept. Returns
     (FLOP/s, a note)."""
     import os
 

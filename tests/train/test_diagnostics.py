@@ -58,19 +58,45 @@ def test_machine_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert M.machine_key(jnp.float32) in json.loads(path.read_text())
 
 
-def test_a_peak_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+def test_cpu_busy_reads_the_usable_cores_share_from_proc_stat(monkeypatch):
+    """Hand-made /proc/stat snapshots: over the interval cores 0 and 1 spent 90 and 70 of 100 jiffies busy
+    (user + system; idle and iowait are not busy) -> 80% busy; 10 and 20 of 100 -> 15%, not busy. Cores
+    this process may not use (2) do not count; without /proc/stat the 1-minute load average decides."""
     import os
 
-    real_busy = M.cpu_busy
+    def snapshots(*shares):
+        seq = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)}, {**{c: (b, 100) for c, b in enumerate(shares)}, 2: (0, 100)}])
+        return lambda: next(seq)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(M, "_proc_stat_times", snapshots(90, 70))
+    assert M.cpu_busy(interval=0) == "cores 0-1 80% busy with other work"
+    monkeypatch.setattr(M, "_proc_stat_times", snapshots(10, 20))
+    assert M.cpu_busy(interval=0) == ""
+    monkeypatch.setattr(M, "_proc_stat_times", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 0.0, 0.0))
-    assert real_busy() == f"load 99.0 on {os.cpu_count()} cores"
+    assert M.cpu_busy() == f"load 99.0 on {os.cpu_count()} cores"
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))
-    assert real_busy() == ""
+    assert M.cpu_busy() == ""
+
+
+def test_proc_stat_times_golden(monkeypatch, tmp_path):
+    """The per-core lines of /proc/stat: busy = all ticks but idle (4th) and iowait (5th); the aggregate
+    `cpu` line is skipped."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 1 2 3 40 5 6 7 8 0 0\ncpu1 10 0 0 90 0 0 0 0 0 0\nintr 5\n")
+    real_path = M.Path
+    monkeypatch.setattr(M, "Path", lambda p: stat if p == "/proc/stat" else real_path(p))
+    assert M._proc_stat_times() == {0: (27, 72), 1: (10, 100)}
+
+
+def test_a_peak_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "measure_peak_flops", lambda dtype, repeats=5: 3e10)
-    monkeypatch.setattr(M, "cpu_busy", lambda: "load 7.4 on 2 cores")
+    monkeypatch.setattr(M, "cpu_busy", lambda: "cores 0-1 93% busy with other work")
     path = tmp_path / "peak.json"
     flops, note = M.machine_peak_flops(jnp.float32, cache=path)
-    assert flops == 3e10 and "busy machine, load 7.4 on 2 cores: not kept" in note and not path.exists()
+    assert flops == 3e10 and "busy machine, cores 0-1 93% busy with other work: not kept" in note
+    assert not path.exists()
 
 
 def test_metrics_survive_a_run_killed_mid_line(tmp_path):
