@@ -25,6 +25,14 @@ def assert_tree_close(actual, expected, tol: float = 1e-5):
         assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {tol:.0e}"
 
 
+def one_layer_model(moe, ffn_dim: int = 32, **kw):
+    """One layer (MoE `moe`) over d_model 16, vocab 64, 2 heads of 8: the model the layer tests share;
+    `kw` sets further ModelConfig fields (e.g. init_std)."""
+    from moe_jax.config import ModelConfig
+
+    return ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, head_dim=8, ffn_dim=ffn_dim, moe=moe, **kw)
+
+
 def tiny_model(shared: int = 1, **moe):
     """The 2-layer DeepSeekMoE-shaped model the training tests share (`shared` + 8 - `shared` routed
     experts of width 32, top-2)."""

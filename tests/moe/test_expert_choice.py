@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.layers.mlp import swiglu
@@ -93,15 +93,7 @@ F = 32
 
 def _model_cfg(**moe) -> ModelConfig:
     base = MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_dim=F, router="expert_choice")
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(base, expert_balance_alpha=0.01, device_balance_alpha=0.05, **moe),
-    )
+    return one_layer_model(dataclasses.replace(base, expert_balance_alpha=0.01, device_balance_alpha=0.05, **moe), F)
 
 
 def _inputs():

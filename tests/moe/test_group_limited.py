@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.moe import balance
@@ -197,9 +197,7 @@ def _cfg(**moe) -> ModelConfig:
         comm_balance_alpha=0.02,
         router_z_loss_alpha=1e-3,
     )
-    return ModelConfig(
-        vocab_size=64, d_model=16, num_layers=1, num_heads=2, head_dim=8, ffn_dim=32, moe=MoEConfig(**{**base, **moe})
-    )
+    return one_layer_model(MoEConfig(**{**base, **moe}))
 
 
 def _loss(params, rest, graphdef, x):

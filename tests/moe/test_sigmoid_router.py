@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.configs import gin_utils
@@ -56,15 +56,7 @@ def _model_cfg(**moe) -> ModelConfig:
     base = MoEConfig.fine_grained(
         8, 2, 2, 1, F, router_score="sigmoid", renormalize_topk=True, routed_scaling_factor=2.5
     )  # 1 shared + 15 routed of width F/2, top-3
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(base, router_z_loss_alpha=1e-3, **moe),
-    )
+    return one_layer_model(dataclasses.replace(base, router_z_loss_alpha=1e-3, **moe), F)
 
 
 def _inputs():
