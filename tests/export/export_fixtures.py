@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB
 
 STEP = 7
 # d 32, 3 layers (layer 0 dense), 2 heads x 16, vocab 320, 1 shared + 7 routed experts of width 16, top-3.
@@ -74,3 +74,36 @@ def make_workdir(
     ckpt.save(STEP, state, {})
     ckpt.close()
     return path
+
+
+def short_run_flags(train_cache: Path, steps: int, warmup_steps: int) -> list[str]:
+    """The `--gin.` flags of a short `moe-jax train` (or `import`) run on the `train_cache` fixture's cache:
+    `steps` steps of 8 sequences of TRAIN_SEQ, one evaluation batch."""
+    return [
+        f"--gin.SEQ_LEN={TRAIN_SEQ}",
+        "--gin.BATCH_SIZE=8",
+        f"--gin.TRAIN_STEPS={steps}",
+        f"--gin.WARMUP_STEPS={warmup_steps}",
+        f"--gin.TrainConfig.data_cache='{train_cache}'",
+        "--gin.TrainConfig.eval_batches=1",
+        "--gin.TrainConfig.peak_flops_per_device=1e10",
+    ]
+
+
+def cli_eval_heldout(workdir: Path, out: Path) -> int:
+    """`moe-jax eval` of `workdir`: the held-out loss alone (one batch of 8), the report written to `out`;
+    returns the exit code."""
+    from moe_jax.cli import main
+
+    return main(
+        [
+            "eval",
+            f"--workdir={workdir}",
+            "--tasks=none",
+            "--heldout_batches=1",
+            "--batch_size=8",
+            "--no_progress",
+            "--quiet",
+            f"--out={out}",
+        ]
+    )
