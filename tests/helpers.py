@@ -1,11 +1,36 @@
 """Shared test utilities (imported as `helpers`; pytest puts tests/ on sys.path via rootdir conftest)."""
 
+import os
+import sys
+
 import jax
 import numpy as np
 
 # The tiny token cache of the `train_cache` fixture (tests/conftest.py).
 TRAIN_VOCAB = 320
 TRAIN_SEQ = 64
+
+
+def cli_env(devices: int = 1, **env) -> dict[str, str]:
+    """This process's environment for a `python -m moe_jax.cli` subprocess on `devices` fake CPU devices;
+    `env` adds or overrides variables."""
+    xla = f"--xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": xla, "JAX_PLATFORMS": "cpu", **env}
+
+
+def tiny_train_cmd(workdir, *flags) -> list[str]:
+    """`moe-jax train` (as `python -m moe_jax.cli`) of deepseekmoe_tiny with runs/proxy_cpu.gin into
+    `workdir`, then `flags`; run it with cwd at the repository root (the gin paths are relative)."""
+    return [
+        sys.executable,
+        "-m",
+        "moe_jax.cli",
+        "train",
+        "--model=deepseekmoe_tiny",
+        "--gin_file=runs/proxy_cpu.gin",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def max_rel_err(a, b) -> float:
