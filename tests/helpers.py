@@ -75,6 +75,21 @@ def tiny_model(shared: int = 1, **moe):
     )
 
 
+def tiny_trunk_gin(num_layers: int = 2, first_k_dense: int = 0) -> list[str]:
+    """Gin bindings of the trunk the workdir tests share: d 32, 2 heads x 16, dense FFN 64, init std 0.05,
+    the vocabulary of the `train_cache` fixture."""
+    return [
+        f"VOCAB_SIZE={TRAIN_VOCAB}",
+        "D_MODEL=32",
+        f"NUM_LAYERS={num_layers}",
+        "NUM_HEADS=2",
+        "HEAD_DIM=16",
+        "FFN_DIM=64",
+        f"FIRST_K_DENSE={first_k_dense}",
+        "INIT_STD=0.05",
+    ]
+
+
 def tiny_train(cache, **kw):
     """The training setup the training tests share, on the `train_cache` fixture's cache; `kw` overrides."""
     from moe_jax.train.config import TrainConfig

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from helpers import tiny_trunk_gin
 
 ALPHABET = "\x00 abcdefghijklmnopqrstuvwxyzAQ?:.\n"  # id 0 = pad / BOS
 
@@ -80,18 +81,7 @@ def mc_lines(docs: list[tuple[str, list[str], int]], uncond: bool = True, query_
 
 
 # d 32, 2 layers, 2 heads x 16, vocab 320 (the train_cache fixture's), 1 shared + 7 routed of width 16, top-3.
-TINY = [
-    "VOCAB_SIZE=320",
-    "D_MODEL=32",
-    "NUM_LAYERS=2",
-    "NUM_HEADS=2",
-    "HEAD_DIM=16",
-    "FFN_DIM=64",
-    "FIRST_K_DENSE=0",
-    "INIT_STD=0.05",
-    "SEQ_LEN=64",
-    "BATCH_SIZE=16",
-]
+TINY = tiny_trunk_gin() + ["SEQ_LEN=64", "BATCH_SIZE=16"]
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 

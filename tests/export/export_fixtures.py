@@ -5,20 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, tiny_trunk_gin
 
 STEP = 7
 # d 32, 3 layers (layer 0 dense), 2 heads x 16, vocab 320, 1 shared + 7 routed experts of width 16, top-3.
-TINY = [
-    f"VOCAB_SIZE={TRAIN_VOCAB}",
-    "D_MODEL=32",
-    "NUM_LAYERS=3",
-    "NUM_HEADS=2",
-    "HEAD_DIM=16",
-    "FFN_DIM=64",
-    "FIRST_K_DENSE=1",
-    "INIT_STD=0.05",
-]
+TINY = tiny_trunk_gin(num_layers=3, first_k_dense=1)
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
