@@ -90,6 +90,38 @@ def tiny_trunk_gin(num_layers: int = 2, first_k_dense: int = 0) -> list[str]:
     ]
 
 
+def write_config_gin(path, gin_files, bindings):
+    """Parse `gin_files` and `bindings` as `moe-jax train` does, create the workdir `path` and write its
+    config.gin; returns (ModelConfig(), TrainConfig()) as bound."""
+    import gin
+    from moe_jax.config import ModelConfig
+    from moe_jax.configs.gin_utils import parse_gin
+    from moe_jax.train.config import TrainConfig
+
+    parse_gin(list(gin_files), list(bindings), modules=("moe_jax.train.config", "moe_jax.parallel.mesh"))
+    model_cfg, train_cfg = ModelConfig(), TrainConfig()
+    path.mkdir(parents=True)
+    (path / "config.gin").write_text(gin.config_str())
+    return model_cfg, train_cfg
+
+
+def save_checkpoint(path, train_cfg, params, step: int):
+    """Checkpoint `params` at `step` in the workdir `path` with a fresh optimizer state of `train_cfg`,
+    as `moe-jax train` leaves it; returns `path`."""
+    import jax.numpy as jnp
+
+    from moe_jax.train.checkpoint import Checkpointer
+    from moe_jax.train.optimizer import make_optimizer
+    from moe_jax.train.step import TrainState
+
+    opt_state = make_optimizer(train_cfg).init(params)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+    ckpt = Checkpointer(path, async_save=False)
+    ckpt.save(step, state, {})
+    ckpt.close()
+    return path
+
+
 def tiny_train(cache, **kw):
     """The training setup the training tests share, on the `train_cache` fixture's cache; `kw` overrides."""
     from moe_jax.train.config import TrainConfig

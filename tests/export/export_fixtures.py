@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import TRAIN_SEQ, tiny_trunk_gin
+from helpers import TRAIN_SEQ, save_checkpoint, tiny_trunk_gin, write_config_gin
 
 STEP = 7
 # d 32, 3 layers (layer 0 dense), 2 heads x 16, vocab 320, 1 shared + 7 routed experts of width 16, top-3.
@@ -29,22 +29,10 @@ def make_workdir(
     import jax.numpy as jnp
     from flax import nnx
 
-    import gin
-    from moe_jax.config import ModelConfig
-    from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.model.transformer import Transformer
-    from moe_jax.train.checkpoint import Checkpointer
-    from moe_jax.train.config import TrainConfig
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
 
     extra = [f"TrainConfig.data_cache='{data_cache}'"] if data_cache else []
-    parse_gin(
-        [arch, "runs/proxy_cpu.gin"], list(bindings) + extra, modules=("moe_jax.train.config", "moe_jax.parallel.mesh")
-    )
-    model_cfg, train_cfg = ModelConfig(), TrainConfig()
-    path.mkdir(parents=True)
-    (path / "config.gin").write_text(gin.config_str())
+    model_cfg, train_cfg = write_config_gin(path, [arch, "runs/proxy_cpu.gin"], [*bindings, *extra])
     params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
     rng = np.random.default_rng(seed + 1)
     params = jax.tree_util.tree_map_with_path(
@@ -58,13 +46,7 @@ def make_workdir(
 
         m = build_mesh(MeshConfig.from_string(mesh))
         params = jax.jit(lambda p: p, out_shardings=state_shardings(params, m))(params)
-    state = TrainState(
-        step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params)
-    )
-    ckpt = Checkpointer(path, async_save=False)
-    ckpt.save(STEP, state, {})
-    ckpt.close()
-    return path
+    return save_checkpoint(path, train_cfg, params, STEP)
 
 
 def short_run_flags(train_cache: Path, steps: int, warmup_steps: int) -> list[str]:
