@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import jax
 import pytest
+from closed_form import closed_form_counts
 
-from moe_jax.config import ModelConfig
 from moe_jax.configs import gin_utils
 from moe_jax.configs.paper_numbers import FLOPS_TOLERANCE, PAPER_MODELS, PARAM_TOLERANCE, Printed, paper_model
 from moe_jax.configs.params_cli import main as params_main
@@ -17,26 +17,6 @@ from moe_jax.configs.params_cli import paper_report
 from moe_jax.model.params import count_params
 
 REPORTS = {m.name: paper_report(m) for m in PAPER_MODELS}
-
-
-def _closed_form(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, activated) from the config alone: SwiGLU FFN = 3 d F, attention = 4 d H Dh."""
-    d, L = cfg.d_model, cfg.num_layers
-    per_layer = 4 * d * cfg.num_heads * cfg.head_dim + 2 * d
-    total = 2 * cfg.vocab_size * d + d + L * per_layer
-    activated = total
-    for layer in range(L):
-        if not cfg.is_moe_layer(layer):
-            total += 3 * d * cfg.ffn_dim
-            activated += 3 * d * cfg.ffn_dim
-            continue
-        m = cfg.moe
-        shared = 3 * d * m.num_shared_experts * m.expert_dim
-        routed = 3 * d * m.num_experts * m.expert_dim
-        router = d * m.num_experts if m.router == "softmax" else 0
-        total += shared + routed + router
-        activated += shared + router + (3 * d * m.top_k * m.expert_dim if m.num_experts else 0)
-    return total, activated
 
 
 @pytest.mark.parametrize("name", sorted(REPORTS))
@@ -89,7 +69,8 @@ def test_exact_counts_of_the_derivations_in_paper_md():
 def test_abstract_count_matches_closed_form(name):
     cfg = gin_utils.model_config_from_gin([gin_utils.model_gin_path(name)])
     counts = REPORTS[name].counts
-    assert (counts.total, counts.activated) == _closed_form(cfg)
+    closed = closed_form_counts(cfg)
+    assert (counts.total, counts.activated) == (closed["total"], closed["activated"])
     assert counts.by_category["other"] == 0
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from helpers import save_checkpoint, tiny_trunk_gin, write_config_gin
 
 ALPHABET = "\x00 abcdefghijklmnopqrstuvwxyzAQ?:.\n"  # id 0 = pad / BOS
 
@@ -80,49 +81,18 @@ def mc_lines(docs: list[tuple[str, list[str], int]], uncond: bool = True, query_
 
 
 # d 32, 2 layers, 2 heads x 16, vocab 320 (the train_cache fixture's), 1 shared + 7 routed of width 16, top-3.
-TINY = [
-    "VOCAB_SIZE=320",
-    "D_MODEL=32",
-    "NUM_LAYERS=2",
-    "NUM_HEADS=2",
-    "HEAD_DIM=16",
-    "FFN_DIM=64",
-    "FIRST_K_DENSE=0",
-    "INIT_STD=0.05",
-    "SEQ_LEN=64",
-    "BATCH_SIZE=16",
-]
+TINY = tiny_trunk_gin() + ["SEQ_LEN=64", "BATCH_SIZE=16"]
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
 
 def make_workdir(path: Path, bindings, data_cache: Path, seed: int = 0, step: int = 3) -> Path:
     """A workdir as `moe-jax train` leaves it (config.gin + checkpoints/<step>), random weights."""
-    import jax.numpy as jnp
     from flax import nnx
 
-    import gin
-    from moe_jax.config import ModelConfig
-    from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.model.transformer import Transformer
-    from moe_jax.train.checkpoint import Checkpointer
-    from moe_jax.train.config import TrainConfig
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
 
-    parse_gin(
-        ["architectures/moe.gin", "runs/proxy_cpu.gin"],
-        list(bindings) + [f"TrainConfig.data_cache='{data_cache}'"],
-        modules=("moe_jax.train.config", "moe_jax.parallel.mesh"),
-    )
-    model_cfg, train_cfg = ModelConfig(), TrainConfig()
-    path.mkdir(parents=True)
-    (path / "config.gin").write_text(gin.config_str())
+    extra = [f"TrainConfig.data_cache='{data_cache}'"]
+    model_cfg, train_cfg = write_config_gin(path, ["architectures/moe.gin", "runs/proxy_cpu.gin"], [*bindings, *extra])
     params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
-    state = TrainState(
-        step=jnp.asarray(step, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params)
-    )
-    ckpt = Checkpointer(path, async_save=False)
-    ckpt.save(step, state, {})
-    ckpt.close()
-    return path
+    return save_checkpoint(path, train_cfg, params, step)

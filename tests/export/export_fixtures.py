@@ -5,20 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import TRAIN_VOCAB
+from helpers import TRAIN_SEQ, save_checkpoint, tiny_trunk_gin, write_config_gin
 
 STEP = 7
 # d 32, 3 layers (layer 0 dense), 2 heads x 16, vocab 320, 1 shared + 7 routed experts of width 16, top-3.
-TINY = [
-    f"VOCAB_SIZE={TRAIN_VOCAB}",
-    "D_MODEL=32",
-    "NUM_LAYERS=3",
-    "NUM_HEADS=2",
-    "HEAD_DIM=16",
-    "FFN_DIM=64",
-    "FIRST_K_DENSE=1",
-    "INIT_STD=0.05",
-]
+TINY = tiny_trunk_gin(num_layers=3, first_k_dense=1)
 DEEPSEEK = TINY + ["NUM_EXPERTS=7", "NUM_SHARED=1", "TOP_K=3", "EXPERT_DIM=16"]
 GSHARD = TINY + ["NUM_EXPERTS=4", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=32"]
 
@@ -38,22 +29,10 @@ def make_workdir(
     import jax.numpy as jnp
     from flax import nnx
 
-    import gin
-    from moe_jax.config import ModelConfig
-    from moe_jax.configs.gin_utils import parse_gin
     from moe_jax.model.transformer import Transformer
-    from moe_jax.train.checkpoint import Checkpointer
-    from moe_jax.train.config import TrainConfig
-    from moe_jax.train.optimizer import make_optimizer
-    from moe_jax.train.step import TrainState
 
     extra = [f"TrainConfig.data_cache='{data_cache}'"] if data_cache else []
-    parse_gin(
-        [arch, "runs/proxy_cpu.gin"], list(bindings) + extra, modules=("moe_jax.train.config", "moe_jax.parallel.mesh")
-    )
-    model_cfg, train_cfg = ModelConfig(), TrainConfig()
-    path.mkdir(parents=True)
-    (path / "config.gin").write_text(gin.config_str())
+    model_cfg, train_cfg = write_config_gin(path, [arch, "runs/proxy_cpu.gin"], [*bindings, *extra])
     params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
     rng = np.random.default_rng(seed + 1)
     params = jax.tree_util.tree_map_with_path(
@@ -67,10 +46,37 @@ def make_workdir(
 
         m = build_mesh(MeshConfig.from_string(mesh))
         params = jax.jit(lambda p: p, out_shardings=state_shardings(params, m))(params)
-    state = TrainState(
-        step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=make_optimizer(train_cfg).init(params)
+    return save_checkpoint(path, train_cfg, params, STEP)
+
+
+def short_run_flags(train_cache: Path, steps: int, warmup_steps: int) -> list[str]:
+    """The `--gin.` flags of a short `moe-jax train` (or `import`) run on the `train_cache` fixture's cache:
+    `steps` steps of 8 sequences of TRAIN_SEQ, one evaluation batch."""
+    return [
+        f"--gin.SEQ_LEN={TRAIN_SEQ}",
+        "--gin.BATCH_SIZE=8",
+        f"--gin.TRAIN_STEPS={steps}",
+        f"--gin.WARMUP_STEPS={warmup_steps}",
+        f"--gin.TrainConfig.data_cache='{train_cache}'",
+        "--gin.TrainConfig.eval_batches=1",
+        "--gin.TrainConfig.peak_flops_per_device=1e10",
+    ]
+
+
+def cli_eval_heldout(workdir: Path, out: Path) -> int:
+    """`moe-jax eval` of `workdir`: the held-out loss alone (one batch of 8), the report written to `out`;
+    returns the exit code."""
+    from moe_jax.cli import main
+
+    return main(
+        [
+            "eval",
+            f"--workdir={workdir}",
+            "--tasks=none",
+            "--heldout_batches=1",
+            "--batch_size=8",
+            "--no_progress",
+            "--quiet",
+            f"--out={out}",
+        ]
     )
-    ckpt = Checkpointer(path, async_save=False)
-    ckpt.save(STEP, state, {})
-    ckpt.close()
-    return path

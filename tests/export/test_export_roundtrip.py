@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from export_fixtures import DEEPSEEK, GSHARD, STEP, make_workdir
+from export_fixtures import DEEPSEEK, GSHARD, STEP, cli_eval_heldout, make_workdir, short_run_flags
 from helpers import TRAIN_SEQ, TRAIN_VOCAB, max_rel_err
 
 
@@ -202,30 +202,13 @@ def test_imported_workdir_resumes_training(ds_export, tmp_path, train_cache):
             f"--hf={ds_export.out}",
             f"--workdir={wd}",
             "--no_progress",
-            f"--gin.SEQ_LEN={TRAIN_SEQ}",
-            "--gin.BATCH_SIZE=8",
-            f"--gin.TRAIN_STEPS={STEP + 2}",
-            "--gin.WARMUP_STEPS=2",
-            f"--gin.TrainConfig.data_cache='{train_cache}'",
-            "--gin.TrainConfig.eval_batches=1",
-            "--gin.TrainConfig.peak_flops_per_device=1e10",
+            *short_run_flags(train_cache, steps=STEP + 2, warmup_steps=2),
         ]
     )
     assert rc == 0
     assert json.loads((wd / "imported_from.json").read_text())["warnings"] == []
     # `moe-jax eval` scores it (held-out loss on the cache named in the imported config.gin) ...
-    rc = main(
-        [
-            "eval",
-            f"--workdir={wd}",
-            "--tasks=none",
-            "--heldout_batches=1",
-            "--batch_size=8",
-            "--no_progress",
-            "--quiet",
-            f"--out={tmp_path / 'eval.json'}",
-        ]
-    )
+    rc = cli_eval_heldout(wd, tmp_path / "eval.json")
     assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["step"] == STEP
     # ... and `moe-jax train` continues it.
     rc = main(["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"])

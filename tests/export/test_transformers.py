@@ -17,7 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
-from export_fixtures import STEP, TINY, make_workdir
+from export_fixtures import STEP, TINY, cli_eval_heldout, make_workdir, short_run_flags
 from helpers import TRAIN_SEQ, TRAIN_VOCAB, max_rel_err
 
 TOL = 1e-5
@@ -382,15 +382,7 @@ def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_
     from moe_jax.cli import main
     from moe_jax.train.restore import parse_workdir_config
 
-    run = [
-        f"--gin.SEQ_LEN={TRAIN_SEQ}",
-        "--gin.BATCH_SIZE=8",
-        "--gin.TRAIN_STEPS=2",
-        "--gin.WARMUP_STEPS=1",
-        f"--gin.TrainConfig.data_cache='{train_cache}'",
-        "--gin.TrainConfig.eval_batches=1",
-        "--gin.TrainConfig.peak_flops_per_device=1e10",
-    ]
+    run = short_run_flags(train_cache, steps=2, warmup_steps=1)
     for name, make in (("qwen2moe", _fresh_qwen2moe), ("llama", _fresh_llama)):
         hf, wd = make(tmp_path / name), tmp_path / f"{name}_wd"
         assert main(["import", f"--hf={hf}", f"--workdir={wd}", "--no_progress", *run]) == 0
@@ -407,18 +399,7 @@ def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_
     assert main(["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"]) == 0
     result = json.loads((wd / "result.json").read_text())
     assert result["step"] == 2 and np.isfinite(result["train_loss"])
-    rc = main(
-        [
-            "eval",
-            f"--workdir={wd}",
-            "--tasks=none",
-            "--heldout_batches=1",
-            "--batch_size=8",
-            "--no_progress",
-            "--quiet",
-            f"--out={tmp_path / 'eval.json'}",
-        ]
-    )
+    rc = cli_eval_heldout(wd, tmp_path / "eval.json")
     assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["step"] == 2
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
+from layer_testlib import layer_grads
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.layers.mlp import swiglu
@@ -93,24 +94,11 @@ F = 32
 
 def _model_cfg(**moe) -> ModelConfig:
     base = MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_dim=F, router="expert_choice")
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(base, expert_balance_alpha=0.01, device_balance_alpha=0.05, **moe),
-    )
+    return one_layer_model(dataclasses.replace(base, expert_balance_alpha=0.01, device_balance_alpha=0.05, **moe), F)
 
 
 def _inputs():
     return jax.random.normal(jax.random.key(1), (2, 12, 16))  # 2 sequences of 12: C = 12 * 2 / 8 = 3
-
-
-def _loss(params, rest, graphdef, x):
-    y, aux = nnx.merge(graphdef, params, rest)(x)
-    return jnp.sum(jnp.sin(y)) + aux.losses.total, (y, aux)
 
 
 def _numpy_expert_choice(layer: MoELayer, x: np.ndarray, groups: int) -> np.ndarray:
@@ -146,10 +134,8 @@ def test_layer_is_the_per_expert_loop(scope):
 def test_dispatches_match_the_reference_loop(dispatch):
     x, results = _inputs(), {}
     for d in ("reference", dispatch):
-        cfg = _model_cfg(dispatch=d)  # capacity: ceil(1.25 * T * E / E) slots, more than any expert takes
-        graphdef, params, rest = nnx.split(MoELayer(cfg, nnx.Rngs(0)), nnx.Param, ...)
-        grad_fn = jax.value_and_grad(_loss, argnums=(0, 3), has_aux=True)
-        results[d] = jax.jit(grad_fn, static_argnums=2)(params, rest, graphdef, x)
+        # capacity: ceil(1.25 * T * E / E) slots, more than any expert takes
+        results[d] = layer_grads(_model_cfg(dispatch=d), x)
     (_, (y_ref, aux_ref)), g_ref = results["reference"]
     (_, (y, aux)), g = results[dispatch]
     assert max_rel_err(y, y_ref) <= 1e-5

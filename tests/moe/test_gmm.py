@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_testlib import gmm_problem, gmm_reference, jit_gmm_vjp, with_backend
 from helpers import assert_tree_close, max_rel_err
 
-from moe_jax.moe.dispatch import DISPATCH_SPECS, ExpertParams, get_dispatch
+from moe_jax.moe.dispatch import ExpertParams
 from moe_jax.moe.dispatch import gmm as G
 from moe_jax.moe.dispatch.kernels_cpu import chunked_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, inverse_permutation, permute_rows
@@ -40,43 +41,16 @@ GROUPS = {  # name -> (rows M, group sizes); sum < M leaves sentinel rows at the
 }
 
 
-def _with_backend(name, backend):
-    """Dispatch `name`, with grouped-matmul kernel `backend` if it takes one (the reference does not)."""
-    return get_dispatch(name, **({"gmm_backend": backend} if "gmm_backend" in DISPATCH_SPECS[name].options else {}))
-
-
-def _reference(lhs, rhs, sizes, dy):
-    """float64 per-expert loop: out, dlhs, drhs of <gmm(lhs, rhs), dy>."""
-    lhs, rhs, dy = (np.asarray(a, np.float64) for a in (lhs, rhs, dy))
-    out, dlhs, drhs = np.zeros((lhs.shape[0], rhs.shape[2])), np.zeros_like(lhs), np.zeros_like(rhs)
-    start = 0
-    for e, n in enumerate(sizes):
-        rows = slice(start, start + n)
-        out[rows] = lhs[rows] @ rhs[e]
-        dlhs[rows] = dy[rows] @ rhs[e].T
-        drhs[e] = lhs[rows].T @ dy[rows]
-        start += n
-    return out, dlhs, drhs
-
-
-def _problem(m, sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    lhs = rng.standard_normal((m, K)).astype(np.float32)
-    rhs = rng.standard_normal((len(sizes), K, N)).astype(np.float32)
-    dy = rng.standard_normal((m, N)).astype(np.float32)
-    return lhs, rhs, dy
-
-
 @pytest.mark.parametrize("groups", list(GROUPS))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_matches_per_expert_loop(kernel, groups):
     m, sizes = GROUPS[groups]
-    lhs, rhs, dy = _problem(m, sizes)
+    lhs, rhs, dy = gmm_problem(m, K, N, sizes)
     gs = jnp.asarray(sizes, jnp.int32)
     fn = KERNELS[kernel]
     out, vjp = jax.vjp(lambda a, b: fn(a, b, gs), jnp.asarray(lhs), jnp.asarray(rhs))
     dlhs, drhs = vjp(jnp.asarray(dy))
-    ref_out, ref_dlhs, ref_drhs = _reference(lhs, rhs, sizes, dy)
+    ref_out, ref_dlhs, ref_drhs = gmm_reference(lhs, rhs, sizes, dy)
     for got, ref in ((out, ref_out), (dlhs, ref_dlhs), (drhs, ref_drhs)):
         assert got.shape == ref.shape
         assert max_rel_err(got, ref) <= 1e-5 if np.any(ref) else not np.any(np.asarray(got))
@@ -87,21 +61,13 @@ def test_kernel_matches_per_expert_loop(kernel, groups):
 @pytest.mark.parametrize("kernel", [k for k in KERNELS if k.startswith("chunked")])
 def test_chunked_kernel_under_jit_and_nan_in_sentinel_rows(kernel):
     m, sizes = GROUPS["sentinel_rows"]
-    lhs, rhs, dy = _problem(m, sizes, seed=1)
+    lhs, rhs, dy = gmm_problem(m, K, N, sizes, seed=1)
     total = sum(sizes)
     lhs[total:] = np.nan  # whatever sits past the groups never leaks
     dy[total:] = np.inf
-    gs = jnp.asarray(sizes, jnp.int32)
-    fn = KERNELS[kernel]
-
-    @jax.jit
-    def run(a, b, g):
-        out, vjp = jax.vjp(lambda a, b: fn(a, b, gs), a, b)
-        return (out,) + vjp(g)
-
-    out, dlhs, drhs = run(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(dy))
+    out, dlhs, drhs = jit_gmm_vjp(KERNELS[kernel], lhs, rhs, dy, sizes)
     clean = [np.nan_to_num(a, nan=0.0, posinf=0.0) for a in (lhs, dy)]
-    ref_out, ref_dlhs, ref_drhs = _reference(clean[0], rhs, sizes, clean[1])
+    ref_out, ref_dlhs, ref_drhs = gmm_reference(clean[0], rhs, sizes, clean[1])
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(dlhs)).all()
     assert np.isfinite(np.asarray(drhs)).all()
     assert max_rel_err(out, ref_out) <= 1e-5 and max_rel_err(dlhs, ref_dlhs) <= 1e-5
@@ -110,11 +76,11 @@ def test_chunked_kernel_under_jit_and_nan_in_sentinel_rows(kernel):
 
 def test_chunked_kernel_bfloat16_close_to_float32():
     m, sizes = GROUPS["random_with_empty"]
-    lhs, rhs, _ = _problem(m, sizes)
+    lhs, rhs, _ = gmm_problem(m, K, N, sizes)
     gs = jnp.asarray(sizes, jnp.int32)
     out = chunked_gmm(jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16), gs, chunks=(8, 4))
     assert out.dtype == jnp.bfloat16
-    assert max_rel_err(out, _reference(lhs, rhs, sizes, np.zeros((m, N)))[0]) <= 2e-2
+    assert max_rel_err(out, gmm_reference(lhs, rhs, sizes, np.zeros((m, N)))[0]) <= 2e-2
 
 
 def test_chunked_kernel_has_no_rows_times_experts_intermediate():
@@ -158,7 +124,7 @@ D, F = 16, 8
 def _dispatch_loss(name, backend, k, policy="greedy"):
     def f(x, kernel, wi, wo, rng):
         routing = softmax_topk(router_logits(x, kernel), k, second_expert_policy=policy, rng=rng)
-        y = _with_backend(name, backend)(x, routing, ExpertParams(wi=wi, wo=wo)).y
+        y = with_backend(name, backend)(x, routing, ExpertParams(wi=wi, wo=wo)).y
         return jnp.sum(jnp.sin(y)), y
 
     return f
@@ -208,17 +174,10 @@ def test_triton_ragged_dot_on_gpu_matches_reference():
 
     assert G.prepare_gmm("ragged_dot_triton") == "ragged_dot_triton"
     m, sizes = 384, [100, 0, 37, 200, 20]
-    lhs, rhs, dy = _problem(m, sizes)
-    gs = jnp.asarray(sizes, jnp.int32)
-
-    @jax.jit
-    def run(a, b, g):
-        out, vjp = jax.vjp(lambda a, b: G.get_gmm("ragged_dot_triton")(a, b, gs), a, b)
-        return (out,) + vjp(g)
-
+    lhs, rhs, dy = gmm_problem(m, K, N, sizes)
     with jax.default_matmul_precision("highest"):  # no TF32: the float32 bound holds
-        out, dlhs, drhs = run(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(dy))
-    for got, ref in zip((out, dlhs, drhs), _reference(lhs, rhs, sizes, dy)):
+        out, dlhs, drhs = jit_gmm_vjp(G.get_gmm("ragged_dot_triton"), lhs, rhs, dy, sizes)
+    for got, ref in zip((out, dlhs, drhs), gmm_reference(lhs, rhs, sizes, dy)):
         assert max_rel_err(got, ref) <= 1e-5
     assert not np.any(np.asarray(out)[sum(sizes) :])
     assert kernels_gpu.triton_lowering_available() == bool(getattr(jax.config, kernels_gpu.FLAG))

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_testlib import gmm_problem, gmm_reference, jit_gmm_vjp, with_backend
 from helpers import assert_tree_close, max_rel_err
 
-from moe_jax.moe.dispatch import DISPATCH_SPECS, ExpertParams, get_dispatch
+from moe_jax.moe.dispatch import ExpertParams
 from moe_jax.moe.dispatch import gmm as G
 from moe_jax.moe.dispatch import kernels_mosaic as KM
 from moe_jax.moe.gating import router_logits, softmax_topk
@@ -39,50 +40,13 @@ CASES = {
 }
 
 
-def _with_backend(name, backend):
-    """Dispatch `name`, with grouped-matmul kernel `backend` if it takes one (the reference does not)."""
-    return get_dispatch(name, **({"gmm_backend": backend} if "gmm_backend" in DISPATCH_SPECS[name].options else {}))
-
-
-def _reference(lhs, rhs, sizes, dy):
-    """float64 per-expert loop: out, dlhs, drhs of <gmm(lhs, rhs), dy>."""
-    lhs, rhs, dy = (np.asarray(a, np.float64) for a in (lhs, rhs, dy))
-    out, dlhs, drhs = np.zeros((lhs.shape[0], rhs.shape[2])), np.zeros_like(lhs), np.zeros_like(rhs)
-    start = 0
-    for e, n in enumerate(sizes):
-        rows = slice(start, start + n)
-        out[rows], dlhs[rows], drhs[e] = lhs[rows] @ rhs[e], dy[rows] @ rhs[e].T, lhs[rows].T @ dy[rows]
-        start += n
-    return out, dlhs, drhs
-
-
-def _problem(m, k, n, sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((m, k)).astype(np.float32),
-        rng.standard_normal((len(sizes), k, n)).astype(np.float32),
-        rng.standard_normal((m, n)).astype(np.float32),
-    )
-
-
-def _run(fn, lhs, rhs, dy, sizes, dtype=jnp.float32):
-    gs = jnp.asarray(sizes, jnp.int32)
-
-    @jax.jit
-    def run(a, b, g):
-        out, vjp = jax.vjp(lambda a, b: fn(a, b, gs), a, b)
-        return (out,) + vjp(g)
-
-    return run(*(jnp.asarray(x, dtype) for x in (lhs, rhs, dy)))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_wrapper_with_emulated_kernels_matches_per_expert_loop(case):
     m, k, n, sizes, cfg = CASES[case]
-    lhs, rhs, dy = _problem(m, k, n, sizes)
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes)
     fn = functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED)
-    got = _run(fn, lhs, rhs, dy, sizes)
-    for g, ref, what in zip(got, _reference(lhs, rhs, sizes, dy), ("out", "dlhs", "drhs")):
+    got = jit_gmm_vjp(fn, lhs, rhs, dy, sizes)
+    for g, ref, what in zip(got, gmm_reference(lhs, rhs, sizes, dy), ("out", "dlhs", "drhs")):
         assert g.shape == ref.shape and g.dtype == jnp.float32, what
         assert np.isfinite(np.asarray(g)).all(), what
         assert (max_rel_err(g, ref) <= 1e-5) if np.any(ref) else not np.any(np.asarray(g)), what
@@ -92,10 +56,10 @@ def test_wrapper_with_emulated_kernels_matches_per_expert_loop(case):
 @pytest.mark.parametrize("case", ["padded_everywhere", "one_group_last"])
 def test_chunked_weight_gradient_fallback_matches_per_expert_loop(case):
     m, k, n, sizes, cfg = CASES[case]
-    lhs, rhs, dy = _problem(m, k, n, sizes)
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes)
     cfg = KM.MosaicConfig(**{**cfg.__dict__, "weight_grad": "chunked"})
-    got = _run(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes)
-    for g, ref in zip(got, _reference(lhs, rhs, sizes, dy)):
+    got = jit_gmm_vjp(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes)
+    for g, ref in zip(got, gmm_reference(lhs, rhs, sizes, dy)):
         assert max_rel_err(g, ref) <= 1e-5
     with pytest.raises(ValueError, match="weight_grad"):
         KM.MosaicConfig(weight_grad="xla")
@@ -103,12 +67,12 @@ def test_chunked_weight_gradient_fallback_matches_per_expert_loop(case):
 
 def test_nan_and_inf_past_the_groups_never_leak():
     m, k, n, sizes, cfg = CASES["padded_everywhere"]
-    lhs, rhs, dy = _problem(m, k, n, sizes, seed=1)
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes, seed=1)
     total = sum(sizes)
     lhs[total:], dy[total:] = np.nan, np.inf
-    got = _run(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes)
+    got = jit_gmm_vjp(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes)
     clean = [np.nan_to_num(a, nan=0.0, posinf=0.0) for a in (lhs, dy)]
-    for g, ref in zip(got, _reference(clean[0], rhs, sizes, clean[1])):
+    for g, ref in zip(got, gmm_reference(clean[0], rhs, sizes, clean[1])):
         assert np.isfinite(np.asarray(g)).all() and max_rel_err(g, ref) <= 1e-5
 
 
@@ -127,9 +91,9 @@ def test_emulated_kernels_keep_the_hazards_the_wrapper_removes():
 
 def test_bfloat16_close_to_float32_reference():
     m, k, n, sizes, cfg = CASES["padded_everywhere"]
-    lhs, rhs, dy = _problem(m, k, n, sizes)
-    got = _run(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes, jnp.bfloat16)
-    for g, ref in zip(got, _reference(lhs, rhs, sizes, dy)):
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes)
+    got = jit_gmm_vjp(functools.partial(KM.mosaic_gmm, config=cfg, kernels=EMULATED), lhs, rhs, dy, sizes, jnp.bfloat16)
+    for g, ref in zip(got, gmm_reference(lhs, rhs, sizes, dy)):
         assert g.dtype == jnp.bfloat16 and max_rel_err(g, ref) <= 2e-2
 
 
@@ -139,10 +103,10 @@ def _refusing(*_, **__):
 
 def test_other_dtypes_fall_back_to_ragged_dot():
     m, k, n, sizes, cfg = CASES["padded_everywhere"]
-    lhs, rhs, dy = _problem(m, k, n, sizes)
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes)
     bf16_only = KM.Kernels(_refusing, _refusing, KM.MOSAIC_DTYPES)
-    got = _run(functools.partial(KM.mosaic_gmm, config=cfg, kernels=bf16_only), lhs, rhs, dy, sizes)
-    for g, ref in zip(got, _reference(lhs, rhs, sizes, dy)):
+    got = jit_gmm_vjp(functools.partial(KM.mosaic_gmm, config=cfg, kernels=bf16_only), lhs, rhs, dy, sizes)
+    for g, ref in zip(got, gmm_reference(lhs, rhs, sizes, dy)):
         assert max_rel_err(g, ref) <= 1e-5
     mixed = KM.mosaic_gmm(jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs), jnp.asarray(sizes), kernels=bf16_only)
     assert mixed.dtype == jnp.bfloat16
@@ -200,7 +164,7 @@ def test_dropless_dispatch_with_emulated_mosaic_matches_reference(t, e, k):
 
     def run(name, backend):
         def loss(x, router, wi, wo):
-            y = _with_backend(name, backend)(x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo)).y
+            y = with_backend(name, backend)(x, softmax_topk(router_logits(x, router), k), ExpertParams(wi=wi, wo=wo)).y
             return jnp.sum(jnp.sin(y)), y
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, router, wi, wo)
@@ -251,10 +215,10 @@ def test_usability_checks_here():
 def test_mosaic_kernels_on_gpu_match_per_expert_loop(backend, k, n, sizes):
     assert G.resolve_gmm("auto") == "mosaic_gpu"
     m = sum(sizes) + 37  # rows past the groups
-    lhs, rhs, dy = _problem(m, k, n, sizes)
-    got = _run(G.get_gmm(backend), lhs, rhs, dy, sizes, jnp.bfloat16)
+    lhs, rhs, dy = gmm_problem(m, k, n, sizes)
+    got = jit_gmm_vjp(G.get_gmm(backend), lhs, rhs, dy, sizes, jnp.bfloat16)
     lb, rb, db = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (lhs, rhs, dy))
-    for g, ref, what in zip(got, _reference(lb, rb, sizes, db), ("out", "dlhs", "drhs")):
+    for g, ref, what in zip(got, gmm_reference(lb, rb, sizes, db), ("out", "dlhs", "drhs")):
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), what
         assert max_rel_err(g, ref) <= 1e-2, what  # bf16 output rounding of f32 sums
     assert not np.any(np.asarray(got[0], np.float32)[sum(sizes) :])
@@ -273,7 +237,7 @@ def test_dropless_dispatch_with_mosaic_on_gpu_matches_reference():
 
     def loss(name, backend):
         def f(x, experts):
-            y = _with_backend(name, backend)(x, routing, experts).y
+            y = with_backend(name, backend)(x, routing, experts).y
             return jnp.sum(y.astype(jnp.float32) ** 2), y
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, experts)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
+from layer_testlib import layer_grads
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.moe import balance
@@ -197,34 +198,21 @@ def _cfg(**moe) -> ModelConfig:
         comm_balance_alpha=0.02,
         router_z_loss_alpha=1e-3,
     )
-    return ModelConfig(
-        vocab_size=64, d_model=16, num_layers=1, num_heads=2, head_dim=8, ffn_dim=32, moe=MoEConfig(**{**base, **moe})
-    )
+    return one_layer_model(MoEConfig(**{**base, **moe}))
 
 
-def _loss(params, rest, graphdef, x):
-    y, aux = nnx.merge(graphdef, params, rest)(x)
-    return jnp.sum(jnp.sin(y)) + aux.losses.total, (y, aux)
-
-
-_grad = jax.jit(jax.value_and_grad(_loss, argnums=(0, 3), has_aux=True), static_argnums=2)
 X = jax.random.normal(jax.random.key(1), (8, 4, 16))  # 8 sequences: one per device of a data axis
-
-
-def _run(cfg, x=X):
-    graphdef, params, rest = nnx.split(MoELayer(cfg, nnx.Rngs(0)), nnx.Param, ...)
-    return _grad(params, rest, graphdef, x)
 
 
 @functools.cache
 def _one_device():
     """The dropless layer with G = 4 configured on one device (shared by the tests below)."""
-    return _run(_cfg())
+    return layer_grads(_cfg(), X)
 
 
 @pytest.mark.parametrize("dispatch", ["reference", "capacity"])
 def test_group_limited_layer_matches_reference_loop(dispatch):
-    (_, (y_ref, aux_ref)), g_ref = _run(_cfg(dispatch=dispatch, capacity_factor=64.0))
+    (_, (y_ref, aux_ref)), g_ref = layer_grads(_cfg(dispatch=dispatch, capacity_factor=64.0), X)
     (_, (y, aux)), g = _one_device()
     assert max_rel_err(y, y_ref) <= 1e-5
     assert_tree_close(g, g_ref, 1e-5)
@@ -253,7 +241,8 @@ def test_group_limited_layer_under_expert_parallelism_matches_one_device(spec, s
 
     (loss0, (y0, aux0)), g0 = _one_device()
     with jax.set_mesh(build_mesh(MeshConfig.from_string(spec))):
-        (loss, (y, aux)), g = _run(_cfg(expert_parallel=scheme))  # G = 4 configured: the same routing anywhere
+        # G = 4 configured: the same routing anywhere
+        (loss, (y, aux)), g = layer_grads(_cfg(expert_parallel=scheme), X)
     assert max_rel_err(loss, loss0) <= 1e-5 and max_rel_err(y, y0) <= 1e-5
     assert_tree_close(g, g0, 1e-5)
     assert_tree_close(aux.losses, aux0.losses, 1e-6)
@@ -264,7 +253,7 @@ def test_groups_follow_the_expert_axis_and_bound_the_devices_per_token():
 
     follow = _cfg(num_expert_groups=0)  # G = the expert-axis size, read per call
     with jax.set_mesh(build_mesh(MeshConfig.from_string("data:2,expert:4"))):
-        (_, (y, aux)), g = _run(follow)
+        (_, (y, aux)), g = layer_grads(follow, X)
     (_, (y4, aux4)), g4 = _one_device()  # the same as G = 4 configured, on one device
     assert max_rel_err(y, y4) <= 1e-5 and np.array_equal(aux.expert_ids, aux4.expert_ids)
     assert_tree_close(g, g4, 1e-5)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.layers.mlp import MLP
@@ -27,19 +27,9 @@ LAYERS = {
 
 
 def _model_cfg(moe: MoEConfig) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(
-            moe,
-            router_z_loss_alpha=1e-3,
-            device_balance_alpha=0.05,
-            num_device_groups=2 if moe.num_experts % 2 == 0 else 1,
-        ),
+    groups = 2 if moe.num_experts % 2 == 0 else 1
+    return one_layer_model(
+        dataclasses.replace(moe, router_z_loss_alpha=1e-3, device_balance_alpha=0.05, num_device_groups=groups), F
     )
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import max_rel_err
+from helpers import max_rel_err, one_layer_model
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.moe import gating as R
@@ -126,15 +126,7 @@ F = 32
 
 def _model_cfg(**moe) -> ModelConfig:
     base = MoEConfig.fine_grained(8, 2, 2, 1, F, router_score="sigmoid", renormalize_topk=True)  # 15 routed, top-3
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(base, **{"selection_bias": True, "bias_update_speed": 0.001, **moe}),
-    )
+    return one_layer_model(dataclasses.replace(base, **{"selection_bias": True, "bias_update_speed": 0.001, **moe}), F)
 
 
 def _layer_with_bias(cfg: ModelConfig, bias) -> MoELayer:

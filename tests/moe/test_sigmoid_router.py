@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_tree_close, max_rel_err
+from helpers import assert_tree_close, max_rel_err, one_layer_model
+from layer_testlib import layer_grads, layer_loss
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.configs import gin_utils
@@ -56,24 +57,11 @@ def _model_cfg(**moe) -> ModelConfig:
     base = MoEConfig.fine_grained(
         8, 2, 2, 1, F, router_score="sigmoid", renormalize_topk=True, routed_scaling_factor=2.5
     )  # 1 shared + 15 routed of width F/2, top-3
-    return ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=F,
-        moe=dataclasses.replace(base, router_z_loss_alpha=1e-3, **moe),
-    )
+    return one_layer_model(dataclasses.replace(base, router_z_loss_alpha=1e-3, **moe), F)
 
 
 def _inputs():
     return jax.random.normal(jax.random.key(1), (2, 12, 16))
-
-
-def _loss(params, rest, graphdef, x):
-    y, aux = nnx.merge(graphdef, params, rest)(x)
-    return jnp.sum(jnp.sin(y)) + aux.losses.total, (y, aux)
 
 
 def test_layer_output_is_the_scaled_reference_loop_by_hand():
@@ -92,10 +80,7 @@ def test_layer_output_is_the_scaled_reference_loop_by_hand():
 def test_sigmoid_layer_matches_reference_loop(dispatch):
     x, results = _inputs(), {}
     for d in ("reference", dispatch):
-        cfg = _model_cfg(dispatch=d, capacity_factor=64.0)
-        graphdef, params, rest = nnx.split(MoELayer(cfg, nnx.Rngs(0)), nnx.Param, ...)
-        grad_fn = jax.value_and_grad(_loss, argnums=(0, 3), has_aux=True)
-        results[d] = jax.jit(grad_fn, static_argnums=2)(params, rest, graphdef, x)
+        results[d] = layer_grads(_model_cfg(dispatch=d, capacity_factor=64.0), x)
     (_, (y_ref, aux_ref)), g_ref = results["reference"]
     (_, (y, aux)), g = results[dispatch]
     assert max_rel_err(y, y_ref) <= 1e-5
@@ -159,7 +144,7 @@ def test_sigmoid_layer_under_expert_parallelism_matches_one_device(spec):
 
     cfg = _model_cfg(dispatch="dropless", num_experts=16)  # 16 routed experts split over 8 or 4 devices
     graphdef, params, rest = nnx.split(MoELayer(cfg, nnx.Rngs(0)), nnx.Param, ...)
-    grad_fn = jax.jit(jax.value_and_grad(_loss, argnums=(0, 3), has_aux=True), static_argnums=2)
+    grad_fn = jax.jit(jax.value_and_grad(layer_loss, argnums=(0, 3), has_aux=True), static_argnums=2)
     x = jax.random.normal(jax.random.key(1), (8, 4, 16))  # 8 sequences: one per device of the data axis
     (_, (y0, aux0)), g0 = grad_fn(params, rest, graphdef, x)
     with jax.set_mesh(build_mesh(MeshConfig.from_string(spec))):

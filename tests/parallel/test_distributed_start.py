@@ -2,14 +2,13 @@
 coordinator that never answers or a process_id out of range ends in one line (no hang, no traceback),
 before anything is written to the workdir."""
 
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_env, tiny_train_cmd
 
 pytestmark = pytest.mark.subprocess  # every test starts `moe-jax train` processes
 
@@ -24,17 +23,7 @@ def _free_port() -> int:
 
 
 def _train(workdir, *flags):
-    cmd = [
-        sys.executable,
-        "-m",
-        "moe_jax.cli",
-        "train",
-        "--model=deepseekmoe_tiny",
-        "--gin_file=runs/proxy_cpu.gin",
-        f"--workdir={workdir}",
-        *flags,
-    ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    cmd, env = tiny_train_cmd(workdir, *flags), cli_env()
     t = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.time() - t

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from ep_testlib import mesh
 from flax import nnx
-from helpers import max_rel_err
+from helpers import max_rel_err, one_layer_model
 
-from moe_jax.config import ModelConfig, MoEConfig
+from moe_jax.config import MoEConfig
 from moe_jax.moe.dispatch import ExpertParams, capacity_dispatch, dropless_dispatch, reference_dispatch
 from moe_jax.moe.dispatch.expert_parallel import expert_parallel_dispatch
 from moe_jax.moe.dispatch.gmm import get_gmm, register_gmm
@@ -146,16 +146,8 @@ def test_dispatch_runs_local_experts_with_collectives(scheme, collectives):
 
 
 def test_device_balance_groups_default_to_expert_axis():
-    cfg = ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        head_dim=8,
-        ffn_dim=32,
-        init_std=0.5,
-        moe=MoEConfig(num_experts=8, top_k=2, expert_dim=8, expert_balance_alpha=0.0, device_balance_alpha=1.0),
-    )
+    moe = MoEConfig(num_experts=8, top_k=2, expert_dim=8, expert_balance_alpha=0.0, device_balance_alpha=1.0)
+    cfg = one_layer_model(moe, init_std=0.5)
     x = jax.random.normal(jax.random.key(1), (8, 8, 16))
 
     def device_loss(c, m=None):

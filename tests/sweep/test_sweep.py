@@ -2,7 +2,6 @@
 reports regenerated from stored results alone."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, cli_env
 
 from moe_jax.sweep.family import PROXY_SCALES, Family, Member, Scale, load_family
 
@@ -45,11 +44,10 @@ FAMILY = Family(
 
 
 def sweep(args, **kw):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         [sys.executable, "-m", "moe_jax.cli", "sweep", *map(str, args)],
         cwd=REPO,
-        env=env,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

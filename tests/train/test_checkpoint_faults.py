@@ -8,10 +8,8 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -19,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB, tiny_model, tiny_train
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, cli_env, tiny_model, tiny_train, tiny_train_cmd
 
 from moe_jax.parallel import MeshConfig
 from moe_jax.train import loop
@@ -253,14 +251,8 @@ def test_train_step_refuses_nonfinite_parameters_even_when_the_loss_is_finite():
 def test_cli_shape_mismatch_is_one_message_without_tracebacks(workdir, train_cache):
     """Through the command line: exit 1, the arrays named, no orbax advice or asyncio tracebacks."""
     everything = tree_hashes(workdir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "moe_jax.cli",
-        "train",
-        "--model=deepseekmoe_tiny",
-        "--gin_file=runs/proxy_cpu.gin",
-        f"--workdir={workdir}",
+    cmd = tiny_train_cmd(
+        workdir,
         f"--gin.VOCAB_SIZE={TRAIN_VOCAB}",
         f"--gin.SEQ_LEN={TRAIN_SEQ}",
         "--gin.BATCH_SIZE=8",
@@ -269,8 +261,8 @@ def test_cli_shape_mismatch_is_one_message_without_tracebacks(workdir, train_cac
         f"--gin.TrainConfig.data_cache='{train_cache}'",
         "--gin.TrainConfig.peak_flops_per_device=1e10",
         "--no_progress",
-    ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    )
+    env = cli_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "moe-jax train: checkpoint" in proc.stderr and "different model configuration" in proc.stderr

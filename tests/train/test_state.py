@@ -5,7 +5,7 @@ import re
 
 import jax
 import pytest
-from helpers import TRAIN_SEQ, tiny_model
+from helpers import tiny_model, tiny_train
 
 from moe_jax.config import ModelConfig
 from moe_jax.parallel import MeshConfig, build_mesh
@@ -47,18 +47,16 @@ def _model() -> ModelConfig:
 
 
 def _train_cfg(cache) -> TrainConfig:
-    return TrainConfig(
+    """One step, checkpointed, never evaluated, at TrainConfig's default learning rate."""
+    return tiny_train(
+        cache,
         steps=1,
         warmup_steps=0,
-        batch_size=8,
-        seq_len=TRAIN_SEQ,
+        learning_rate=TrainConfig.learning_rate,
         log_every=1,
         eval_every=0,
         eval_batches=1,
         checkpoint_every=1,
-        data_cache=str(cache),
-        async_checkpointing=False,
-        peak_flops_per_device=1e10,
     )
 
 

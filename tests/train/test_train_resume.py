@@ -2,15 +2,13 @@
 leaves the previous checkpoint; a 1-device checkpoint continues on 8 devices with expert parallelism."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, cli_env, tiny_train_cmd
 
 pytestmark = pytest.mark.subprocess  # every test trains in `moe-jax train` processes
 
@@ -19,14 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cmd(workdir, cache, steps, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "moe_jax.cli",
-        "train",
-        "--model=deepseekmoe_tiny",
-        "--gin_file=runs/proxy_cpu.gin",
-        f"--workdir={workdir}",
+    return tiny_train_cmd(
+        workdir,
         f"--gin.TRAIN_STEPS={steps}",
         "--gin.WARMUP_STEPS=2",
         f"--gin.VOCAB_SIZE={TRAIN_VOCAB}",
@@ -47,17 +39,13 @@ def train_cmd(workdir, cache, steps, *extra):
         "--gin.TrainConfig.peak_flops_per_device=1e10",
         "--no_progress",
         *extra,
-    ]
+    )
 
 
 def run(cmd, devices=1, env=None, **kw):
-    full_env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-        **(env or {}),
-    }
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        cmd, cwd=REPO, env=cli_env(devices, **(env or {})), capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 def losses(workdir) -> dict[int, float]:
@@ -80,7 +68,7 @@ def test_sigkill_then_resume_is_bitwise_exact(train_cache, tmp_path):
             wd, train_cache, 8, "--gin.TrainConfig.checkpoint_every=4", "--gin.TrainConfig.async_checkpointing=False"
         ),
         cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"},
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

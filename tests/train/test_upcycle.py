@@ -4,21 +4,12 @@ function equals the dense one (init="exact"), then trained on; the plain copy's 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TRAIN_SEQ, TRAIN_VOCAB
+from helpers import TRAIN_SEQ, TRAIN_VOCAB, tiny_trunk_gin
 
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.train.upcycle import UpcycleError, expert_slices, granularity, upcycle, upcycled_ffn
 
-TRUNK = [
-    f"VOCAB_SIZE={TRAIN_VOCAB}",
-    "D_MODEL=32",
-    "NUM_LAYERS=2",
-    "NUM_HEADS=2",
-    "HEAD_DIM=16",
-    "FFN_DIM=64",
-    "FIRST_K_DENSE=0",
-    "INIT_STD=0.05",
-]
+TRUNK = tiny_trunk_gin()
 RUN = [
     f"SEQ_LEN={TRAIN_SEQ}",
     "BATCH_SIZE=8",
