@@ -14,11 +14,12 @@ $(STAMP): setup.py constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,data,hf]'
 	touch $(STAMP)
 
-# The offline corpus, vocabulary and token cache (idempotent: seconds when already built).
+# The offline corpus, the 8K and 1K vocabularies and their token caches (idempotent: seconds when built).
 data: setup
 	$(VENV)/bin/moe-jax data build
+	$(VENV)/bin/moe-jax data build --vocab_size 1024
 
-# DeepSeekMoE vs GShard tiny proxies, 300 steps each on the offline corpus, held-out losses side by side.
+# DeepSeekMoE, GShard and Dense base proxies, 300 steps each on the offline corpus, held-out bits/byte side by side.
 main: data
 	$(VENV)/bin/moe-jax quickstart
 

@@ -12,7 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
-    "quickstart": ("moe_jax.quickstart:main", "the main job: DeepSeekMoE vs GShard tiny proxies on the offline corpus"),
+    "quickstart": ("moe_jax.quickstart:main", "the main job: DeepSeekMoE vs GShard vs Dense proxies, offline corpus"),
     "sweep": ("moe_jax.sweep.cli:main", "run an experiment family (experiments/*.py) and tabulate/plot it"),
     "claims": ("moe_jax.sweep.claims:main", "the paper's claims table (experiments/claims.py) from stored results"),
     "smoke": ("moe_jax.smoke:main", "forward/backward smoke run of a small DeepSeekMoE model"),
