@@ -105,8 +105,7 @@ def expert_load(
     import jax
     from tqdm import tqdm
 
-    from moe_jax.data.loader import TokenLoader
-    from moe_jax.evaluate.heldout import heldout_sources
+    from moe_jax.evaluate.heldout import heldout_sources, source_loader
     from moe_jax.parallel import shard_batch
 
     cfg = trained.model_cfg
@@ -116,18 +115,7 @@ def expert_load(
     counts, tokens = [], []
     with jax.set_mesh(mesh):
         for name in sources:
-            loader = TokenLoader(
-                cache_dir,
-                "heldout",
-                batch_size,
-                seq_len,
-                seed=0,
-                repeat=False,
-                source=name,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            total = len(loader) if not max_batches else min(max_batches, len(loader))
+            loader, total = source_loader(cache_dir, "heldout", batch_size, seq_len, name, max_batches)
             c, n = np.zeros((cfg.num_moe_layers, e)), 0
             bar = tqdm(
                 loader, total=total, desc=f"expert load {name}", leave=False, disable=not progress, dynamic_ncols=True
