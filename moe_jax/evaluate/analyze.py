@@ -325,20 +325,11 @@ def _plot_disable_top(plt, report: dict):
     xs, ys = [p["ratio"] for p in pts], [p["loss"] for p in pts]
     for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG4_DEEPSEEKMOE[0])):
         axis.plot(xs, [y - shift for y in ys], "o-", label=f"{name} (ours)")
-        axis.plot(
-            PAPER_RATIOS,
-            [v - paper_shift for v in PAPER_FIG4_DEEPSEEKMOE],
-            "s--",
-            color="gray",
-            label="paper DeepSeekMoE 2B",
-        )
-        axis.plot(
-            PAPER_RATIOS,
-            [v - paper_shift for v in PAPER_FIG4_GSHARD_X15],
-            "^:",
-            color="gray",
-            label="paper GShard x1.5",
-        )
+        for paper, style, label in (
+            (PAPER_FIG4_DEEPSEEKMOE, "s--", "paper DeepSeekMoE 2B"),
+            (PAPER_FIG4_GSHARD_X15, "^:", "paper GShard x1.5"),
+        ):
+            axis.plot(PAPER_RATIOS, [v - paper_shift for v in paper], style, color="gray", label=label)
         axis.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
         axis.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("held-out loss (nats/token)")
