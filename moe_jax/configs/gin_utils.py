@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import importlib.util  # noqa: F401  (gin's missing-file path needs importlib.util loaded)
 import re
+import sys
 import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -159,6 +160,16 @@ def split_gin_args(argv: Sequence[str]) -> GinArgs:
             rest.append(arg)
         i += 1
     return GinArgs(gin_files=tuple(files), bindings=tuple(bindings), rest=tuple(rest))
+
+
+def command_gin_args(prog: str, argv: Sequence[str] | None = None) -> GinArgs | None:
+    """`split_gin_args` of the command `prog`'s arguments (default: sys.argv[1:]), or None once its error
+    is printed on stderr as "prog: message" (the command then exits with status 2)."""
+    try:
+        return split_gin_args(sys.argv[1:] if argv is None else argv)
+    except GinConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
 
 
 def _resolve_file(path: str) -> str:

@@ -268,11 +268,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        gin_args = gin_utils.split_gin_args(argv)
-    except gin_utils.GinConfigError as err:
-        print(f"moe-jax params: {err}", file=sys.stderr)
+    gin_args = gin_utils.command_gin_args("moe-jax params", argv)
+    if gin_args is None:
         return 2
     args = _parser().parse_args(list(gin_args.rest))
     if args.list:

@@ -105,8 +105,7 @@ def expert_load(
     import jax
     from tqdm import tqdm
 
-    from moe_jax.data.loader import TokenLoader
-    from moe_jax.evaluate.heldout import heldout_sources
+    from moe_jax.evaluate.heldout import heldout_sources, source_loader
     from moe_jax.parallel import shard_batch
 
     cfg = trained.model_cfg
@@ -116,18 +115,7 @@ def expert_load(
     counts, tokens = [], []
     with jax.set_mesh(mesh):
         for name in sources:
-            loader = TokenLoader(
-                cache_dir,
-                "heldout",
-                batch_size,
-                seq_len,
-                seed=0,
-                repeat=False,
-                source=name,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            total = len(loader) if not max_batches else min(max_batches, len(loader))
+            loader, total = source_loader(cache_dir, "heldout", batch_size, seq_len, name, max_batches)
             c, n = np.zeros((cfg.num_moe_layers, e)), 0
             bar = tqdm(
                 loader, total=total, desc=f"expert load {name}", leave=False, disable=not progress, dynamic_ncols=True
@@ -337,20 +325,11 @@ def _plot_disable_top(plt, report: dict):
     xs, ys = [p["ratio"] for p in pts], [p["loss"] for p in pts]
     for axis, shift, paper_shift in ((ax, 0.0, 0.0), (dx, base, PAPER_FIG4_DEEPSEEKMOE[0])):
         axis.plot(xs, [y - shift for y in ys], "o-", label=f"{name} (ours)")
-        axis.plot(
-            PAPER_RATIOS,
-            [v - paper_shift for v in PAPER_FIG4_DEEPSEEKMOE],
-            "s--",
-            color="gray",
-            label="paper DeepSeekMoE 2B",
-        )
-        axis.plot(
-            PAPER_RATIOS,
-            [v - paper_shift for v in PAPER_FIG4_GSHARD_X15],
-            "^:",
-            color="gray",
-            label="paper GShard x1.5",
-        )
+        for paper, style, label in (
+            (PAPER_FIG4_DEEPSEEKMOE, "s--", "paper DeepSeekMoE 2B"),
+            (PAPER_FIG4_GSHARD_X15, "^:", "paper GShard x1.5"),
+        ):
+            axis.plot(PAPER_RATIOS, [v - paper_shift for v in paper], style, color="gray", label=label)
         axis.set_xticks(PAPER_RATIOS, [_ratio_label(r) for r in PAPER_RATIOS])
         axis.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("held-out loss (nats/token)")

@@ -72,12 +72,10 @@ def analyze_parser() -> argparse.ArgumentParser:
 
 
 def _setup(prog: str, argv, parser_fn):
-    from moe_jax.configs.gin_utils import GinConfigError, split_gin_args
+    from moe_jax.configs.gin_utils import command_gin_args
 
-    try:
-        gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
-    except GinConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+    gin_args = command_gin_args(prog, argv)
+    if gin_args is None:
         return None
     if gin_args.gin_files:
         print(

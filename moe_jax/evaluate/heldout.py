@@ -64,6 +64,25 @@ def heldout_sources(cache_dir: str | Path, split: str = "heldout") -> list[str]:
     return list(load_meta(Path(cache_dir))["splits"][split].get("sources", {}))
 
 
+def source_loader(
+    cache_dir: str | Path, split: str, batch_size: int, seq_len: int, source: str, max_batches: int = 0
+) -> tuple[TokenLoader, int]:
+    """A loader of one finite pass (seed 0) over this process's share of `source`'s rows of the cache's
+    `split`, and the batches a pass reads: every one, or at most `max_batches` when that is > 0."""
+    loader = TokenLoader(
+        cache_dir,
+        split,
+        batch_size,
+        seq_len,
+        seed=0,
+        repeat=False,
+        source=source,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return loader, len(loader) if not max_batches else min(max_batches, len(loader))
+
+
 def heldout_eval(
     graphdef,
     params,
@@ -98,18 +117,7 @@ def heldout_eval(
     names = list(sources) if sources is not None else heldout_sources(cache_dir, split)
     out: dict[str, SourceHeldout] = {}
     for name in names:
-        loader = TokenLoader(
-            cache_dir,
-            split,
-            batch_size,
-            seq_len,
-            seed=0,
-            repeat=False,
-            source=name,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        total = len(loader) if not max_batches else min(max_batches, len(loader))
+        loader, total = source_loader(cache_dir, split, batch_size, seq_len, name, max_batches)
         bar = tqdm(
             total=total,
             desc=f"held-out {name}",

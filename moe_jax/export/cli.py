@@ -101,12 +101,10 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    from moe_jax.configs.gin_utils import GinConfigError, split_gin_args
+    from moe_jax.configs.gin_utils import GinConfigError, command_gin_args
 
-    try:
-        gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
-    except GinConfigError as err:
-        print(f"moe-jax import: {err}", file=sys.stderr)
+    gin_args = command_gin_args("moe-jax import", argv)
+    if gin_args is None:
         return 2
     p = argparse.ArgumentParser(
         prog="moe-jax import", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -47,6 +47,37 @@ HF_DEFAULTS: dict[str, Any] = {
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+def trunk_keys(cfg: ModelConfig) -> dict:
+    """config.json's trunk sizes, which DeepseekConfig, Qwen2MoeConfig and LlamaConfig name alike
+    (multi-head attention: as many key/value heads as heads)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+    }
+
+
+def trunk_bindings(config: Mapping[str, Any], *, head_dim: int, rope_theta: float) -> list[str]:
+    """The gin bindings of the trunk of a config.json of any of the three layouts (init_std and param_dtype
+    from its "moe_jax" block when present); `head_dim` and `rope_theta` as the layout states them."""
+    ours = config.get("moe_jax") or {}
+    return [
+        f"VOCAB_SIZE={int(config['vocab_size'])}",
+        f"D_MODEL={int(config['hidden_size'])}",
+        f"NUM_LAYERS={int(config['num_hidden_layers'])}",
+        f"NUM_HEADS={int(config['num_attention_heads'])}",
+        f"HEAD_DIM={int(head_dim)}",
+        f"FFN_DIM={int(config['intermediate_size'])}",
+        f"INIT_STD={float(ours.get('init_std', config.get('initializer_range', 0.02)))!r}",
+        f"ROPE_THETA={float(rope_theta)!r}",
+        f"NORM_EPS={float(config.get('rms_norm_eps', 1e-6))!r}",
+        f"ModelConfig.param_dtype='{ours.get('param_dtype', 'float32')}'",
+    ]
+
+
 def to_hf_config(
     cfg: ModelConfig,
     *,
@@ -92,12 +123,7 @@ def to_hf_config(
         "architectures": [ARCHITECTURE],
         "auto_map": AUTO_MAP,
         "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads,
+        **trunk_keys(cfg),
         **moe_keys,
         "moe_layer_freq": cfg.moe_layer_freq,
         "scoring_func": "softmax",
@@ -209,18 +235,7 @@ def gin_from_hf_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
     routed = _get(config, "n_routed_experts")
     first_k = int(_get(config, "first_k_dense_replace") or 0)
     is_moe = routed is not None and int(routed) > 0 and first_k < layers
-    bindings = [
-        f"VOCAB_SIZE={int(config['vocab_size'])}",
-        f"D_MODEL={int(config['hidden_size'])}",
-        f"NUM_LAYERS={layers}",
-        f"NUM_HEADS={int(config['num_attention_heads'])}",
-        f"HEAD_DIM={head_dim_of(config)}",
-        f"FFN_DIM={int(config['intermediate_size'])}",
-        f"INIT_STD={float(ours.get('init_std', _get(config, 'initializer_range')))!r}",
-        f"ROPE_THETA={float(_get(config, 'rope_theta'))!r}",
-        f"NORM_EPS={float(_get(config, 'rms_norm_eps'))!r}",
-        f"ModelConfig.param_dtype='{ours.get('param_dtype', 'float32')}'",
-    ]
+    bindings = trunk_bindings(config, head_dim=head_dim_of(config), rope_theta=_get(config, "rope_theta"))
     if not is_moe:
         return "architectures/dense.gin", bindings
     bindings += [

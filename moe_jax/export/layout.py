@@ -174,6 +174,18 @@ class Const:
 
 R = Rule.of
 
+
+def _mlp_rules(ours: str, hf: str, lead: str = "[l]", down_scale: float = 1.0) -> tuple[Rule, ...]:
+    """The rows of one SwiGLU MLP: our `{ours}.wi` [.., d, 2, f] (0 = gate, 1 = up) and `{ours}.wo` [.., f, d]
+    are HF's `{hf}.gate_proj`, `{hf}.up_proj` and `{hf}.down_proj` (the latter times `down_scale`).
+    `lead`: the spec of our leading axes (the layer, and the expert for routed experts)."""
+    return (
+        R(f"{ours}.wi", f"{hf}.gate_proj.weight", f"{lead} d [0] f -> f d"),
+        R(f"{ours}.wi", f"{hf}.up_proj.weight", f"{lead} d [1] f -> f d"),
+        R(f"{ours}.wo", f"{hf}.down_proj.weight", f"{lead} f d -> d f", scale=down_scale),
+    )
+
+
 # Model-level tensors (every format).
 GLOBAL_RULES = (
     R("embed", "model.embed_tokens.weight", "v d -> v d"),
@@ -191,34 +203,20 @@ LAYER_RULES = (
 )
 # Dense FFN layers (l < first_k_dense_replace, or off the moe_layer_freq grid): an MLP of width
 # intermediate_size. Ours: wi [d, 2, F] (0 = gate, 1 = up), wo [F, d].
-DENSE_FFN_RULES = (
-    R("ffn.wi", "model.layers.{l}.mlp.gate_proj.weight", "[l] d [0] f -> f d"),
-    R("ffn.wi", "model.layers.{l}.mlp.up_proj.weight", "[l] d [1] f -> f d"),
-    R("ffn.wo", "model.layers.{l}.mlp.down_proj.weight", "[l] f d -> d f"),
-)
+DENSE_FFN_RULES = _mlp_rules("ffn", "model.layers.{l}.mlp")
 # MoE layers: the router weight [E, d] (ours [d, E]) ...
 ROUTER_RULES = (
     R("ffn.router.kernel", "model.layers.{l}.mlp.gate.weight", "[l] d n -> n d"),  # n: routed experts
 )
 # ... routed experts, stacked [E, d, 2, f] / [E, f, d] here, one MLP per expert there ...
-ROUTED_EXPERT_RULES = (
-    R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "[l] [e] d [0] f -> f d"),
-    R("ffn.wi", "model.layers.{l}.mlp.experts.{e}.up_proj.weight", "[l] [e] d [1] f -> f d"),
-    R("ffn.wo", "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "[l] [e] f d -> d f"),
-)
+ROUTED_EXPERT_RULES = _mlp_rules("ffn", "model.layers.{l}.mlp.experts.{e}", lead="[l] [e]")
 # ... and the shared experts: one MLP of width n_shared_experts * moe_intermediate_size on both sides.
-SHARED_EXPERT_RULES = (
-    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_experts.gate_proj.weight", "[l] d [0] f -> f d"),
-    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_experts.up_proj.weight", "[l] d [1] f -> f d"),
-    R("ffn.shared.wo", "model.layers.{l}.mlp.shared_experts.down_proj.weight", "[l] f d -> d f"),
-)
+SHARED_EXPERT_RULES = _mlp_rules("ffn.shared", "model.layers.{l}.mlp.shared_experts")
 # Qwen2MoeSparseMoeBlock: one shared expert of width shared_expert_intermediate_size whose output is
 # multiplied by sigmoid(shared_expert_gate(x)). A zero gate weight fixes that factor at 1/2, which the
 # down projection scaled by exactly 2 undoes (both powers of two: bitwise in float32 and bfloat16).
 QWEN2_MOE_SHARED_RULES = (
-    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_expert.gate_proj.weight", "[l] d [0] f -> f d"),
-    R("ffn.shared.wi", "model.layers.{l}.mlp.shared_expert.up_proj.weight", "[l] d [1] f -> f d"),
-    R("ffn.shared.wo", "model.layers.{l}.mlp.shared_expert.down_proj.weight", "[l] f d -> d f", scale=2.0),
+    *_mlp_rules("ffn.shared", "model.layers.{l}.mlp.shared_expert", down_scale=2.0),
     Const("model.layers.{l}.mlp.shared_expert_gate.weight", (1, "d"), 0.0, checked=True),
 )
 # Qwen2MoeSparseMoeBlock always has a shared expert: without shared experts (GShard, Switch) it has
@@ -230,11 +228,7 @@ QWEN2_MOE_NO_SHARED = (
     Const("model.layers.{l}.mlp.shared_expert_gate.weight", (1, "d"), 0.0, checked=False),
 )
 # Dense-xN MoE layers (shared experts only, no router) are a dense MLP of width K_s * f.
-SHARED_AS_DENSE_RULES = (
-    R("ffn.shared.wi", "model.layers.{l}.mlp.gate_proj.weight", "[l] d [0] f -> f d"),
-    R("ffn.shared.wi", "model.layers.{l}.mlp.up_proj.weight", "[l] d [1] f -> f d"),
-    R("ffn.shared.wo", "model.layers.{l}.mlp.down_proj.weight", "[l] f d -> d f"),
-)
+SHARED_AS_DENSE_RULES = _mlp_rules("ffn.shared", "model.layers.{l}.mlp")
 
 
 @dataclasses.dataclass(frozen=True)

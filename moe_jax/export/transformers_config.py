@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from moe_jax.config import ModelConfig
-from moe_jax.export.hf_config import moe_jax_bindings, moe_jax_block
+from moe_jax.export.hf_config import moe_jax_bindings, moe_jax_block, trunk_bindings, trunk_keys
 from moe_jax.export.layout import LLAMA, QWEN2_MOE, Layout, LayoutError, check_exportable, transformers_layout
 
 MODEL_TYPES = {"qwen2_moe": QWEN2_MOE, "llama": LLAMA}
@@ -37,12 +37,7 @@ def _common(cfg: ModelConfig, lay: Layout, **ids_and_more) -> dict:
     return {
         "architectures": [lay.architecture],
         "model_type": lay.name,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads,
+        **trunk_keys(cfg),
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
@@ -177,18 +172,7 @@ def gin_from_transformers_config(config: Mapping[str, Any]) -> tuple[str, list[s
     ours = dict(config.get("moe_jax") or {})
     layers = int(config["num_hidden_layers"])
     head_dim = config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"])
-    bindings = [
-        f"VOCAB_SIZE={int(config['vocab_size'])}",
-        f"D_MODEL={int(config['hidden_size'])}",
-        f"NUM_LAYERS={layers}",
-        f"NUM_HEADS={int(config['num_attention_heads'])}",
-        f"HEAD_DIM={int(head_dim)}",
-        f"FFN_DIM={int(config['intermediate_size'])}",
-        f"INIT_STD={float(ours.get('init_std', config.get('initializer_range', 0.02)))!r}",
-        f"ROPE_THETA={rope_theta_of(config)!r}",
-        f"NORM_EPS={float(config.get('rms_norm_eps', 1e-6))!r}",
-        f"ModelConfig.param_dtype='{ours.get('param_dtype', 'float32')}'",
-    ]
+    bindings = trunk_bindings(config, head_dim=head_dim, rope_theta=rope_theta_of(config))
     moe = moe_layers_of(config)
     if not moe:
         return "architectures/dense.gin", bindings

@@ -36,15 +36,24 @@ def expert_fraction(indices: jax.Array, mask: jax.Array, num_experts: int, scope
     Returns:
       [B, E] or [1, E] float32, without gradient.
     """
-    b, s, k = indices.shape
+    _, s, k = indices.shape
     onehot = jax.nn.one_hot(indices, num_experts, dtype=jnp.float32) * mask[..., None].astype(jnp.float32)
     counts = onehot.sum(axis=(1, 2))  # [B, E]
-    tokens = s
+    return _scoped_fraction(counts, s, num_experts, k, scope)
+
+
+def _scoped_fraction(counts: jax.Array, seq_len: int, num: int, per_token: int, scope: str) -> jax.Array:
+    """counts [B, X] over B sequences of `seq_len` tokens -> num/(per_token T) * counts, without gradient.
+
+    T is a sequence's tokens for scope="sequence" ([B, X]), the batch's for "global" (counts summed, [1, X]):
+    Eq 13's N'/(K' T) for experts, V2 Eq 30's D/(M T) for groups.
+    """
+    tokens = seq_len
     if scope == "global":
-        counts, tokens = counts.sum(axis=0, keepdims=True), b * s
+        counts, tokens = counts.sum(axis=0, keepdims=True), counts.shape[0] * seq_len
     elif scope != "sequence":
         raise ValueError(f"unknown balance scope {scope!r}")
-    return jax.lax.stop_gradient(counts * num_experts / (k * tokens))
+    return jax.lax.stop_gradient(counts * num / (per_token * tokens))
 
 
 def expert_probability(probs: jax.Array, scope: str = "sequence") -> jax.Array:
@@ -107,18 +116,13 @@ def group_fraction(
     Returns:
       [B, D] (or [1, D] for scope="global") float32, without gradient.
     """
-    b, s, _ = indices.shape
+    s = indices.shape[1]
     if num_experts % num_groups:
         raise ValueError(f"communication balance loss: {num_groups} groups do not divide {num_experts} experts")
     group = indices // (num_experts // num_groups)
     onehot = jax.nn.one_hot(group, num_groups, dtype=jnp.float32) * mask[..., None].astype(jnp.float32)
     counts = onehot.max(axis=2).sum(axis=1)  # [B, D]: tokens that reach each group
-    tokens = s
-    if scope == "global":
-        counts, tokens = counts.sum(axis=0, keepdims=True), b * s
-    elif scope != "sequence":
-        raise ValueError(f"unknown balance scope {scope!r}")
-    return jax.lax.stop_gradient(counts * num_groups / (topk_groups * tokens))
+    return _scoped_fraction(counts, s, num_groups, topk_groups, scope)
 
 
 def communication_balance_loss(

@@ -30,6 +30,14 @@ class RouterBias(nnx.Variable):
     (`gating.update_selection_bias`) and carries it in `TrainState.router_bias`, which checkpoints keep."""
 
 
+def _centroid_kernel(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Param:
+    """The learned expert centroids e_i as the columns of a kernel [d, E] ~ N(0, init_std^2)."""
+    return nnx.Param(
+        cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
+        axes=("embed", "router_experts"),
+    )
+
+
 class SoftmaxRouter(nnx.Module):
     """Learned top-k router; the expert centroids e_i are the columns of `kernel` [d, E].
 
@@ -44,10 +52,7 @@ class SoftmaxRouter(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg.moe
-        self.kernel = nnx.Param(
-            cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
-            axes=("embed", "router_experts"),
-        )
+        self.kernel = _centroid_kernel(cfg, rngs)
         if cfg.moe.selection_bias:  # only then: other models keep their module tree (and checkpoints)
             self.bias = RouterBias(jnp.zeros((cfg.moe.num_experts,), jnp.float32), axes=("router_experts",))
 
@@ -144,10 +149,7 @@ class ExpertChoiceRouter(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg.moe
-        self.kernel = nnx.Param(
-            cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.moe.num_experts), cfg.param_dtype),
-            axes=("embed", "router_experts"),
-        )
+        self.kernel = _centroid_kernel(cfg, rngs)
 
     def __call__(
         self, x: jax.Array, token_ids: jax.Array | None, rng: jax.Array | None, num_sequences: int = 1

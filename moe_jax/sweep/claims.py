@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import math
 import textwrap
 from pathlib import Path
 
+from moe_jax.sweep.family import load_python_file
 from moe_jax.sweep.stats import Stats, describe
 
 EXPECTS = ("lower", "higher", "equal")
@@ -309,11 +309,7 @@ def replace_block(text: str, new_block: str) -> str:
 def load_claims(path: str | Path) -> tuple[Claim, ...]:
     """Import a claims file and return its `CLAIMS`."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"claims file {path} not found (the paper's claims: experiments/claims.py)")
-    spec = importlib.util.spec_from_file_location(f"moe_jax_claims_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path, "claims", "the paper's claims: experiments/claims.py")
     claims = tuple(getattr(module, "CLAIMS", ()))
     if not claims or not all(isinstance(c, Claim) for c in claims):
         raise ValueError(f"{path} defines no `CLAIMS = (Claim(...), ...)`")

@@ -168,14 +168,21 @@ class Family:
         return out
 
 
+def load_python_file(path: Path, what: str, where: str):
+    """Import the `what` file `path` (an experiment or claims file) as module `moe_jax_{what}_{stem}`;
+    FileNotFoundError saying `where` such files live if it does not exist."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {path} not found ({where})")
+    spec = importlib.util.spec_from_file_location(f"moe_jax_{what}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_family(path: str | Path) -> Family:
     """Import an experiment file and return its `FAMILY`."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"experiment file {path} not found (families live in experiments/*.py)")
-    spec = importlib.util.spec_from_file_location(f"moe_jax_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path, "experiment", "families live in experiments/*.py")
     family = getattr(module, "FAMILY", None)
     if not isinstance(family, Family):
         raise ValueError(f"{path} defines no `FAMILY = Family(...)`")

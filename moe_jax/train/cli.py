@@ -37,12 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moe_jax.configs.gin_utils import GinConfigError, parse_gin, split_gin_args
+    from moe_jax.configs.gin_utils import GinConfigError, command_gin_args, parse_gin
 
-    try:
-        gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
-    except GinConfigError as err:
-        print(f"moe-jax train: {err}", file=sys.stderr)
+    gin_args = command_gin_args("moe-jax train", argv)
+    if gin_args is None:
         return 2
     args = build_parser().parse_args(list(gin_args.rest))
     gin_files = list(gin_args.gin_files)

@@ -225,13 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from moe_jax.configs.gin_utils import GinConfigError, split_gin_args
+    from moe_jax.configs.gin_utils import GinConfigError, command_gin_args
     from moe_jax.train.checkpoint import CheckpointError
 
-    try:
-        gin_args = split_gin_args(sys.argv[1:] if argv is None else argv)
-    except GinConfigError as err:
-        print(f"moe-jax upcycle: {err}", file=sys.stderr)
+    gin_args = command_gin_args("moe-jax upcycle", argv)
+    if gin_args is None:
         return 2
     p = argparse.ArgumentParser(
         prog="moe-jax upcycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

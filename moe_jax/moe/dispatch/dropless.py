@@ -85,12 +85,10 @@ def _bounded_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, gmm
     """The dropless dispatch of a routing with at most `routing.max_active` = A active assignments:
     A rows gathered and computed instead of T*k, combined by a scatter-add into the T tokens."""
     t, k = routing.indices.shape
-    ids = active_expert_ids(routing.indices, routing.mask, experts.num_experts)
-    order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+    order, _, group_sizes = sort_by_expert(routing, experts.num_experts)  # the unused inverse: dropped under jit
     rows = order[: min(routing.max_active, t * k)]  # the active assignments, by expert (plus inactive ones if fewer)
     tokens = rows // k
     gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
-    group_sizes = count_per_expert(ids, experts.num_experts)
     out = _active_expert_outputs(x, tokens, jnp.take(gates, rows), group_sizes, experts, gmm)  # 0 past the groups
     y = jnp.zeros((t, x.shape[1]), jnp.float32).at[tokens].add(out.astype(jnp.float32))
     return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=group_sizes, dropped=jnp.zeros((t, k), bool))
