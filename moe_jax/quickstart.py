@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\nExpert load at the last step, per MoE layer (busiest expert's tokens / mean; 1.00 = balanced):")
     for r in rows:
-        print(f"  {r['model']:<20} " + "  ".join(f"{layer} {v:.2f}" for layer, v in r["expert_max_load"].items()))
+        loads = "  ".join(f"{layer} {v:.2f}" for layer, v in r["expert_max_load"].items()) or "(no MoE layers)"
+        print(f"  {r['model']:<20} {loads}")
     best = min(rows, key=lambda r: r["heldout_bits_per_byte"])
     print(
         f"\nbest held-out bits/byte: {best['model']} ({best['heldout_bits_per_byte']:.4f}); every model beats the "

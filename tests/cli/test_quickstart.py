@@ -41,4 +41,4 @@ def test_quickstart_trains_each_model_and_reports_bits_per_byte(tmp_path, train_
         assert f"{row['heldout_bits_per_byte']:.4f}" in line and f"{row['heldout_loss']:.4f}" in line
     unigram = next(l for l in out.splitlines() if l.startswith("unigram baseline"))
     assert f"{report['unigram']['heldout_bits_per_byte']:.4f}" in unigram
-    assert "best held-out bits/byte:" in out
+    assert "best held-out bits/byte:" in out and "  dense_base           (no MoE layers)" in out
