@@ -1,5 +1,6 @@
-"""Test-wide setup: 8 fake CPU devices for the multi-device tests (must precede any jax import), and a
-tiny corpus + vocabulary + token cache (`train_cache`) for tests that train."""
+"""Test-wide setup: 8 fake CPU devices for the multi-device tests (must precede any jax import), a cache
+folder of the tests' own with a fixed matmul peak (`pytest_configure`), and a tiny corpus + vocabulary +
+token cache (`train_cache`) for tests that train."""
 
 import os
 import sys
@@ -15,6 +16,40 @@ from pathlib import Path
 
 import pytest
 from helpers import TRAIN_SEQ, TRAIN_VOCAB
+
+FIXED_PEAK_FLOPS = 1e11
+
+
+def pytest_configure(config):
+    """$XDG_CACHE_HOME is a fresh folder of this test process (its subprocesses inherit it), so the tests
+    never read or write the user's ~/.cache/moe_jax. It holds the MFU matmul peak
+    (`train.metrics.machine_peak_flops`) for every usable core count, so no run measures one: a measurement
+    beside the other test worker would be refused as busy and repeated by every training subprocess."""
+    import json
+    import tempfile
+    from unittest import mock
+
+    import jax.numpy as jnp
+
+    from moe_jax.train.metrics import machine_key
+
+    cache = Path(tempfile.mkdtemp(prefix="moe_jax_test_cache_"))
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    table = {}
+    for cores in range(1, (os.cpu_count() or 1) + 1):
+        with mock.patch("os.sched_getaffinity", return_value=set(range(cores)), create=True):
+            for dtype in (jnp.float32, jnp.bfloat16):
+                table[machine_key(dtype)] = {"flops": FIXED_PEAK_FLOPS, "date": "tests"}
+    (cache / "moe_jax").mkdir()
+    (cache / "moe_jax" / "peak_flops.json").write_text(json.dumps(table, indent=2))
+    config._moe_jax_test_cache = cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if hasattr(config, "_moe_jax_test_cache"):
+        shutil.rmtree(config._moe_jax_test_cache, ignore_errors=True)
 
 
 def pytest_collectstart(collector):
