@@ -5,7 +5,7 @@ from moe_jax.config import ModelConfig
 
 
 def closed_form_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total, activated and expert parameters from the config alone (the accounting of docs/paper.md §3.4):
+    """Total, activated and expert parameters from the config alone (the counts arXiv:2401.06066 Tab 1-3 report):
     a SwiGLU FFN of width F has 3 d F parameters, attention 4 d H Dh, a softmax router d N'."""
     d = cfg.d_model
     per_layer = 4 * d * cfg.num_heads * cfg.head_dim + 2 * d  # attention + two RMSNorm scales
