@@ -105,9 +105,9 @@ def write_config_gin(path, gin_files, bindings):
     return model_cfg, train_cfg
 
 
-def save_checkpoint(path, train_cfg, params, step: int):
-    """Checkpoint `params` at `step` in the workdir `path` with a fresh optimizer state of `train_cfg`,
-    as `moe-jax train` leaves it; returns `path`."""
+def save_checkpoint(path, train_cfg, params, step: int, router_bias=None):
+    """Checkpoint `params` (and a model's selection bias `router_bias`, if it has one) at `step` in the
+    workdir `path` with a fresh optimizer state of `train_cfg`, as `moe-jax train` leaves it; returns `path`."""
     import jax.numpy as jnp
 
     from moe_jax.train.checkpoint import Checkpointer
@@ -115,7 +115,7 @@ def save_checkpoint(path, train_cfg, params, step: int):
     from moe_jax.train.step import TrainState
 
     opt_state = make_optimizer(train_cfg).init(params)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state, router_bias=router_bias)
     ckpt = Checkpointer(path, async_save=False)
     ckpt.save(step, state, {})
     ckpt.close()

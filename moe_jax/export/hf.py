@@ -5,8 +5,9 @@
     import_hf("hf/ds_tiny", "workdirs/ds_tiny_again")      # -> config.gin + an orbax checkpoint
 
 Formats (`FORMATS`): "hf" is DeepSeek's `DeepseekForCausalLM` (remote code); "transformers" is
-transformers' native `Qwen2MoeForCausalLM` for softmax-routed MoE models and `LlamaForCausalLM` for
-dense ones (`layout.transformers_layout`). Import recognises all three by config.json's model_type.
+transformers' native `Qwen2MoeForCausalLM` for softmax-routed MoE models, `Glm4MoeForCausalLM` for
+sigmoid-scored ones (DeepSeek-V3's router, with its selection bias and groups) and `LlamaForCausalLM` for
+dense ones (`layout.transformers_layout`). Import recognises all four by config.json's model_type.
 
 Export streams: the parameters are read from the orbax checkpoint one stored chunk at a time through
 tensorstore (`orbax_reader`), never restored as a whole. Shard files are laid out first (names, shapes
@@ -52,7 +53,7 @@ DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": DTYPES["BF16"]}
 TRAIN_MODULES = ("moe_jax.train.config", "moe_jax.parallel.mesh")
-# --format: "hf" = DeepSeek's DeepseekForCausalLM (remote code), "transformers" = native Qwen2Moe / Llama.
+# --format: "hf" = DeepSeek's DeepseekForCausalLM (remote code), "transformers" = native Qwen2Moe / Glm4Moe / Llama.
 FORMATS = ("hf", "transformers")
 # Buffers some HF checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -85,13 +86,13 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def abstract_param_shapes(model_cfg: ModelConfig, seed: int = 0) -> dict[str, tuple[int, ...]]:
-    """{dotted path: shape} of the model's parameters, from an abstract (never materialised) model."""
+    """{dotted path: shape} of the model's parameters and selection bias (`layout.flat_model_shapes`), from
+    an abstract (never materialised) model."""
     from flax import nnx
 
     from moe_jax.model.transformer import Transformer
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed)))
-    return layout.flat_param_shapes(nnx.state(abstract, nnx.Param))
+    return layout.flat_model_shapes(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed))))
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -105,7 +106,8 @@ class ExportResult:
       out: the output directory.
       step: the checkpoint step exported.
       dtype: dtype of the tensors ("float32" or "bfloat16").
-      architecture: the HF class of config.json (DeepseekForCausalLM, Qwen2MoeForCausalLM, LlamaForCausalLM).
+      architecture: the HF class of config.json (DeepseekForCausalLM, Qwen2MoeForCausalLM, Glm4MoeForCausalLM,
+        LlamaForCausalLM).
       files: shard file names, in order.
       num_tensors, total_bytes: over all shards.
       max_block_bytes: the largest checkpoint chunk held at once (the read unit).
@@ -183,7 +185,7 @@ def export_warnings(model_cfg: ModelConfig, lay: Layout = DEEPSEEK) -> list[str]
                 "second_expert_policy='random' (GShard) is a training-time policy; transformers keeps all "
                 "top-k choices, as our model does without an rng"
             )
-        if lay.name == "qwen2_moe" and not grouped_mm_aligned(model_cfg):
+        if lay.name in ("qwen2_moe", "glm4_moe") and not grouped_mm_aligned(model_cfg):
             out.append(
                 f"d_model={model_cfg.d_model} / expert width {m.expert_dim} are not multiples of 8: torch's "
                 f"grouped_mm (transformers' default MoE kernel) cannot run them, so config.json sets "
@@ -285,8 +287,9 @@ def export_hf(
     is checked before the first file is written.
 
     Args:
-      fmt: "hf" (DeepSeek's DeepseekForCausalLM) or "transformers" (Qwen2MoeForCausalLM for MoE models,
-        LlamaForCausalLM for dense ones; loads without remote code).
+      fmt: "hf" (DeepSeek's DeepseekForCausalLM) or "transformers" (Qwen2MoeForCausalLM for softmax-routed
+        MoE models, Glm4MoeForCausalLM for sigmoid-scored ones, LlamaForCausalLM for dense ones; loads
+        without remote code).
       workdir: a `moe-jax train` workdir (config.gin + checkpoints/).
       out: output directory: safetensors shards, model.safetensors.index.json, config.json, tokenizer.
       step: checkpoint step; None = latest.
@@ -524,12 +527,22 @@ def check_consts(entries: Sequence[TensorEntry], infos: dict) -> None:
                     f"{float(np.max(np.abs(values - e.const.value))):.3g}"
                 )
     if bad:
+        why = []
+        if any("shared_expert_gate" in b for b in bad):
+            why.append(
+                "Qwen2Moe's shared expert is scaled by sigmoid(shared_expert_gate(x)); our shared experts are "
+                "always on (gate weight 1), which a zero gate weight (factor 1/2, undone by the down projection) "
+                "expresses exactly. An input-dependent gate has no equivalent here."
+            )
+        if any("e_score_correction_bias" in b for b in bad):
+            why.append(
+                "config.json's moe_jax block says the model has no selection bias (selection_bias: false), "
+                "but its e_score_correction_bias is not zero: remove `selection_bias` from that block to "
+                "import the bias (MoEConfig.selection_bias=True)."
+            )
         raise HFImportError(
             f"{len(bad)} tensor(s) do not hold the constant our model needs to express the checkpoint; "
-            f"nothing was written:\n  " + "\n  ".join(bad[:25]) + "\nQwen2Moe's shared expert is "
-            "scaled by sigmoid(shared_expert_gate(x)); our shared experts are always on (gate weight 1), which "
-            "a zero gate weight (factor 1/2, undone by the down projection) expresses exactly. An input-"
-            "dependent gate has no equivalent here."
+            f"nothing was written:\n  " + "\n  ".join(bad[:25]) + "\n" + " ".join(why)
         )
 
 
@@ -542,7 +555,7 @@ def config_layout(config: dict) -> tuple[Layout, str, list[str]]:
         return (MODEL_TYPES[kind], *gin_from_transformers_config(config))
     raise LayoutError(
         f"config.json has model_type {kind!r}; import reads 'deepseek' (DeepseekForCausalLM), "
-        f"'qwen2_moe' (Qwen2MoeForCausalLM) and 'llama' (LlamaForCausalLM)"
+        f"'qwen2_moe' (Qwen2MoeForCausalLM), 'glm4_moe' (Glm4MoeForCausalLM) and 'llama' (LlamaForCausalLM)"
     )
 
 
@@ -629,7 +642,8 @@ def import_hf(
 
     Args:
       hf_dir: config.json + safetensors (+ index): DeepSeek's layout (model_type "deepseek"), or
-        transformers' Qwen2MoeForCausalLM ("qwen2_moe") / LlamaForCausalLM ("llama"), as our export or
+        transformers' Qwen2MoeForCausalLM ("qwen2_moe") / Glm4MoeForCausalLM ("glm4_moe") /
+        LlamaForCausalLM ("llama"), as our export or
         transformers' `save_pretrained` writes them (one expert per tensor).
       workdir: the new workdir; must not hold checkpoints yet.
       gin_files: run file(s) giving the training setup (TrainConfig) of the workdir.
@@ -657,8 +671,10 @@ def import_hf(
     layout.check_exportable(model_cfg, lay)
 
     built = build_train_state(model_cfg, train_cfg, build_mesh(MeshConfig()))  # as `load_trained` reads it back
-    abstract_params = built.abstract.params
+    abstract_params, abstract_bias = built.abstract.params, built.abstract.router_bias
     shapes = layout.flat_param_shapes(abstract_params)
+    if abstract_bias is not None:  # DeepSeek-V3's selection bias (Glm4Moe's e_score_correction_bias)
+        shapes |= layout.flat_param_shapes(abstract_bias)
     entries = layout.plan(model_cfg, shapes, lay)
     extra = validate_tensors(entries, infos, problems)
     check_consts(entries, infos)
@@ -674,7 +690,9 @@ def import_hf(
     def value(path, leaf):
         return jnp.asarray(arrays.pop(layout.path_str(path)))
 
-    state = built.from_params(jax.tree_util.tree_map_with_path(value, abstract_params), step)
+    params = jax.tree_util.tree_map_with_path(value, abstract_params)
+    bias = None if abstract_bias is None else jax.tree_util.tree_map_with_path(value, abstract_bias)
+    state = built.from_params(params, step, router_bias=bias)
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(gin_text)

@@ -159,6 +159,10 @@ def moe_jax_block(cfg: ModelConfig, extra: Mapping[str, Any] | None = None) -> d
             dispatch=m.dispatch,
             capacity_factor=m.capacity_factor,
             balance_loss_scope=m.balance_loss_scope,
+            expert_balance_alpha=m.expert_balance_alpha,
+            selection_bias=m.selection_bias,
+            bias_update_speed=m.bias_update_speed,
+            comm_balance_alpha=m.comm_balance_alpha,
         )
     ours.update(extra or {})
     return ours
@@ -169,11 +173,20 @@ def moe_jax_bindings(ours: Mapping[str, Any]) -> list[str]:
     out = []
     if "second_expert_policy" in ours:
         out.append(f"SECOND_EXPERT_POLICY='{ours['second_expert_policy']}'")
-    for key in ("device_balance_alpha", "router_z_loss_alpha", "capacity_factor"):
+    for key in (
+        "device_balance_alpha",
+        "router_z_loss_alpha",
+        "capacity_factor",
+        "expert_balance_alpha",
+        "bias_update_speed",
+        "comm_balance_alpha",
+    ):
         if key in ours:
             out.append(f"MoEConfig.{key}={float(ours[key])!r}")
     if "num_device_groups" in ours:
         out.append(f"MoEConfig.num_device_groups={int(ours['num_device_groups'])}")
+    if "selection_bias" in ours:
+        out.append(f"MoEConfig.selection_bias={bool(ours['selection_bias'])}")
     for key in ("dispatch", "balance_loss_scope"):
         if key in ours:
             out.append(f"MoEConfig.{key}='{ours[key]}'")

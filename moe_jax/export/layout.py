@@ -1,7 +1,8 @@
 """THE tables between our parameter tree and the Hugging Face layouts: DeepSeek's `DeepseekForCausalLM`
-(`DEEPSEEK`, remote code) and transformers' native `Qwen2MoeForCausalLM` (`QWEN2_MOE`) and
-`LlamaForCausalLM` (`LLAMA`). The three share most rows (same tensor names); a `Layout` lists which
-rows a layer of each kind gets.
+(`DEEPSEEK`, remote code) and transformers' native `Qwen2MoeForCausalLM` (`QWEN2_MOE`),
+`Glm4MoeForCausalLM` (`GLM4_MOE`: DeepSeek-V3's sigmoid router, selection bias and group-limited
+routing over standard attention) and `LlamaForCausalLM` (`LLAMA`). They share most rows (same tensor
+names); a `Layout` lists which rows a layer of each kind gets.
 
 Export (`moe_jax.export.hf.export_hf`) and import (`import_hf`) both read these tables; nothing else
 knows a Hugging Face name. Each `Rule` says which of our arrays one HF tensor is cut from and how:
@@ -20,7 +21,9 @@ HF `nn.Linear` weights are [out, in]; ours are [in, out], hence the transposes. 
 permutation of q/k: both sides use the rotate-half convention with inv_freq = theta^(-2i/Dh).
 
 Our arrays live at `embed`, `final_norm.scale`, `lm_head` and, per run of same-kind layers
-(`ModelConfig.layer_segments()`), under `stacks.{s}.blocks.` with a leading layer axis.
+(`ModelConfig.layer_segments()`), under `stacks.{s}.blocks.` with a leading layer axis. DeepSeek-V3's
+selection bias (`RouterBias`, at `stacks.{s}.blocks.ffn.router.bias`) is not a parameter but a path of
+the same tree: `flat_model_shapes` lists it with the parameters.
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ class Const:
     """An HF tensor with no counterpart among our arrays: export writes `value` everywhere; import checks
     it holds `value` when `checked` (else the tensor only has to be present with its shape).
 
-    `shape` names its axes: "d" (d_model), "s" (the layer's shared-expert width K_s * f) or ints.
+    `shape` names its axes: "d" (d_model), "s" (the layer's shared-expert width K_s * f), "n" (the routed
+    experts) or ints.
     """
 
     hf: str
@@ -168,7 +172,8 @@ class Const:
     checked: bool = True
 
     def shape_for(self, cfg: ModelConfig) -> tuple[int, ...]:
-        sizes = {"d": cfg.d_model, "s": cfg.moe.num_shared_experts * cfg.moe.expert_dim if cfg.moe else 0}
+        m = cfg.moe
+        sizes = {"d": cfg.d_model, "s": m.num_shared_experts * m.expert_dim if m else 0, "n": m.num_experts if m else 0}
         return tuple(sizes[a] if isinstance(a, str) else a for a in self.shape)
 
 
@@ -229,6 +234,17 @@ QWEN2_MOE_NO_SHARED = (
 )
 # Dense-xN MoE layers (shared experts only, no router) are a dense MLP of width K_s * f.
 SHARED_AS_DENSE_RULES = _mlp_rules("ffn.shared", "model.layers.{l}.mlp")
+# Glm4MoeMoE always has `shared_experts`, an MLP of width n_shared_experts * moe_intermediate_size: width 0
+# (empty tensors, output 0) without shared experts.
+GLM4_MOE_NO_SHARED = (
+    Const("model.layers.{l}.mlp.shared_experts.gate_proj.weight", (0, "d")),
+    Const("model.layers.{l}.mlp.shared_experts.up_proj.weight", (0, "d")),
+    Const("model.layers.{l}.mlp.shared_experts.down_proj.weight", ("d", 0)),
+)
+# Glm4MoeTopkRouter always has DeepSeek-V3's selection bias b_i [E] (`e_score_correction_bias`): our
+# `RouterBias` when `MoEConfig.selection_bias`, else zeros (a zero bias selects as no bias does).
+SELECTION_BIAS_RULES = (R("ffn.router.bias", "model.layers.{l}.mlp.gate.e_score_correction_bias", "[l] n -> n"),)
+NO_SELECTION_BIAS = (Const("model.layers.{l}.mlp.gate.e_score_correction_bias", ("n",), 0.0, checked=True),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +257,8 @@ class Layout:
       moe: rows of a MoE layer with a router (after LAYER_RULES) when it has shared experts / has none.
         None: the architecture has no routed MoE layer.
       shared_only: rows of a MoE layer without routed experts (Dense-xN), or None if not expressible.
+      bias, no_bias: rows a routed MoE layer adds for DeepSeek-V3's selection bias, with
+        `MoEConfig.selection_bias` / without; None where the architecture has no such tensor.
     """
 
     name: str
@@ -248,11 +266,13 @@ class Layout:
     moe_shared: tuple | None
     moe_unshared: tuple | None
     shared_only: tuple | None
+    bias: tuple | None = None
+    no_bias: tuple | None = None
 
     def rows(self) -> tuple:
         """Every distinct row (for docs/export.md)."""
         out = GLOBAL_RULES + LAYER_RULES + DENSE_FFN_RULES
-        for group in (self.moe_shared, self.moe_unshared, self.shared_only):
+        for group in (self.moe_shared, self.moe_unshared, self.shared_only, self.bias, self.no_bias):
             out += tuple(r for r in group or () if r not in out)
         return out
 
@@ -271,54 +291,50 @@ QWEN2_MOE = Layout(
     moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES + QWEN2_MOE_NO_SHARED,
     shared_only=None,
 )
+GLM4_MOE = Layout(
+    "glm4_moe",
+    "Glm4MoeForCausalLM",
+    moe_shared=ROUTER_RULES + ROUTED_EXPERT_RULES + SHARED_EXPERT_RULES,
+    moe_unshared=ROUTER_RULES + ROUTED_EXPERT_RULES + GLM4_MOE_NO_SHARED,
+    shared_only=None,
+    bias=SELECTION_BIAS_RULES,
+    no_bias=NO_SELECTION_BIAS,
+)
 LLAMA = Layout("llama", "LlamaForCausalLM", moe_shared=None, moe_unshared=None, shared_only=SHARED_AS_DENSE_RULES)
-LAYOUTS = {lay.name: lay for lay in (DEEPSEEK, QWEN2_MOE, LLAMA)}
+LAYOUTS = {lay.name: lay for lay in (DEEPSEEK, QWEN2_MOE, GLM4_MOE, LLAMA)}
 ALL_RULES = DEEPSEEK.rows()
 
 
 def transformers_layout(cfg: ModelConfig) -> Layout:
-    """The native transformers architecture of a model: Llama for dense (and Dense-xN) models,
-    Qwen2Moe for softmax-routed MoE models."""
-    return LLAMA if cfg.moe is None or cfg.moe.num_experts == 0 else QWEN2_MOE
+    """The native transformers architecture of a model: Llama for dense (and Dense-xN) models, Glm4Moe for
+    sigmoid-scored MoE models (DeepSeek-V3's router), Qwen2Moe for softmax-routed ones."""
+    if cfg.moe is None or cfg.moe.num_experts == 0:
+        return LLAMA
+    return GLM4_MOE if cfg.moe.router_score == "sigmoid" else QWEN2_MOE
 
 
 def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
     """Raise LayoutError (saying why and what to do) for models `lay` cannot express."""
     m = cfg.moe
-    if m is not None and m.selection_bias:
-        raise LayoutError(
-            "selection_bias=True (DeepSeek-V3's auxiliary-loss-free balancing) chooses experts by their scores plus "
-            "a trained per-expert bias; DeepSeek's V1 layout (DeepseekForCausalLM) and transformers' Qwen2Moe have "
-            "no such bias (DeepseekV3's `e_score_correction_bias` belongs to a layout this exporter does not "
-            "write): the exported model would route differently. Export refuses it; keep the workdir's orbax "
-            "checkpoint"
-        )
-    if m is not None and (m.router_score != "softmax" or m.routed_scaling_factor != 1.0):
-        raise LayoutError(
-            f"router_score={m.router_score!r} / routed_scaling_factor={m.routed_scaling_factor} (DeepSeek-V3 "
-            "gating) have no equivalent in DeepSeek's V1 layout (DeepseekForCausalLM: softmax gate, no routed "
-            "scaling) nor in transformers' Qwen2Moe: the exported model would compute different logits. Export "
-            "refuses them; keep the workdir's orbax checkpoint"
-        )
     if m is not None and m.router == "expert_choice":
         raise LayoutError(
             "expert-choice routing (router='expert_choice', arXiv:2202.09368: each expert picks its top-C "
-            "tokens) has no equivalent in DeepSeek's V1 layout nor in transformers' Qwen2Moe, whose routers "
-            "give every token its top-k experts: the exported model would compute different logits. Export "
-            "refuses expert-choice models; keep the workdir's orbax checkpoint"
+            "tokens) has no equivalent in DeepSeek's V1 layout nor in transformers' Qwen2Moe or Glm4Moe, whose "
+            "routers give every token its top-k experts: the exported model would compute different logits. "
+            "Export refuses expert-choice models; keep the workdir's orbax checkpoint"
         )
-    if m is not None and m.topk_groups:
-        raise LayoutError(
-            f"group-limited routing (MoEConfig.topk_groups={m.topk_groups}, num_expert_groups="
-            f"{m.num_expert_groups}: DeepSeek-V2/V3's device-/node-limited routing) has no equivalent in "
-            "DeepSeek's V1 layout (DeepseekForCausalLM: top-k over all routed experts) nor in transformers' "
-            "Qwen2Moe: the exported model would route differently. Export refuses group-limited models; keep "
-            "the workdir's orbax checkpoint"
-        )
+    if lay is GLM4_MOE:
+        _check_glm4_moe(cfg)
+    elif m is not None:
+        _check_softmax_router(m)
     if lay is DEEPSEEK:
         return _check_deepseek(cfg)
-    m = cfg.moe
-    fix = "Export it with --format=hf (DeepSeek's layout, loaded with DeepSeek's remote code) instead."
+    fix = (
+        "Bind MoEConfig.dispatch='dropless' if the model should run dropless."
+        if lay is GLM4_MOE
+        else "Export it with --format=hf (DeepSeek's layout, loaded with DeepSeek's remote code) instead. (Or "
+        "bind MoEConfig.dispatch='dropless' if the model should run dropless.)"
+    )
     if m is not None and m.router == "hash":
         raise LayoutError(
             "hash-routed MoE layers (router='hash') have no native transformers equivalent (Qwen2Moe's "
@@ -327,10 +343,8 @@ def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
         )
     if m is not None and m.dispatch == "capacity":
         raise LayoutError(
-            "dispatch='capacity' drops tokens over an expert's capacity; transformers' "
-            "Qwen2MoeSparseMoeBlock is dropless, so its logits would differ. "
-            + fix
-            + " (Or bind MoEConfig.dispatch='dropless' if the model should run dropless.)"
+            f"dispatch='capacity' drops tokens over an expert's capacity; transformers' {lay.architecture} is "
+            f"dropless, so its logits would differ. " + fix
         )
     if m is not None and (m.disable_top_experts or m.disable_shared):
         raise LayoutError(
@@ -348,6 +362,78 @@ def check_exportable(cfg: ModelConfig, lay: Layout = DEEPSEEK) -> None:
                 f"(DeepSeek's layout refuses Dense-xN models too); bind FFN_DIM={width} or "
                 f"FIRST_K_DENSE=0 for a model that exports"
             )
+
+
+def _check_softmax_router(m) -> None:
+    """DeepSeek's V1 layout and Qwen2Moe: a softmax router over every routed expert, raw or renormalised
+    gates, no selection bias, no groups, no routed scaling."""
+    if m.router_score == "sigmoid":
+        instead = (
+            "Export it with --format=transformers, which writes sigmoid-scored models as transformers' "
+            "Glm4MoeForCausalLM (DeepSeek-V3's router)"
+        )
+    else:
+        instead = (
+            "Glm4MoeForCausalLM has it only with sigmoid scores (MoEConfig.router_score='sigmoid'), so no "
+            "exported architecture holds this softmax model: keep the workdir's orbax checkpoint"
+        )
+    if m.selection_bias:
+        raise LayoutError(
+            "selection_bias=True (DeepSeek-V3's auxiliary-loss-free balancing) chooses experts by their scores plus "
+            "a trained per-expert bias; DeepSeek's V1 layout (DeepseekForCausalLM) and transformers' Qwen2Moe have "
+            f"no such bias: the exported model would route differently. {instead}"
+        )
+    if m.router_score == "sigmoid" or m.routed_scaling_factor != 1.0:
+        raise LayoutError(
+            f"router_score={m.router_score!r} / routed_scaling_factor={m.routed_scaling_factor} (DeepSeek-V3 "
+            "gating) have no equivalent in DeepSeek's V1 layout (DeepseekForCausalLM: softmax gate, no routed "
+            "scaling) nor in transformers' Qwen2Moe: the exported model would compute different logits. "
+            f"{instead}"
+        )
+    if m.topk_groups:
+        raise LayoutError(
+            f"group-limited routing (MoEConfig.topk_groups={m.topk_groups}, num_expert_groups="
+            f"{m.num_expert_groups}: DeepSeek-V2/V3's device-/node-limited routing) has no equivalent in "
+            "DeepSeek's V1 layout (DeepseekForCausalLM: top-k over all routed experts) nor in transformers' "
+            f"Qwen2Moe: the exported model would route differently. {instead}"
+        )
+
+
+def _check_glm4_moe(cfg: ModelConfig) -> None:
+    """Glm4MoeForCausalLM: DeepSeek-V3's router (sigmoid scores, top-k of scores + bias inside the top
+    `topk_group` of `n_group` groups scored by their top-2 sum, `norm_topk_prob`, `routed_scaling_factor`),
+    dense layers first, then every layer MoE."""
+    m = cfg.moe
+    if m.router != "softmax" or m.router_score != "sigmoid":
+        raise LayoutError(
+            f"Glm4MoeForCausalLM's router scores experts with a sigmoid; this model has router={m.router!r}, "
+            f"router_score={m.router_score!r}"
+        )
+    if m.topk_groups and m.group_score != "top2_sum":
+        raise LayoutError(
+            f"group_score={m.group_score!r}: Glm4MoeForCausalLM scores a group by the sum of its two highest "
+            "scores (DeepSeek-V3, group_score='top2_sum'); DeepSeek-V2's 'max' has no transformers equivalent. "
+            "Export refuses it; keep the workdir's orbax checkpoint"
+        )
+    if m.topk_groups and not m.num_expert_groups:
+        raise LayoutError(
+            f"topk_groups={m.topk_groups} with num_expert_groups=0 groups the experts by the mesh's expert axis, "
+            "which an exported model does not have: bind MoEConfig.num_expert_groups to the G the model was "
+            "trained with (the expert-parallel size of its mesh) to export it"
+        )
+    per_group = m.num_experts // (m.num_expert_groups if m.topk_groups else 1)
+    if per_group < 2:
+        raise LayoutError(
+            f"{per_group} routed expert(s) per group: Glm4MoeForCausalLM scores groups by their top-2 sum and "
+            f"needs at least 2"
+        )
+    moe = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+    k = moe.index(True) if True in moe else cfg.num_layers
+    if moe != [i >= k for i in range(cfg.num_layers)]:
+        raise LayoutError(
+            f"MoE layers {[i for i, x in enumerate(moe) if x]}: Glm4MoeForCausalLM makes every layer from "
+            f"first_k_dense_replace on a MoE layer; bind ModelConfig.moe_layer_freq=1 for a model that exports"
+        )
 
 
 def _check_deepseek(cfg: ModelConfig) -> None:
@@ -408,6 +494,8 @@ def layer_rules(cfg: ModelConfig, layer: int, lay: Layout = DEEPSEEK) -> tuple:
             f"layer {layer} (MoE: {m.num_experts} routed, {m.num_shared_experts} shared experts) has no "
             f"{lay.architecture} equivalent"
         )
+    if m.num_experts and lay.bias is not None:
+        group += lay.bias if m.selection_bias else lay.no_bias
     return LAYER_RULES + group
 
 
@@ -464,6 +552,16 @@ def plan(cfg: ModelConfig, our_shapes: Mapping[str, tuple[int, ...]], lay: Layou
     if unused:
         raise LayoutError(f"the {lay.architecture} layout has no place for our array(s) {unused}")
     return entries
+
+
+def flat_model_shapes(model) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of what an export reads of an nnx model (concrete or abstract): its parameters
+    and DeepSeek-V3's selection bias (`RouterBias`, if the model has one)."""
+    from flax import nnx
+
+    from moe_jax.moe.router import RouterBias
+
+    return flat_param_shapes(nnx.state(model, nnx.Param)) | flat_param_shapes(nnx.state(model, RouterBias))
 
 
 def flat_param_shapes(params) -> dict[str, tuple[int, ...]]:

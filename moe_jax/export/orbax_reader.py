@@ -48,7 +48,8 @@ def state_dir(workdir: str | os.PathLike, step: int | None = None) -> tuple[Path
 
 
 class OrbaxParamReader:
-    """Parameter arrays of one checkpoint's `state` item, opened lazily through tensorstore."""
+    """Parameter arrays (and the selection bias) of one checkpoint's `state` item, opened lazily through
+    tensorstore."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).resolve()
@@ -61,31 +62,38 @@ class OrbaxParamReader:
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._open: dict[str, ts.TensorStore] = {}
 
+    # The `TrainState` items holding model arrays: the parameters, then DeepSeek-V3's selection bias
+    # (`TrainState.router_bias`, present only for models with one). Our dotted paths are unique across them.
+    ITEMS = ("params", "router_bias")
+
     @staticmethod
-    def array_name(path: str) -> str:
-        """Our dotted parameter path -> orbax's array name ("embed" -> "params.embed.value")."""
-        return f"params.{path}.value"
+    def array_name(path: str, item: str = "params") -> str:
+        """Our dotted path -> orbax's array name ("embed" -> "params.embed.value")."""
+        return f"{item}.{path}.value"
 
     def array(self, path: str) -> ts.TensorStore:
-        """The tensorstore of parameter `path` (metadata only)."""
+        """The tensorstore of model array `path` (metadata only), a parameter or the selection bias."""
         if path not in self._open:
-            name = self.array_name(path)
             errors = []
-            for driver in ("zarr", "zarr3"):
-                spec = {
-                    "driver": driver,
-                    "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
-                }
-                try:
-                    self._open[path] = ts.open(spec, open=True, read=True, context=self._context).result()
-                    break
-                except Exception as err:  # tensorstore raises ValueError with a status message
-                    errors.append(f"{driver}: {err}")
-            else:
-                raise CheckpointReadError(
-                    f"parameter {path!r} (array {name!r}) is not in checkpoint {self.directory}: "
-                    + "; ".join(e.splitlines()[0][:200] for e in errors)
-                )
+            for item in self.ITEMS:
+                for driver in ("zarr", "zarr3"):
+                    spec = {
+                        "driver": driver,
+                        "kvstore": {
+                            "driver": "ocdbt",
+                            "base": f"file://{self.directory}/",
+                            "path": self.array_name(path, item),
+                        },
+                    }
+                    try:
+                        self._open[path] = ts.open(spec, open=True, read=True, context=self._context).result()
+                        return self._open[path]
+                    except Exception as err:  # tensorstore raises ValueError with a status message
+                        errors.append(f"{driver}: {err}")
+            raise CheckpointReadError(
+                f"parameter {path!r} (array {self.array_name(path)!r}) is not in checkpoint {self.directory}: "
+                + "; ".join(e.splitlines()[0][:200] for e in errors[:2])
+            )
         return self._open[path]
 
     def shape(self, path: str) -> tuple[int, ...]:

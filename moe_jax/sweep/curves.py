@@ -45,8 +45,9 @@ def training_time(records: list[dict], tokens_per_step: int) -> dict[str, float]
     steps it redoes after its last checkpoint: only the last row of each step is kept, so the redone work
     (and the lost work it replaces) is not counted. Rows without a positive `tokens_per_second` (held-out
     rows) are skipped. The final whole-split evaluation and the start-up before the first step are outside
-    every window. Returns {"train_hours", "mean_tokens_per_second" (tokens trained / that time)}, or {}
-    when no row has a throughput.
+    every window. Returns {"train_hours", "mean_tokens_per_second" (tokens trained / that time),
+    "median_tokens_per_second" (`median_tokens_per_second`: a pause of the process, which the hours and
+    the mean include, leaves it alone)}, or {} when no row has a throughput.
     """
     rate = window_rates(records)
     seconds, previous = 0.0, 0
@@ -55,7 +56,11 @@ def training_time(records: list[dict], tokens_per_step: int) -> dict[str, float]
         previous = step
     if not seconds:
         return {}
-    return {"train_hours": seconds / 3600, "mean_tokens_per_second": previous * tokens_per_step / seconds}
+    return {
+        "train_hours": seconds / 3600,
+        "mean_tokens_per_second": previous * tokens_per_step / seconds,
+        "median_tokens_per_second": median_tokens_per_second(records),
+    }
 
 
 def window_rates(records: list[dict]) -> dict[int, float]:

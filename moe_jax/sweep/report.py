@@ -66,7 +66,8 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
     A run directory named `<member>_s<seed>` of the family is reported as that member even when it is
     a link to an identical run of another family (e.g. table1's DeepSeekMoE reused as Fig 3's 1+7/63).
     A run with a config.gin also gets its parameter counts, and from its metrics.jsonl its training wall
-    time and mean throughput (`train_hours`, `mean_tokens_per_second`: `curves.training_time`)."""
+    time and mean and median throughput (`train_hours`, `mean_tokens_per_second`,
+    `median_tokens_per_second`: `curves.training_time`)."""
     from moe_jax.train.metrics import read_metrics
 
     rows = []
@@ -127,7 +128,8 @@ def cost_note(root: Path, rows: list[dict]) -> str:
     text = (
         f"Cost: {len(rows)} runs, {sum(hours):.1f} run-hours of training in all (each run's training wall time "
         "from its metrics.jsonl, summed; the runs of a `--parallel` sweep train side by side, each on its own "
-        "device slot, e.g. one CPU core); mean throughput per member in the table."
+        "device slot, e.g. one CPU core); mean and median window throughput per member in the table (a run "
+        "paused or sharing its core shows as hours above and a mean below what its median implies)."
     )
     if len(hours) < len(rows):
         text += f" {len(rows) - len(hours)} of the runs logged no throughput and are not counted."
@@ -165,8 +167,13 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return text + ((f" ± {std:.4f}" if abs(mean) < 100 else f" ± {std:,.0f}") if std else "")
 
 
-# Columns of every run's cost (`curves.training_time`), shown after the family's metrics.
-COST = (("train_hours", "train hours"), ("mean_tokens_per_second", "mean tokens/s"))
+# Columns of every run's cost (`curves.training_time`), shown after the family's metrics: the median
+# window rate is the run's speed on its own steps; the hours and the mean also hold any pause of the process.
+COST = (
+    ("train_hours", "train hours"),
+    ("mean_tokens_per_second", "mean tokens/s"),
+    ("median_tokens_per_second", "median tokens/s"),
+)
 
 
 def markdown_table(summary: list[dict], family: Family) -> str:

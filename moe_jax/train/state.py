@@ -110,14 +110,20 @@ class ShardedTrainState:
         """What a checkpoint restores onto: the abstract state carrying its shardings."""
         return abstract_like(self.abstract, self.shardings)
 
-    def from_params(self, params: nnx.State, step: int) -> TrainState:
+    def from_params(self, params: nnx.State, step: int, router_bias: nnx.State | None = None) -> TrainState:
         """A state at `step` around given parameter values (placed in their shardings), with the optimizer
-        state (`tx.init`) and router bias (zeros) a fresh run would have, e.g. for weights imported from
-        another format or upcycled from a dense model."""
+        state (`tx.init`) a fresh run would have and the given router bias (default: zeros, as a fresh run),
+        e.g. for weights imported from another format or upcycled from a dense model."""
         params = jax.device_put(params, self.shardings.params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         step = jax.device_put(jnp.asarray(step, jnp.int32), self.replicated)
-        return TrainState(step=step, params=params, opt_state=opt_state, router_bias=self.initial_router_bias())
+        if router_bias is None:
+            router_bias = self.initial_router_bias()
+        elif self.abstract.router_bias is None:
+            raise ValueError("from_params: a router bias was given for a model without a selection bias")
+        else:
+            router_bias = jax.device_put(router_bias, self.shardings.router_bias)
+        return TrainState(step=step, params=params, opt_state=opt_state, router_bias=router_bias)
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes of one global batch of seqio decoder features ([batch_size, seq_len] int32)."""

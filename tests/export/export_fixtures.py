@@ -23,18 +23,27 @@ def make_workdir(
     mesh: str | None = None,
 ) -> Path:
     """A workdir as `moe-jax train` leaves it: config.gin + checkpoints/STEP with random parameters
-    (norm scales randomised too, so a misplaced norm shows). With `mesh` ("data:2,fsdp:2,expert:2"),
-    the state is sharded by the model's rules before saving, so orbax stores each array in chunks."""
+    (norm scales randomised too, so a misplaced norm shows; a selection bias, if the model has one, random
+    with std 0.1, enough to change which experts the sigmoid scores pick). With `mesh`
+    ("data:2,fsdp:2,expert:2"), the state is sharded by the model's rules before saving, so orbax stores
+    each array in chunks."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from moe_jax.model.transformer import Transformer
+    from moe_jax.moe.router import RouterBias
 
     extra = [f"TrainConfig.data_cache='{data_cache}'"] if data_cache else []
     model_cfg, train_cfg = write_config_gin(path, [arch, "runs/proxy_cpu.gin"], [*bindings, *extra])
-    params = nnx.state(Transformer(model_cfg, nnx.Rngs(seed)), nnx.Param)
+    model = Transformer(model_cfg, nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(seed + 1)
+    bias = None
+    if model_cfg.moe is not None and model_cfg.moe.selection_bias:
+        bias = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), nnx.state(model, RouterBias)
+        )
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: (
             x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype) if "scale" in jax.tree_util.keystr(p) else x
@@ -46,7 +55,9 @@ def make_workdir(
 
         m = build_mesh(MeshConfig.from_string(mesh))
         params = jax.jit(lambda p: p, out_shardings=state_shardings(params, m))(params)
-    return save_checkpoint(path, train_cfg, params, STEP)
+        if bias is not None:
+            bias = jax.jit(lambda b: b, out_shardings=state_shardings(bias, m))(bias)
+    return save_checkpoint(path, train_cfg, params, STEP, router_bias=bias)
 
 
 def short_run_flags(train_cache: Path, steps: int, warmup_steps: int) -> list[str]:

@@ -42,6 +42,26 @@ KINDS = {
             "HEAD_DIM=8",
         ],
     ),
+    # DeepSeek-V3's gating (Glm4Moe): sigmoid scores, renormalised top-3, routed scaling 2.5, 2 shared experts.
+    "v3_sigmoid": (
+        MOE,
+        TINY
+        + ["NUM_EXPERTS=6", "NUM_SHARED=2", "TOP_K=3", "EXPERT_DIM=16"]
+        + [
+            "MoEConfig.router_score='sigmoid'",
+            "MoEConfig.renormalize_topk=True",
+            "MoEConfig.routed_scaling_factor=2.5",
+        ],
+    ),
+    # V3's auxiliary-loss-free balancing with node-limited routing, no shared expert (Glm4Moe's has width
+    # 0): a random selection bias (make_workdir), top-2 within the top 2 of 3 groups scored by their top-2 sum.
+    "v3_aux_free_groups": (
+        MOE,
+        TINY
+        + ["NUM_EXPERTS=6", "NUM_SHARED=0", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.router_score='sigmoid'"]
+        + ["MoEConfig.renormalize_topk=True", "MoEConfig.selection_bias=True", "MoEConfig.bias_update_speed=0.001"]
+        + ["MoEConfig.topk_groups=2", "MoEConfig.num_expert_groups=3", "MoEConfig.group_score='top2_sum'"],
+    ),
     "dense": ("architectures/dense.gin", TINY),
     # Dense x4 (shared experts only): LlamaForCausalLM of width 4 x 16 = ffn_dim.
     "dense_x4": (MOE, TINY + ["NUM_EXPERTS=0", "NUM_SHARED=4", "TOP_K=0", "EXPERT_DIM=16"]),
@@ -50,6 +70,8 @@ ARCHITECTURES = {
     "deepseekmoe": "Qwen2MoeForCausalLM",
     "gshard": "Qwen2MoeForCausalLM",
     "switch": "Qwen2MoeForCausalLM",
+    "v3_sigmoid": "Glm4MoeForCausalLM",
+    "v3_aux_free_groups": "Glm4MoeForCausalLM",
     "dense": "LlamaForCausalLM",
     "dense_x4": "LlamaForCausalLM",
 }
@@ -182,6 +204,64 @@ def test_qwen2moe_layout_details(exported):
     sw = json.loads((exported("switch").out / "config.json").read_text())
     assert sw["mlp_only_layers"] == [1] and sw["head_dim"] == 8 and sw["num_experts_per_tok"] == 1
     assert sw["experts_implementation"] == "eager" and "experts_implementation" not in cfg
+
+
+def test_glm4moe_layout_details(exported):
+    """Sigmoid-scored models are Glm4Moe: V3's router keys (groups, renormalisation, routed scaling), full
+    rotary, the trained selection bias as `e_score_correction_bias` (zeros without one), the shared experts
+    as `shared_experts` of width K_s * f (0 without), the training-only settings in the moe_jax block."""
+    from safetensors.numpy import load_file
+
+    from moe_jax.export.layout import flat_params
+    from moe_jax.train.restore import load_trained
+
+    def tensors(ex):
+        out = {}
+        for f in ex.result.files:
+            out.update(load_file(ex.out / f))
+        return out
+
+    v3, groups = exported("v3_sigmoid"), exported("v3_aux_free_groups")
+    c = json.loads((v3.out / "config.json").read_text())
+    assert (c["n_routed_experts"], c["num_experts_per_tok"], c["n_shared_experts"], c["first_k_dense_replace"]) == (
+        6,
+        3,
+        2,
+        1,
+    )
+    assert (c["n_group"], c["topk_group"], c["norm_topk_prob"], c["routed_scaling_factor"]) == (1, 1, True, 2.5)
+    assert c["rope_parameters"]["partial_rotary_factor"] == 1.0 and c["use_qk_norm"] is False
+    assert c["moe_jax"]["selection_bias"] is False
+    w = tensors(v3)
+    np.testing.assert_array_equal(w["model.layers.1.mlp.gate.e_score_correction_bias"], np.zeros(6))
+    assert w["model.layers.2.mlp.shared_experts.up_proj.weight"].shape == (32, 32)
+    g = json.loads((groups.out / "config.json").read_text())
+    assert (g["n_group"], g["topk_group"], g["n_shared_experts"]) == (3, 2, 0)
+    assert g["moe_jax"]["selection_bias"] is True and g["moe_jax"]["bias_update_speed"] == 0.001
+    w = tensors(groups)
+    trained = load_trained(groups.workdir)
+    bias = {k: np.asarray(v) for k, v in flat_params(trained.rest).items()}  # the selection bias: the only rest
+    assert list(bias) == ["stacks.1.blocks.ffn.router.bias"] and np.std(bias["stacks.1.blocks.ffn.router.bias"]) > 0.05
+    for layer in (1, 2):
+        np.testing.assert_array_equal(
+            w[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"],
+            bias["stacks.1.blocks.ffn.router.bias"][layer - 1],
+        )
+    assert w["model.layers.1.mlp.shared_experts.gate_proj.weight"].shape == (0, 32)
+
+
+@pytest.mark.slow
+def test_exported_selection_bias_decides_the_routing(exported, text_tokens):
+    """The parity above is not vacuous for the selection bias: zeroing transformers' loaded
+    `e_score_correction_bias` moves its logits far from ours (the bias changes which experts are chosen)."""
+    import torch
+
+    ex = exported("v3_aux_free_groups")
+    model = _load(ex.out, dtype="float32")
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.zero_()
+    assert max_rel_err(_torch_logits(model, text_tokens), _our_logits(ex.workdir, text_tokens)) > 100 * TOL
 
 
 def test_16b_config_describes_the_planned_tensors():
@@ -374,6 +454,81 @@ def _fresh_llama(path: Path) -> Path:
     return path
 
 
+def _fresh_glm4moe(path: Path) -> Path:
+    """A freshly initialised tiny Glm4MoeForCausalLM saved by transformers: DeepSeek-V3's router with a
+    random selection bias, top-2 within the top 2 of 3 groups, routed scaling 1.5, one shared expert,
+    full rotary (Glm4MoeConfig's default rotates half of each head, which our RoPE does not)."""
+    import torch
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(2)
+    cfg = Glm4MoeConfig(
+        vocab_size=TRAIN_VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=3,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0},
+        num_nextn_predict_layers=0,
+        max_position_embeddings=TRAIN_SEQ,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    model = Glm4MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0.0, 0.2)
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_import_transformers_saved_glm4moe_parity_and_train(tmp_path, train_cache, text_tokens):
+    """A Glm4Moe model transformers saved imports as DeepSeek-V3's router (sigmoid, its selection bias,
+    groups, routed scaling) with the same logits (1e-5 rel, float32), and trains here with the bias moving
+    at the speed bound at import (Glm4Moe's config has none: 0 by default)."""
+    from moe_jax.cli import main
+    from moe_jax.train.restore import load_trained, parse_workdir_config
+
+    hf, wd = _fresh_glm4moe(tmp_path / "glm"), tmp_path / "glm_wd"
+    run = short_run_flags(train_cache, steps=2, warmup_steps=1)
+    assert main(["import", f"--hf={hf}", f"--workdir={wd}", "--no_progress", *run]) == 0
+    theirs = _torch_logits(_load(hf, dtype="float32"), text_tokens)
+    err = max_rel_err(_our_logits(wd, text_tokens), theirs)
+    print(f"transformers-saved glm4moe: max rel logits error moe_jax vs transformers: {err:.2e}")
+    assert err < TOL and np.std(theirs) > 0.1
+    cfg, _ = parse_workdir_config(wd)
+    m = cfg.moe
+    assert (m.router_score, m.renormalize_topk, m.routed_scaling_factor, m.selection_bias) == (
+        "sigmoid",
+        True,
+        1.5,
+        True,
+    )
+    assert (m.topk_groups, m.num_expert_groups, m.group_score, m.bias_update_speed) == (2, 3, "top2_sum", 0.0)
+    assert (m.num_experts, m.num_shared_experts, m.top_k, cfg.first_k_dense, cfg.head_dim) == (6, 1, 2, 1, 8)
+    imported = np.asarray(load_trained(wd).rest["stacks"][1]["blocks"]["ffn"]["router"]["bias"][...])
+    argv = ["train", f"--workdir={wd}", f"--gin_file={wd / 'config.gin'}", "--no_progress"]
+    assert main(argv + ["--gin.MoEConfig.bias_update_speed=0.001"]) == 0
+    trained = np.asarray(load_trained(wd).rest["stacks"][1]["blocks"]["ffn"]["router"]["bias"][...])
+    moved = np.abs(trained - imported)
+    assert json.loads((wd / "result.json").read_text())["step"] == 2
+    assert np.all(moved <= 2 * 0.001 + 1e-7) and np.any(moved > 0)  # two steps of +-gamma (or 0) per expert
+
+
 @pytest.mark.slow
 def test_import_transformers_saved_models_parity_train_and_eval(tmp_path, train_cache, text_tokens):
     """Qwen2Moe and Llama models that transformers saved import (`moe-jax import`) with the same logits
@@ -415,6 +570,39 @@ def test_import_refuses_input_dependent_shared_gate(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+# A Glm4Moe config.json (as a change to the Qwen2Moe one below) that imports: full rotary, 6 experts, 3 groups.
+_GLM = {
+    "model_type": "glm4_moe",
+    "n_routed_experts": 6,
+    "n_shared_experts": 2,
+    "first_k_dense_replace": 1,
+    "n_group": 3,
+    "topk_group": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+}
+
+
+def test_import_refuses_a_bias_the_moe_jax_block_denies(exported, tmp_path):
+    """Our export of a bias-free sigmoid model says `selection_bias: false`: a non-zero
+    e_score_correction_bias there is refused, naming the tensor and the fix."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from moe_jax.export.hf import HFImportError, import_hf
+
+    ex = exported("v3_sigmoid")
+    hf = Path(shutil.copytree(ex.out, tmp_path / "hf"))
+    name = "model.layers.2.mlp.gate.e_score_correction_bias"
+    shard = hf / json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = np.full_like(tensors[name], 0.25)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(HFImportError, match=rf"{name}: max \|value - 0\| = 0.25(.|\n)*remove `selection_bias`"):
+        import_hf(hf, tmp_path / "wd", progress=False)
+    assert not (tmp_path / "wd").exists()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -423,6 +611,9 @@ def test_import_refuses_input_dependent_shared_gate(tmp_path):
         ({"shared_expert_intermediate_size": 24}, "not a multiple of moe_intermediate_size=16"),
         ({"mlp_only_layers": [2]}, "MoE layers [0, 1] do not follow our rule"),
         ({"model_type": "mixtral"}, "model_type 'mixtral'"),
+        (_GLM | {"rope_parameters": {"rope_type": "default"}}, "partial_rotary_factor=0.5 is not supported"),
+        (_GLM | {"use_qk_norm": True}, "use_qk_norm=True is not supported"),
+        (_GLM | {"n_group": 4}, "n_group=4 / topk_group=2 do not group the 6 routed experts"),
     ],
 )
 def test_import_refuses_unsupported_transformers_config(change, message):
@@ -444,7 +635,8 @@ def test_import_refuses_unsupported_transformers_config(change, message):
         "mlp_only_layers": [0],
         "qkv_bias": False,
     }
-    config_layout(config)  # the unchanged config imports
+    config_layout(config)  # the unchanged configs import
+    config_layout({**config, **_GLM})
     with pytest.raises(LayoutError) as err:
         config_layout({**config, **change})
     assert message in str(err.value)
@@ -459,6 +651,25 @@ def test_import_refuses_unsupported_transformers_config(change, message):
             "dispatch='capacity' drops tokens",
         ),
         (["NUM_EXPERTS=0", "NUM_SHARED=2", "TOP_K=0", "EXPERT_DIM=16"], "bind FFN_DIM=32 or FIRST_K_DENSE=0"),
+        (
+            ["NUM_EXPERTS=6", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.selection_bias=True"],
+            "Glm4MoeForCausalLM has it only with sigmoid scores",
+        ),
+        (
+            ["NUM_EXPERTS=6", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.router_score='sigmoid'"]
+            + ["MoEConfig.topk_groups=2", "MoEConfig.num_expert_groups=3"],
+            "group_score='max': Glm4MoeForCausalLM scores a group by the sum of its two highest",
+        ),
+        (
+            ["NUM_EXPERTS=6", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.router_score='sigmoid'"]
+            + ["MoEConfig.topk_groups=2", "MoEConfig.group_score='top2_sum'"],
+            "bind MoEConfig.num_expert_groups",
+        ),
+        (
+            ["NUM_EXPERTS=6", "TOP_K=2", "EXPERT_DIM=16", "MoEConfig.router_score='sigmoid'"]
+            + ["FIRST_K_DENSE=0", "ModelConfig.moe_layer_freq=2"],
+            "bind ModelConfig.moe_layer_freq=1",
+        ),
     ],
 )
 def test_export_refuses_before_writing(tmp_path, extra, message, capsys):

@@ -70,4 +70,5 @@ def test_training_time_sums_the_windows_and_keeps_the_last_row_of_a_redone_step(
     out = C.training_time(records, tokens_per_step=100)
     assert out["train_hours"] == pytest.approx(13.5 / 3600)
     assert out["mean_tokens_per_second"] == pytest.approx(40 * 100 / 13.5)
+    assert out["median_tokens_per_second"] == pytest.approx(750.0)  # of 1000, 500, 100, 2000
     assert C.training_time([{"step": 10, "heldout/loss": 3.0}], 100) == {}

@@ -248,11 +248,14 @@ def test_report_rows_carry_training_time_and_the_summary_its_cost(tmp_path):
     assert cost_note(root, rows) == (
         "Cost: 2 runs, 0.0 run-hours of training in all (each run's training wall time from its metrics.jsonl, "
         "summed; the runs of a `--parallel` sweep train side by side, each on its own device slot, e.g. one CPU "
-        "core); mean throughput per member in the table. 1 of the runs (0.0 h) are links to other families' runs "
-        "(`--reuse`), trained there."
+        "core); mean and median window throughput per member in the table (a run paused or sharing its core "
+        "shows as hours above and a mean below what its median implies). 1 of the runs (0.0 h) are links to "
+        "other families' runs (`--reuse`), trained there."
     )
+    assert [r["median_tokens_per_second"] for r in rows] == pytest.approx([3072.0, 4096.0])
     table = markdown_table(summarise(rows, fam), fam)
-    assert "| train_loss | train hours | mean tokens/s |" in table and "| 0.0167 ± 0.0118 | 3,413 ± 965 |" in table
+    assert "| train_loss | train hours | mean tokens/s | median tokens/s |" in table
+    assert "| 0.0167 ± 0.0118 | 3,413 ± 965 | 3,584 ± 724 |" in table
 
 
 def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, capsys):
