@@ -396,6 +396,22 @@ def test_bfloat16_export_loads_as_rounded_float32(exported, tmp_path):
 # ------------------------------------------------------------------ models that transformers itself saved
 
 
+# The trunk of the transformers-saved MoE models below: d 32, 3 layers, 2 heads of 8 (head_dim free), FFN 48.
+_HF_TRUNK = dict(
+    vocab_size=TRAIN_VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=TRAIN_SEQ,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=0,
+)
+
+
 def _fresh_qwen2moe(path: Path, *, zero_shared_gate: bool = True) -> Path:
     """A freshly initialised tiny Qwen2MoeForCausalLM (2 shared-expert widths, dense layer 0, head_dim 8),
     saved by transformers. Its shared_expert_gate is zeroed (our shared experts have no input-dependent
@@ -405,13 +421,7 @@ def _fresh_qwen2moe(path: Path, *, zero_shared_gate: bool = True) -> Path:
 
     torch.manual_seed(0)
     cfg = Qwen2MoeConfig(
-        vocab_size=TRAIN_VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
+        **_HF_TRUNK,
         num_experts=5,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
@@ -420,10 +430,6 @@ def _fresh_qwen2moe(path: Path, *, zero_shared_gate: bool = True) -> Path:
         qkv_bias=False,
         initializer_range=0.2,
         rope_theta=5000.0,
-        max_position_embeddings=TRAIN_SEQ,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
     )
     model = Qwen2MoeForCausalLM(cfg)
     if zero_shared_gate:
@@ -463,13 +469,7 @@ def _fresh_glm4moe(path: Path) -> Path:
 
     torch.manual_seed(2)
     cfg = Glm4MoeConfig(
-        vocab_size=TRAIN_VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
+        **_HF_TRUNK,
         n_routed_experts=6,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
@@ -481,10 +481,6 @@ def _fresh_glm4moe(path: Path) -> Path:
         initializer_range=0.2,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0},
         num_nextn_predict_layers=0,
-        max_position_embeddings=TRAIN_SEQ,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
     )
     model = Glm4MoeForCausalLM(cfg)
     with torch.no_grad():
