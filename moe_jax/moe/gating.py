@@ -42,6 +42,10 @@ class Routing:
         (no bound below T*k). Expert choice sets it to E*C*G, far below its T*E columns, so the
         dropless dispatch computes only that many rows. Pytree metadata, not a leaf: it is part of
         the jit cache key and survives jit, vmap and tree maps unchanged.
+      max_per_expert: a static upper bound on any one expert's active assignments, or None. Expert
+        choice sets it to C*G (each expert takes C tokens of each of the G groups), so expert
+        parallelism's ring scheme computes at most E_l*C*G rows on a device holding E_l experts.
+        Metadata like `max_active`.
     """
 
     indices: jax.Array
@@ -50,6 +54,7 @@ class Routing:
     probs: jax.Array | None = None
     logits: jax.Array | None = None
     max_active: int | None = struct.field(pytree_node=False, default=None)
+    max_per_expert: int | None = struct.field(pytree_node=False, default=None)
 
 
 def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -178,8 +183,9 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
     The result is a `Routing` with k = E columns, so every dispatch runs it unchanged: for each token
     the E experts ordered chosen-first, then by score (best first); `mask` is True for the experts that
     chose the token, `weights` their scores (0 elsewhere). No narrower token-major form holds every case,
-    since a token may be chosen by all E experts. Exactly E C G of the T E assignments are active, which
-    `max_active` records, so the dropless dispatch computes those rows only.
+    since a token may be chosen by all E experts. Exactly E C G of the T E assignments are active, C G
+    per expert, which `max_active` and `max_per_expert` record, so the dropless dispatch (and expert
+    parallelism's ring scheme) computes those rows only.
 
     Args:
       logits: [T, E] float32 router logits u_t^T e_i.
@@ -188,7 +194,8 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
       num_groups: G, how many contiguous groups the selection runs over; must divide T.
 
     Returns:
-      Routing with indices/weights/mask [T, E], probs (S) and logits [T, E], max_active = E C G.
+      Routing with indices/weights/mask [T, E], probs (S) and logits [T, E], max_active = E C G,
+      max_per_expert = C G.
     """
     logits = logits.astype(jnp.float32)
     t, e = logits.shape
@@ -214,6 +221,7 @@ def expert_choice(logits: jax.Array, k: int, *, capacity_factor: float = 1.0, nu
         probs=probs,
         logits=logits,
         max_active=e * cap * num_groups,
+        max_per_expert=cap * num_groups,
     )
 
 

@@ -48,3 +48,51 @@ def test_expert_choice_matches_single_device(scope, spec):
     assert errors[worst] <= TOL, {k: v for k, v in errors.items() if v > TOL}
     np.testing.assert_array_equal(out.expert_ids, out0.expert_ids)  # the same tokens chose the same experts
     assert np.isfinite(float(loss))
+
+
+def _row_counts(jaxpr, d: int):
+    """Rows (product of the leading dims) of every array of last dim `d` in a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            shape = getattr(v.aval, "shape", ())
+            if shape and shape[-1] == d:
+                yield int(np.prod(shape[:-1]))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _row_counts(inner, d)
+
+
+def test_ring_computes_only_the_bounded_rows_of_expert_choice():
+    """Expert choice's k = E routing under the ring scheme: with `max_per_expert` (C G = 16 here) no array
+    of width d holds more rows than the T_g = 64 gathered tokens (the bounded computation: 16 rows per
+    device), while the same routing without the bound builds the T_g * E = 512-row form; both equal the
+    single-device dropless dispatch."""
+    import jax.numpy as jnp
+
+    from moe_jax.moe import gating as R
+    from moe_jax.moe.dispatch.base import ExpertParams
+    from moe_jax.moe.dispatch.dropless import dropless_dispatch
+    from moe_jax.moe.dispatch.expert_parallel import expert_parallel_dispatch
+
+    t, e, d, f = 64, 8, 24, 8
+    k0, k1, k2, k3 = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k0, (t, d), jnp.float32)
+    experts = ExpertParams(
+        wi=0.3 * jax.random.normal(k2, (e, d, 2, f), jnp.float32),
+        wo=0.3 * jax.random.normal(k3, (e, f, d), jnp.float32),
+    )
+    routing = R.expert_choice(jax.random.normal(k1, (t, e), jnp.float32), 2, num_groups=4)  # C = 4 of 16 tokens
+    assert routing.max_per_expert == 16
+    m = mesh("expert:8")
+
+    def ep(r):
+        return expert_parallel_dispatch(x, r, experts, mesh=m, scheme="ring").y
+
+    want = np.asarray(dropless_dispatch(x, routing, experts).y)
+    unbounded = routing.replace(max_per_expert=None)
+    for r in (routing, unbounded):
+        assert max_rel_err(np.asarray(jax.jit(ep)(r)), want) < TOL
+    assert max(_row_counts(jax.make_jaxpr(ep)(routing).jaxpr, d)) == t
+    assert max(_row_counts(jax.make_jaxpr(ep)(unbounded).jaxpr, d)) == t * e

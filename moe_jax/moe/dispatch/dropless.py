@@ -81,17 +81,26 @@ def _active_expert_outputs(x, tokens, row_weights, group_sizes, experts: ExpertP
     return grouped_swiglu(jnp.take(x, tokens, axis=0), group_sizes, experts, gmm, row_weights)
 
 
-def _bounded_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, gmm: GmmFn) -> DispatchOutput:
-    """The dropless dispatch of a routing with at most `routing.max_active` = A active assignments:
-    A rows gathered and computed instead of T*k, combined by a scatter-add into the T tokens."""
+def bounded_outputs(x: jax.Array, routing: Routing, experts: ExpertParams, gmm: GmmFn) -> tuple[jax.Array, jax.Array]:
+    """The experts' summed, gate-weighted outputs of a routing with at most `routing.max_active` = A active
+    assignments: A rows gathered and computed instead of T*k, scatter-added into the T tokens.
+
+    Returns y [T, d] float32 and the group sizes [E]. Also the local computation of expert parallelism's
+    ring scheme for such routings (`expert_parallel`)."""
     t, k = routing.indices.shape
     order, _, group_sizes = sort_by_expert(routing, experts.num_experts)  # the unused inverse: dropped under jit
     rows = order[: min(routing.max_active, t * k)]  # the active assignments, by expert (plus inactive ones if fewer)
     tokens = rows // k
     gates = jnp.where(routing.mask, routing.weights, 0.0).astype(jnp.float32).reshape(-1)
     out = _active_expert_outputs(x, tokens, jnp.take(gates, rows), group_sizes, experts, gmm)  # 0 past the groups
-    y = jnp.zeros((t, x.shape[1]), jnp.float32).at[tokens].add(out.astype(jnp.float32))
-    return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=group_sizes, dropped=jnp.zeros((t, k), bool))
+    return jnp.zeros((t, x.shape[1]), jnp.float32).at[tokens].add(out.astype(jnp.float32)), group_sizes
+
+
+def _bounded_dispatch(x: jax.Array, routing: Routing, experts: ExpertParams, gmm: GmmFn) -> DispatchOutput:
+    """The dropless dispatch of a routing with at most `routing.max_active` active assignments."""
+    y, group_sizes = bounded_outputs(x, routing, experts, gmm)
+    dropped = jnp.zeros(routing.indices.shape, bool)
+    return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=group_sizes, dropped=dropped)
 
 
 def dropless_dispatch(

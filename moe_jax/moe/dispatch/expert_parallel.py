@@ -14,6 +14,10 @@ Two exchange schemes, chosen by `scheme`:
        assignments that go to them (all others are masked to the sentinel and never computed);
     3. psum_scatter the [T_g, d] float32 partial outputs over `expert`: every token gets the sum of
        its experts' contributions and returns to its own device.
+    A routing with a per-expert bound (`Routing.max_per_expert` = C*G: expert choice, whose k = E
+    columns would otherwise make step 2 gather and hold T_g * E rows) computes only the
+    min(E_l * C * G, T_g * k) sorted active rows of its experts and scatter-adds them
+    (`dropless.bounded_outputs`), as the single-device dropless dispatch does.
 
 "all_to_all" (moves T_l * k rows instead of EP * T_l rows; better for small k)
     1. every assignment is written into a fixed-size buffer [EP, C, d] at the slot (destination
@@ -23,6 +27,7 @@ Two exchange schemes, chosen by `scheme`:
     3. all_to_all back, gather each assignment's row, weighted sum over k in float32.
     C = T_l * min(k, E_l) (the worst case) keeps it dropless; `buffer_factor` > 0 gives
     C = ceil(buffer_factor * T_l * k / EP) and drops (and reports in `dropped`) what overflows.
+    (Expert choice runs here in its k = E form: T_l * E_l rows per destination. Use "ring" for it.)
 
 `mode="capacity"` applies GShard's expert capacity C_e = ceil(capacity_factor * T_g * k / E) with
 GShard priority (all first choices before second choices, then token order) over the tokens of the
@@ -44,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.moe.dispatch.base import DispatchOutput, ExpertParams, combine
 from moe_jax.moe.dispatch.capacity import capacity_positions, expert_capacity
-from moe_jax.moe.dispatch.dropless import SAVED_NAME, grouped_swiglu, sort_by_expert
+from moe_jax.moe.dispatch.dropless import SAVED_NAME, bounded_outputs, grouped_swiglu, sort_by_expert
 from moe_jax.moe.dispatch.gmm import GmmFn, get_gmm
 from moe_jax.moe.dispatch.permute import gather_replicated, permute_rows
 from moe_jax.moe.gating import Routing
@@ -142,9 +147,24 @@ def _gshard_positions_in_group(ids: jax.Array, mask: jax.Array, num_experts: int
 
 
 def _ring_body(
-    x, ids, weights, mask, wi, wo, *, num_experts, mode, capacity_factor, gmm, expert_axis, reduce_axes, tensor_axis
+    x,
+    ids,
+    weights,
+    mask,
+    wi,
+    wo,
+    *,
+    num_experts,
+    mode,
+    capacity_factor,
+    gmm,
+    expert_axis,
+    reduce_axes,
+    tensor_axis,
+    max_per_expert=None,
 ):
-    """shard_map body of the ring scheme. x [T_l, d]; ids/weights/mask [T_l, k]; wi/wo local experts."""
+    """shard_map body of the ring scheme. x [T_l, d]; ids/weights/mask [T_l, k]; wi/wo local experts;
+    `max_per_expert`: `Routing.max_per_expert` (bounded local computation when set, dropless only)."""
     e_local = wi.shape[0]
     if expert_axis is not None:
         gather = functools.partial(jax.lax.all_gather, axis_name=expert_axis, axis=0, tiled=True)
@@ -159,8 +179,14 @@ def _ring_body(
         t_g, k = ids.shape
         cap = expert_capacity(t_g, k, num_experts, capacity_factor)
         keep = mine & (capacity_positions(ids, mine, num_experts) < cap)
-    out_tk, counts = local_expert_outputs(x, local, keep, ExpertParams(wi=wi, wo=wo), gmm)
-    y = _weighted_sum(out_tk, weights, keep)  # [T_g, d] f32
+    if max_per_expert is not None and mode == "dropless":
+        t_g, k = ids.shape
+        bound = min(e_local * max_per_expert, t_g * k)
+        local_routing = Routing(indices=jnp.where(keep, local, 0), weights=weights, mask=keep, max_active=bound)
+        y, counts = bounded_outputs(x, local_routing, ExpertParams(wi=wi, wo=wo), gmm)  # [T_g, d] f32
+    else:
+        out_tk, counts = local_expert_outputs(x, local, keep, ExpertParams(wi=wi, wo=wo), gmm)
+        y = _weighted_sum(out_tk, weights, keep)  # [T_g, d] f32
     dropped = (mine & ~keep).astype(jnp.int32)
     if expert_axis is not None:
         y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
@@ -311,7 +337,7 @@ def expert_parallel_dispatch(
         tensor_axis=tensor_axis,
     )
     if scheme == "ring":
-        body = functools.partial(_ring_body, **common)
+        body = functools.partial(_ring_body, max_per_expert=routing.max_per_expert, **common)
     else:
         body = functools.partial(_all_to_all_body, buffer_factor=buffer_factor, **common)
     sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
