@@ -17,9 +17,9 @@ from helpers import max_rel_err
 TOL = 1e-5
 
 
-def _cfg(scope: str):
+def _cfg(scope: str, scheme: str = "ring"):
     cfg = model_config("switch", router="expert_choice", top_k=2, expert_choice_scope=scope)
-    return cfg.replace(moe=dataclasses.replace(cfg.moe, num_shared_experts=1))
+    return cfg.replace(moe=dataclasses.replace(cfg.moe, num_shared_experts=1, expert_parallel=scheme))
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,12 +29,17 @@ def single_device(scope: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "scope, spec",
-    [("sequence", "data:2,expert:4"), ("sequence", "fsdp:2,expert:2,tensor:2"), ("batch", "data:2,expert:4")],
+    "scope, spec, scheme",
+    [
+        ("sequence", "data:2,expert:4", "ring"),
+        ("sequence", "fsdp:2,expert:2,tensor:2", "ring"),
+        ("batch", "data:2,expert:4", "ring"),
+        ("sequence", "expert:4,tensor:2", "all_to_all"),
+    ],
 )
-def test_expert_choice_matches_single_device(scope, spec):
+def test_expert_choice_matches_single_device(scope, spec, scheme):
     loss0, out0, grads0 = single_device(scope)
-    loss, out, grads = run(_cfg(scope), tokens(), mesh(spec))
+    loss, out, grads = run(_cfg(scope, scheme), tokens(), mesh(spec))
     errors = {
         "loss": max_rel_err(loss, loss0),
         "logits": max_rel_err(out.logits, out0.logits),
@@ -64,11 +69,18 @@ def _row_counts(jaxpr, d: int):
                     yield from _row_counts(inner, d)
 
 
-def test_ring_computes_only_the_bounded_rows_of_expert_choice():
-    """Expert choice's k = E routing under the ring scheme: with `max_per_expert` (C G = 16 here) no array
-    of width d holds more rows than the T_g = 64 gathered tokens (the bounded computation: 16 rows per
-    device), while the same routing without the bound builds the T_g * E = 512-row form; both equal the
-    single-device dropless dispatch."""
+@pytest.mark.parametrize(
+    "scheme, spec, rows, unbounded_rows",
+    [
+        ("ring", "expert:8", 64, 64 * 8),  # T_g = 64 tokens; without the bound T_g * E
+        ("all_to_all", "expert:2,tensor:4", 8 * 16, 2 * 32 * 4 + 1),  # E C G = 128; without: EP T_l E_l (+1 pad)
+    ],
+)
+def test_expert_parallel_computes_only_the_bounded_rows_of_expert_choice(scheme, spec, rows, unbounded_rows):
+    """Expert choice's k = E routing under expert parallelism: with `max_per_expert` (C G = 16 here) no
+    array of width d exceeds `rows` (the ring: the T_g = 64 gathered tokens, 16 computed rows per
+    device; all_to_all: buffers of E_l C G rows per destination, combined by slot), while the same
+    routing without the bound builds the k = E forms; both equal the single-device dropless dispatch."""
     import jax.numpy as jnp
 
     from moe_jax.moe import gating as R
@@ -85,14 +97,14 @@ def test_ring_computes_only_the_bounded_rows_of_expert_choice():
     )
     routing = R.expert_choice(jax.random.normal(k1, (t, e), jnp.float32), 2, num_groups=4)  # C = 4 of 16 tokens
     assert routing.max_per_expert == 16
-    m = mesh("expert:8")
+    m = mesh(spec)
 
     def ep(r):
-        return expert_parallel_dispatch(x, r, experts, mesh=m, scheme="ring").y
+        return expert_parallel_dispatch(x, r, experts, mesh=m, scheme=scheme).y
 
     want = np.asarray(dropless_dispatch(x, routing, experts).y)
     unbounded = routing.replace(max_per_expert=None)
     for r in (routing, unbounded):
         assert max_rel_err(np.asarray(jax.jit(ep)(r)), want) < TOL
-    assert max(_row_counts(jax.make_jaxpr(ep)(routing).jaxpr, d)) == t
-    assert max(_row_counts(jax.make_jaxpr(ep)(unbounded).jaxpr, d)) == t * e
+    assert max(_row_counts(jax.make_jaxpr(ep)(routing).jaxpr, d)) == rows
+    assert max(_row_counts(jax.make_jaxpr(ep)(unbounded).jaxpr, d)) == unbounded_rows

@@ -27,7 +27,8 @@ Two exchange schemes, chosen by `scheme`:
     3. all_to_all back, gather each assignment's row, weighted sum over k in float32.
     C = T_l * min(k, E_l) (the worst case) keeps it dropless; `buffer_factor` > 0 gives
     C = ceil(buffer_factor * T_l * k / EP) and drops (and reports in `dropped`) what overflows.
-    (Expert choice runs here in its k = E form: T_l * E_l rows per destination. Use "ring" for it.)
+    With `Routing.max_per_expert` (expert choice) C is at most E_l * max_per_expert and the combine
+    scatter-adds the EP*C received rows by slot instead of gathering a [T_l, k, d] (k = E) array.
 
 `mode="capacity"` applies GShard's expert capacity C_e = ceil(capacity_factor * T_g * k / E) with
 GShard priority (all first choices before second choices, then token order) over the tokens of the
@@ -214,8 +215,10 @@ def _all_to_all_body(
     expert_axis,
     reduce_axes,
     tensor_axis,
+    max_per_expert=None,
 ):
-    """shard_map body of the all_to_all scheme. x [T_l, d]; ids/weights/mask [T_l, k]."""
+    """shard_map body of the all_to_all scheme. x [T_l, d]; ids/weights/mask [T_l, k]; `max_per_expert`:
+    `Routing.max_per_expert` (smaller buffers and a scatter-add combine when set)."""
     t, k = ids.shape
     d = x.shape[1]
     e_local = wi.shape[0]
@@ -227,6 +230,8 @@ def _all_to_all_body(
     worst = t * min(k, e_local)
     if mode == "capacity":
         worst = min(worst, e_local * cap)
+    if max_per_expert is not None:  # a destination's E_l experts take at most E_l * max_per_expert of them
+        worst = min(worst, e_local * max_per_expert)
     rows = worst if buffer_factor <= 0 else max(1, min(worst, math.ceil(buffer_factor * t * k / ep)))
     dest = ids // e_local
     rank = capacity_positions(dest, keep, ep)  # [T, k] in dest queue
@@ -252,9 +257,14 @@ def _all_to_all_body(
     back = out.reshape(ep, rows, d)
     if expert_axis is not None:
         back = exchange(back)
-    back_pad = jnp.concatenate([back.reshape(ep * rows, d), jnp.zeros((1, d), back.dtype)])
-    out_tk = jnp.take(back_pad, slot, axis=0).reshape(t, k, d)
-    y = _weighted_sum(out_tk, weights, keep)
+    if max_per_expert is not None:  # combine by slot: EP*C rows, never the [T_l, k, d] form (k = E for expert choice)
+        slot_weight = jnp.zeros(ep * rows + 1, jnp.float32).at[slot].set(jnp.where(keep, weights, 0.0).reshape(-1))
+        rows_f32 = back.reshape(ep * rows, d).astype(jnp.float32) * slot_weight[:-1, None]
+        y = jnp.zeros((t + 1, d), jnp.float32).at[slot_token].add(rows_f32)[:t]  # empty slots: row t, dropped
+    else:
+        back_pad = jnp.concatenate([back.reshape(ep * rows, d), jnp.zeros((1, d), back.dtype)])
+        out_tk = jnp.take(back_pad, slot, axis=0).reshape(t, k, d)
+        y = _weighted_sum(out_tk, weights, keep)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     if reduce_axes:
@@ -339,7 +349,9 @@ def expert_parallel_dispatch(
     if scheme == "ring":
         body = functools.partial(_ring_body, max_per_expert=routing.max_per_expert, **common)
     else:
-        body = functools.partial(_all_to_all_body, buffer_factor=buffer_factor, **common)
+        body = functools.partial(
+            _all_to_all_body, buffer_factor=buffer_factor, max_per_expert=routing.max_per_expert, **common
+        )
     sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     y, counts, dropped = sharded(x, routing.indices, routing.weights, routing.mask, experts.wi, experts.wo)
     return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=counts, dropped=dropped)
