@@ -4,6 +4,7 @@
                   [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa] [--only MEMBER ...]
                   [--reuse workdirs/crossover ...]
     moe-jax sweep experiments/table1.py --report      # tables and plots from stored results only
+    moe-jax sweep experiments/table1.py --report --results experiments/results  # keep runs' small files, report there
     moe-jax sweep experiments/table1.py --status [--parallel 2]  # each run's state, hours left; writes nothing
 
 Rerunning the same command skips finished members and resumes interrupted ones.
@@ -50,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report", action="store_true", help="only regenerate the report from stored results")
     p.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="keep the finished runs' small files in DIR/<family>/runs/ (no checkpoints; e.g. "
+        "experiments/results, committed) and write the report to DIR/<family>/ from them; with --report "
+        "and no workdir, regenerates that report from the stored runs alone (moe_jax.sweep.store)",
+    )
+    p.add_argument(
         "--status",
         action="store_true",
         help="only print each run's state, training hours and an estimate of the hours left (writes nothing; "
@@ -90,7 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, ValueError) as err:
             print(f"moe-jax sweep: {err}")
             return 1
-    summary = write_report(family, root)
+    report_root, out = root, None
+    if args.results:
+        from moe_jax.sweep.store import store_runs
+
+        report_root, out = Path(args.results) / family.name / "runs", Path(args.results) / family.name
+        if root.exists():
+            try:
+                store_runs(family, root, Path(args.results))
+            except ValueError as err:
+                print(f"moe-jax sweep: {err}")
+                return 1
+    try:
+        summary = write_report(family, report_root, out)
+    except FileNotFoundError as err:
+        print(f"moe-jax sweep: {err}")
+        return 1
     print(summary.read_text())
     print(f"report: {summary.parent}")
     return 0

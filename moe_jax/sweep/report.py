@@ -72,7 +72,7 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
 
     rows = []
     members = {m.name: m for m in (family.members if family else ())}
-    for wd in sorted(p for p in root.iterdir() if (p / "member.json").exists()):
+    for wd in sorted(p for p in (root.iterdir() if root.is_dir() else ()) if (p / "member.json").exists()):
         if not (wd / "result.json").exists():
             continue
         member = json.loads((wd / "member.json").read_text())
@@ -255,9 +255,10 @@ def plot(root: Path, rows: list[dict], summary: list[dict], family: Family, out:
     return files
 
 
-def write_report(family: Family, root: Path) -> Path:
-    """Write results.csv, summary.md and the plots under <root>/report; returns the summary path."""
-    out = root / "report"
+def write_report(family: Family, root: Path, out: Path | None = None) -> Path:
+    """Write results.csv, summary.md and the plots of the runs under `root` to `out` (default
+    <root>/report); returns the summary path."""
+    out = out or root / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(root, family)
     if not rows:

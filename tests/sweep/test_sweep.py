@@ -2,6 +2,7 @@
 reports regenerated from stored results alone."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,17 @@ def test_interrupted_sweep_resumes_without_retraining_finished_members(train_cac
     assert regen.returncode == 0, out[-3000:]
     assert (report / "summary.md").read_text() == summary
     assert "finished, skipped" not in out and "queued" not in out and "launched" not in out
+    # Kept in the repository's way (--results): the same report from the runs' small files alone.
+    results = tmp_path / "results"
+    for _ in ("store, then report", "report from the stored runs alone"):
+        proc = sweep([fam, f"--workdir={root}", "--report", f"--results={results}"])
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        assert (results / "tiny_family" / "summary.md").read_text() == summary
+        shutil.rmtree(root, ignore_errors=True)
+    stored = results / "tiny_family" / "runs"
+    assert sorted(p.name for p in stored.iterdir()) == ["dense_s0", "moe_s0"]
+    assert not list(stored.rglob("checkpoints")) and (stored / "moe_s0" / "metrics.jsonl").exists()
 
 
 @pytest.mark.subprocess
@@ -311,3 +323,40 @@ def test_a_member_with_fewer_seeds_runs_only_those_requested_and_its_own():
         ("gshard_tiny", ("runs/proxy_cpu.gin",)),
         ("dense_x16_tiny", ("runs/proxy_cpu.gin",)),
     ]
+
+
+def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path):
+    """`store_runs` copies a run's small files (no checkpoints), stores a linked run under the family it
+    was trained in with a relative link here, and refuses, before writing anything, a run whose stored
+    result.json differs."""
+    from moe_jax.sweep.report import collect, cost_note
+    from moe_jax.sweep.store import store_runs
+
+    fam = Family(name="fam", members=(Member("gshard", "gshard_tiny"),), seeds=(0, 1))
+    root = tmp_path / "work" / "fam"
+    wd = _finished_run(root / "gshard_s0", "gshard_tiny", ("TrainConfig.seed=0",))
+    (wd / "checkpoints").mkdir()
+    (wd / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens_per_second": 4096.0}) + "\n")
+    other = _finished_run(tmp_path / "work" / "table1" / "gshard_s1", "gshard_tiny", ("TrainConfig.seed=1",))
+    (root / "gshard_s1").symlink_to(other)
+    results = tmp_path / "results"
+    store_runs(fam, root, results)
+    here = results / "fam" / "runs"
+    assert sorted(p.name for p in (here / "gshard_s0").iterdir()) == [
+        "config.gin",
+        "member.json",
+        "metrics.jsonl",
+        "result.json",
+    ]
+    assert (here / "gshard_s1").is_symlink() and (
+        here / "gshard_s1"
+    ).resolve() == results / "table1" / "runs" / "gshard_s1"
+    assert collect(here, fam) == collect(root, fam)
+    assert cost_note(here, collect(here, fam)) == cost_note(root, collect(root, fam))
+    store_runs(fam, root, results)  # again: nothing changes
+    (other / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 4.0}))  # retrained
+    (wd / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"result.json differ\): a stored run is never replaced; delete"):
+        store_runs(fam, root, results)
+    assert not (here / "gshard_s0" / "eval.json").exists()
+    assert json.loads((results / "table1" / "runs" / "gshard_s1" / "result.json").read_text())["heldout_loss"] == 5.0

@@ -1,0 +1,76 @@
+"""Keep a family's finished runs in the repository: their small files, without checkpoints.
+
+A workdir holds checkpoints, TensorBoard events and the run's resume state; a report needs only a few
+small files of each run. `store_runs` copies those into `<results>/<family>/runs/<run>/`, so that the
+report (and the claims table built from it) can be regenerated from a fresh clone:
+
+    moe-jax sweep experiments/table1.py --results experiments/results   # train, store, report
+    moe-jax sweep experiments/table1.py --report --results experiments/results  # report from stored runs
+
+A run linked from another family's workdir (`--reuse`) is stored once, under that family's name (the
+name of the workdir root it lives in), and linked here with a relative symlink, so the report still
+counts it as trained elsewhere. A stored run is never overwritten by a different one: if a run was
+retrained, its stored `result.json` differs and `store_runs` refuses before copying anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from moe_jax.sweep.family import Family
+
+# What a report reads of a run (moe_jax.sweep.report.collect), besides the family's follow-up outputs.
+RUN_FILES = ("member.json", "result.json", "config.gin", "metrics.jsonl", "eval.json", "counts.json")
+
+
+def _finished(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / "member.json").exists() and (p / "result.json").exists())
+
+
+def _plan(family: Family, root: Path, results: Path) -> list[tuple[Path, Path, Path | None]]:
+    """(source run, where its files go, the link to make here or None) for every finished run."""
+    here = results / family.name / "runs"
+    plan = []
+    for wd in _finished(root):
+        if wd.is_symlink():
+            target = wd.resolve()
+            stored = results / target.parent.name / "runs" / target.name
+            plan.append((target, stored, here / wd.name))
+        else:
+            plan.append((wd, here / wd.name, None))
+    return plan
+
+
+def _check(plan: list[tuple[Path, Path, Path | None]]) -> None:
+    for src, stored, link in plan:
+        old = stored / "result.json"
+        if old.exists() and old.read_bytes() != (src / "result.json").read_bytes():
+            raise ValueError(
+                f"{stored} holds another run than {src} (their result.json differ): a stored run is never "
+                f"replaced; delete {stored} to store the new one"
+            )
+        if link is not None and (link.exists() or link.is_symlink()) and link.resolve() != stored.resolve():
+            raise ValueError(f"{link} exists and is not a link to {stored}: delete it to store {src} there")
+
+
+def store_runs(family: Family, root: Path, results: Path) -> list[Path]:
+    """Copy the finished runs under `root` into `results/<family>/runs/`; returns the stored run paths.
+
+    Copies RUN_FILES and the family's follow-up outputs where they exist; checks every run first, so a
+    refused run leaves nothing half-written."""
+    plan = _plan(family, root, results)
+    _check(plan)
+    names = (*RUN_FILES, *(step.output for step in family.follow_ups))
+    stored_paths = []
+    for src, stored, link in plan:
+        for name in names:
+            if (src / name).is_file():
+                (stored / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, stored / name)
+        if link is not None and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(stored, link.parent))
+        stored_paths.append(link or stored)
+    return stored_paths
