@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_report(family, report_root, out)
     except FileNotFoundError as err:
-        print(f"moe-jax sweep: {err}")
+        stored = Path("experiments/results") / family.name / "runs"
+        hint = (
+            f"; or report the runs kept in the repository: --results {stored.parent.parent}" if stored.is_dir() else ""
+        )
+        print(f"moe-jax sweep: {err}{hint}")
         return 1
     print(summary.read_text())
     print(f"report: {summary.parent}")

@@ -325,7 +325,7 @@ def test_a_member_with_fewer_seeds_runs_only_those_requested_and_its_own():
     ]
 
 
-def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path):
+def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path, monkeypatch, capsys):
     """`store_runs` copies a run's small files (no checkpoints), stores a linked run under the family it
     was trained in with a relative link here, and refuses, before writing anything, a run whose stored
     result.json differs."""
@@ -339,7 +339,7 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path):
     (wd / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens_per_second": 4096.0}) + "\n")
     other = _finished_run(tmp_path / "work" / "table1" / "gshard_s1", "gshard_tiny", ("TrainConfig.seed=1",))
     (root / "gshard_s1").symlink_to(other)
-    results = tmp_path / "results"
+    results = tmp_path / "experiments" / "results"
     store_runs(fam, root, results)
     here = results / "fam" / "runs"
     assert sorted(p.name for p in (here / "gshard_s0").iterdir()) == [
@@ -360,3 +360,16 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path):
         store_runs(fam, root, results)
     assert not (here / "gshard_s0" / "eval.json").exists()
     assert json.loads((results / "table1" / "runs" / "gshard_s1" / "result.json").read_text())["heldout_loss"] == 5.0
+    # From a checkout without workdirs: --report names --results, which reports the stored runs.
+    from moe_jax.sweep.cli import main
+
+    (tmp_path / "fam.py").write_text(
+        "from moe_jax.sweep.family import Family, Member\n"
+        "FAMILY = Family(name='fam', members=(Member('gshard', 'gshard_tiny'),), seeds=(0, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["fam.py", "--report"]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "no finished runs under workdirs/fam" in last and last.endswith("--results experiments/results")
+    assert main(["fam.py", "--report", "--results", "experiments/results"]) == 0
+    assert "| gshard | gshard_tiny | 2 |" in (results / "fam" / "summary.md").read_text()
