@@ -109,23 +109,37 @@ def run_status(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -> R
     )
 
 
+def _own_hours(steps: int | None, tokens_per_step: int | None, median: float | None, hours: float | None):
+    """A finished run's training hours at its own median window throughput (a pause or a shared core in
+    some windows does not count), else its measured hours."""
+    if steps and tokens_per_step and median:
+        return steps * tokens_per_step / median / 3600
+    return hours
+
+
 def finished_hours(root: Path, statuses: Sequence[RunStatus]) -> list[tuple[str, str, float]]:
-    """(member, model, training hours) of every finished run with a logged throughput: the listed runs,
-    and the other run directories under `root` (e.g. seeds not asked for; member from the directory name
-    `<member>_s<seed>`, model from its member.json)."""
+    """(member, model, training hours at the run's median window throughput) of every finished run with a
+    logged throughput: the listed runs, and the other run directories under `root` (e.g. seeds not asked
+    for; member from the directory name `<member>_s<seed>`, model from its member.json)."""
     from moe_jax.train.metrics import read_metrics
 
-    out = [(s.member, s.model, s.hours) for s in statuses if s.state == "finished" and s.hours]
+    out = [
+        (s.member, s.model, _own_hours(s.steps, s.tokens_per_step, s.median_tokens_per_second, s.hours))
+        for s in statuses
+        if s.state == "finished" and s.hours
+    ]
     listed = {s.name for s in statuses}
     others = sorted(p for p in root.iterdir() if p.name not in listed) if root.is_dir() else []
     for wd in others:
         if not (is_finished(wd) and (wd / "member.json").exists() and (wd / "config.gin").exists()):
             continue
         cfg = workdir_train_config(wd)
-        hours = curves.training_time(read_metrics(wd), cfg.batch_size * cfg.seq_len) if cfg else {}
+        records = read_metrics(wd)
+        hours = curves.training_time(records, cfg.batch_size * cfg.seq_len) if cfg else {}
         if hours:
             model = json.loads((wd / "member.json").read_text())["model"]
-            out.append((wd.name.rpartition("_s")[0], model, hours["train_hours"]))
+            own = _own_hours(cfg.steps, cfg.batch_size * cfg.seq_len, curves.median_tokens_per_second(records), None)
+            out.append((wd.name.rpartition("_s")[0], model, own or hours["train_hours"]))
     return out
 
 
@@ -198,7 +212,7 @@ def format_status(family: Family, root: Path, statuses: Sequence[RunStatus], par
         tail += f" {unknown} run(s) have no estimate (no finished run of their member or model) and are not counted."
     note = (
         "Estimates from the runs' own throughput: a running or interrupted run, its steps left at its median "
-        "window tokens/s so far; a run not started, the mean training hours of the finished runs of its member, else "
-        "of its model."
+        "window tokens/s so far; a run not started, the mean of the finished runs of its member, else of its model, "
+        "each run's steps at its median window tokens/s (pauses excluded)."
     )
     return "\n".join([head, *map(format_line, statuses), tail, note])

@@ -75,11 +75,12 @@ def sweep_dirs(tmp_path):
 
 
 def test_status_states_links_and_remaining_hours(sweep_dirs):
-    """Hand-computed: gshard's finished runs took 450 s and 1200 s (mean 825 s); dsm_s0 ran 30 steps in 50 s
-    (mean 30 x 4096 / 50 = 2457.6 tokens/s; median of its windows (2048 + 4096) / 2 = 3072 tokens/s), so its
-    270 steps left take 270 x 4096 / 3072 = 360 s; gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no
-    finished run of their own, same model gshard_tiny) take 825 s each; dsm_s1 has no estimate.
-    360 + 3 x 825 = 2835 s = 0.7875 run-hours, 0.394 with 2 at once."""
+    """Hand-computed: gshard's finished runs took 450 s and 1200 s; at their median window rates (3072 and
+    1024 tokens/s) their 300 steps take 400 s and 1200 s (mean 800 s); dsm_s0 ran 30 steps in 50 s (mean
+    30 x 4096 / 50 = 2457.6 tokens/s; median of its windows (2048 + 4096) / 2 = 3072 tokens/s), so its 270
+    steps left take 270 x 4096 / 3072 = 360 s; gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no
+    finished run of their own, same model gshard_tiny) take 800 s each; dsm_s1 has no estimate.
+    360 + 3 x 800 = 2760 s = 0.767 run-hours, 0.383 with 2 at once."""
     fam = load_family(_family_file(sweep_dirs))
     root = sweep_dirs / "runs"
     status = {s.name: s for s in family_status(fam, root)}
@@ -103,11 +104,11 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     assert left == {
         "gshard_s0": 0.0,
         "gshard_s1": 0.0,
-        "gshard_s2": pytest.approx(825),
+        "gshard_s2": pytest.approx(800),
         "dsm_s0": pytest.approx(360),
         "dsm_s1": None,
-        "gshard2_s0": pytest.approx(825),
-        "gshard2_s1": pytest.approx(825),
+        "gshard2_s0": pytest.approx(800),
+        "gshard2_s1": pytest.approx(800),
     }
     assert status["gshard2_s0"].left_from == "mean of 2 finished run(s) of model gshard_tiny"
     text = format_status(fam, root, list(status.values()), parallel=2)
@@ -120,7 +121,7 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     assert "running or interrupted: step 30/300; 0.01 h trained, 2,458 tokens/s; left ~0.1" in lines[4]
     assert lines[4].endswith(" h (own throughput)")
     assert (
-        "running or interrupted: step 0/300; left ~0.23 h (mean of 2 finished run(s) of model gshard_tiny)" in lines[7]
+        "running or interrupted: step 0/300; left ~0.22 h (mean of 2 finished run(s) of model gshard_tiny)" in lines[7]
     )
     assert lines[5].endswith("not started; left: unknown (no finished run of member dsm or model deepseekmoe_tiny)")
     assert lines[8].startswith("Remaining: at least ~0.8 run-hours; with --parallel 2: at least ~0.4 wall-hours.")
@@ -138,13 +139,19 @@ def test_status_estimate_ignores_a_paused_window(tmp_path):
     dsm = {s.name: s for s in family_status(fam, tmp_path / "runs")}["dsm_s0"]
     assert dsm.hours * 3600 == pytest.approx(3650) and dsm.tokens_per_second == pytest.approx(50 * 4096 / 3650)
     assert dsm.left * 3600 == pytest.approx(250) and dsm.left_from == "own throughput"
+    # Finished with the pause in it, it estimates its next seed at its own rate too: 300 steps in 300 s.
+    rows += [{"step": s, "tokens_per_second": 4096.0} for s in range(60, 310, 10)]
+    (tmp_path / "runs" / "dsm_s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "runs" / "dsm_s0" / "result.json").write_text(json.dumps({"stopped": "done"}))
+    nxt = {s.name: s for s in family_status(fam, tmp_path / "runs")}["dsm_s1"]
+    assert nxt.left * 3600 == pytest.approx(300) and nxt.left_from == "mean of 1 finished run(s) of member dsm"
 
 
 def test_status_estimates_from_finished_runs_not_asked_for(sweep_dirs):
     """With --seeds 2 only gshard_s2 is listed; its estimate still comes from the finished seeds 0 and 1."""
     fam = Family(name="fam", members=(Member("gshard", "gshard_tiny"),), seeds=(0, 1, 2), base=("runs/proxy_cpu.gin",))
     (only,) = family_status(fam, sweep_dirs / "runs", seeds=[2])
-    assert only.name == "gshard_s2" and only.left * 3600 == pytest.approx(825)
+    assert only.name == "gshard_s2" and only.left * 3600 == pytest.approx(800)
     assert only.left_from == "mean of 2 finished run(s) of member gshard"
 
 
