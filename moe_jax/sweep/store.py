@@ -9,20 +9,41 @@ report (and the claims table built from it) can be regenerated from a fresh clon
 
 A run linked from another family's workdir (`--reuse`) is stored once, under that family's name (the
 name of the workdir root it lives in), and linked here with a relative symlink, so the report still
-counts it as trained elsewhere. A stored run is never overwritten by a different one: if a run was
-retrained, its stored `result.json` differs and `store_runs` refuses before copying anything.
+counts it as trained elsewhere. JSON files are stored with machine paths made portable (`portable`).
+A stored run is never overwritten by a different one: if a run was retrained, its stored `result.json`
+differs and `store_runs` refuses before copying anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 from pathlib import Path
 
 from moe_jax.sweep.family import Family
 
 # What a report reads of a run (moe_jax.sweep.report.collect), besides the family's follow-up outputs.
 RUN_FILES = ("member.json", "result.json", "config.gin", "metrics.jsonl", "eval.json", "counts.json")
+
+
+def portable(value, run: Path):
+    """`value` (parsed JSON) with every absolute path made machine-independent: relative to the run's
+    workdir when inside it ("." for the workdir itself), else the last path component."""
+    if isinstance(value, dict):
+        return {k: portable(v, run) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, run) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value)
+        return str(path.relative_to(run)) if path.is_relative_to(run) else path.name
+    return value
+
+
+def _stored_text(src: Path, run: Path) -> bytes:
+    """What the repository keeps of a run's file: JSON with `portable` paths, anything else as it is."""
+    if src.suffix != ".json":
+        return src.read_bytes()
+    return (json.dumps(portable(json.loads(src.read_text()), run), indent=2) + "\n").encode()
 
 
 def _finished(root: Path) -> list[Path]:
@@ -46,7 +67,7 @@ def _plan(family: Family, root: Path, results: Path) -> list[tuple[Path, Path, P
 def _check(plan: list[tuple[Path, Path, Path | None]]) -> None:
     for src, stored, link in plan:
         old = stored / "result.json"
-        if old.exists() and old.read_bytes() != (src / "result.json").read_bytes():
+        if old.exists() and old.read_bytes() != _stored_text(src / "result.json", src):
             raise ValueError(
                 f"{stored} holds another run than {src} (their result.json differ): a stored run is never "
                 f"replaced; delete {stored} to store the new one"
@@ -68,7 +89,7 @@ def store_runs(family: Family, root: Path, results: Path) -> list[Path]:
         for name in names:
             if (src / name).is_file():
                 (stored / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / name, stored / name)
+                (stored / name).write_bytes(_stored_text(src / name, src))
         if link is not None and not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(stored, link.parent))

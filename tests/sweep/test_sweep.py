@@ -329,6 +329,9 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path, 
     """`store_runs` copies a run's small files (no checkpoints), stores a linked run under the family it
     was trained in with a relative link here, and refuses, before writing anything, a run whose stored
     result.json differs."""
+    import dataclasses
+
+    from moe_jax.sweep.family import FollowUp
     from moe_jax.sweep.report import collect, cost_note
     from moe_jax.sweep.store import store_runs
 
@@ -352,6 +355,17 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path, 
         here / "gshard_s1"
     ).resolve() == results / "table1" / "runs" / "gshard_s1"
     assert collect(here, fam) == collect(root, fam)
+    (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0, "workdir": str(wd)}))
+    (wd / "analysis").mkdir()
+    (wd / "analysis" / "specialization.json").write_text(json.dumps({"plots": [str(wd / "analysis" / "a.png")]}))
+    fresh = tmp_path / "fresh"
+    store_runs(
+        dataclasses.replace(fam, follow_ups=(FollowUp(("analyze",), "analysis/specialization.json"),)), root, fresh
+    )
+    assert json.loads((fresh / "fam" / "runs" / "gshard_s0" / "result.json").read_text())["workdir"] == "."
+    spec = json.loads((fresh / "fam" / "runs" / "gshard_s0" / "analysis" / "specialization.json").read_text())
+    assert spec == {"plots": ["analysis/a.png"]}
+    (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0}))
     assert cost_note(here, collect(here, fam)) == cost_note(root, collect(root, fam))
     store_runs(fam, root, results)  # again: nothing changes
     (other / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 4.0}))  # retrained
