@@ -1,4 +1,4 @@
-"""`moe-jax sweep experiments/<family>.py`: run a family's members and report them.
+"""`moe-jax sweep experiments/<family>.py [...]`: run families' members and report them.
 
     moe-jax sweep experiments/table1.py [--workdir=workdirs/table1] [--seeds 0 1 2] [--parallel 2]
                   [--scale paper] [--gin KEY=VALUE ...] [--eval_tasks hellaswag,piqa] [--only MEMBER ...]
@@ -6,8 +6,12 @@
     moe-jax sweep experiments/table1.py --report      # tables and plots from stored results only
     moe-jax sweep experiments/table1.py --report --results experiments/results  # keep runs' small files, report there
     moe-jax sweep experiments/table1.py --status [--parallel 2]  # each run's state, hours left; writes nothing
+    moe-jax sweep experiments/table1.py experiments/ablation_fig3.py [--workdir=workdirs] --parallel 2 \
+                  --results experiments/results      # several families, one queue, shared runs trained once
 
-Rerunning the same command skips finished members and resumes interrupted ones.
+Rerunning the same command skips finished members and resumes interrupted ones. Several families share
+one queue (moe_jax.sweep.schedule): seed by seed, each distinct run trained once and linked where another
+family has it, each run stored and each family reported as soon as it can be (with --results).
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="moe-jax sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("family", help="experiment file defining FAMILY, e.g. experiments/table1.py")
-    p.add_argument("--workdir", default=None, help="root of the members' workdirs (default workdirs/<family>)")
+    p.add_argument(
+        "families", nargs="+", metavar="family", help="experiment file defining FAMILY, e.g. experiments/table1.py"
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="root of the members' workdirs (default workdirs/<family>); with several families, the folder "
+        "their roots go in (<workdir>/<family>; default workdirs)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the family's)")
     p.add_argument("--scale", default=None, help="one of the family's named scales (e.g. paper)")
     p.add_argument("--parallel", type=int, default=1, help="members run at once on disjoint devices")
@@ -39,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=(),
         metavar="MEMBER",
-        help="run only these members (the report still covers every finished one)",
+        help="run only these members (in every family that has them; the report still covers every finished one)",
     )
     p.add_argument(
         "--reuse",
@@ -74,39 +85,50 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--parallel {args.parallel}: give at least 1 (the wall-hours estimate divides by it)")
 
     from moe_jax.sweep.family import load_family
-    from moe_jax.sweep.report import write_report
-    from moe_jax.sweep.runner import run_family
 
-    family = load_family(args.family)
-    root = Path(args.workdir or f"workdirs/{family.name}")
+    families = [load_family(f) for f in args.families]
+    names = [f.name for f in families]
+    if len(set(names)) < len(names):
+        p.error(f"a family is given twice ({names}): give each experiment file once")
+    if len(families) == 1:
+        roots = [Path(args.workdir or f"workdirs/{families[0].name}")]
+    else:
+        roots = [Path(args.workdir or "workdirs") / f.name for f in families]
     if args.status:
-        return _print_status(family, root, args)
+        if len(families) > 1 and args.only:
+            from moe_jax.sweep.schedule import check_only
+
+            try:
+                check_only(families, args.only)
+            except ValueError as err:
+                p.error(str(err))
+        return max(_print_status(f, root, args, len(families) > 1) for f, root in zip(families, roots))
     if not args.report:
+        from moe_jax.sweep.schedule import Options, run_sweep
+
+        opts = Options(args.seeds, args.scale, args.bindings, args.eval_tasks, args.only, [Path(d) for d in args.reuse])
         try:
-            run_family(
-                family,
-                root,
-                seeds=args.seeds,
-                scale=args.scale,
-                parallel=args.parallel,
-                extra_bindings=args.bindings,
-                eval_tasks=args.eval_tasks,
-                only=args.only,
-                reuse=[Path(d) for d in args.reuse],
-            )
+            run_sweep(families, roots, opts, args.parallel, args.results)
         except KeyboardInterrupt:
             return 130
         except (RuntimeError, ValueError) as err:
             print(f"moe-jax sweep: {err}")
             return 1
+    return max(_report(f, root, args.results) for f, root in zip(families, roots))
+
+
+def _report(family, root: Path, results: str | None) -> int:
+    """Store the family's finished runs under `results` (when given) and print its report."""
+    from moe_jax.sweep.report import write_report
+
     report_root, out = root, None
-    if args.results:
+    if results:
         from moe_jax.sweep.store import store_runs
 
-        report_root, out = Path(args.results) / family.name / "runs", Path(args.results) / family.name
+        report_root, out = Path(results) / family.name / "runs", Path(results) / family.name
         if root.exists():
             try:
-                store_runs(family, root, Path(args.results))
+                store_runs(family, root, Path(results))
             except ValueError as err:
                 print(f"moe-jax sweep: {err}")
                 return 1
@@ -124,12 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_status(family, root: Path, args) -> int:
+def _print_status(family, root: Path, args, several: bool = False) -> int:
     from moe_jax.sweep.status import family_status, format_status
 
+    only = args.only
+    if several and only:
+        only = [m.name for m in family.members if m.name in set(only)]
+        if not only:
+            return 0
     try:
         statuses = family_status(
-            family, root, seeds=args.seeds, scale=args.scale, only=args.only, extra_bindings=args.bindings
+            family, root, seeds=args.seeds, scale=args.scale, only=only, extra_bindings=args.bindings
         )
     except ValueError as err:
         print(f"moe-jax sweep: {err}")

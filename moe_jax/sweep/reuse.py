@@ -18,6 +18,7 @@ from typing import Sequence
 
 from moe_jax.configs.gin_utils import GinConfigError, model_gin_path, parse_gin
 from moe_jax.sweep.family import Run
+from moe_jax.sweep.runner import is_finished
 
 # TrainConfig fields that do not change what is trained or measured.
 BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "peak_flops_per_device")
@@ -40,8 +41,6 @@ def resolved(gin_files: Sequence[str], bindings: Sequence[str]) -> tuple | None:
 def finished_runs(source: Path) -> list[tuple[Path, tuple | None]]:
     """(workdir, its resolved configuration) of every run under `source` whose training ran to its
     last step."""
-    from moe_jax.sweep.runner import is_finished
-
     dirs = sorted(wd for wd in source.iterdir() if wd.is_dir() and is_finished(wd) and (wd / "config.gin").exists())
     return [(wd, resolved([str(wd / "config.gin")], ())) for wd in dirs]
 
@@ -49,10 +48,24 @@ def finished_runs(source: Path) -> list[tuple[Path, tuple | None]]:
 def link_reusable(runs: Sequence[Run], root: Path, extra_bindings: Sequence[str], sources: Sequence[Path]) -> None:
     """Symlink `root/<run>` to a finished run under `sources` trained exactly as the run would be, for
     every run that has no workdir yet."""
+    link_matching(runs, root, extra_bindings, candidates(sources))
+
+
+def candidates(sources: Sequence[Path]) -> list[tuple[Path, tuple]]:
+    """`finished_runs` of every source root that parse; raises ValueError naming a source that is not a
+    directory."""
     missing = [str(s) for s in sources if not Path(s).is_dir()]
     if missing:
         raise ValueError(f"--reuse {missing[0]}: not a directory (give the workdir root of a family's runs)")
-    candidates = [c for s in sources for c in finished_runs(Path(s)) if c[1] is not None]
+    return [c for s in sources for c in finished_runs(Path(s)) if c[1] is not None]
+
+
+def link_matching(
+    runs: Sequence[Run], root: Path, extra_bindings: Sequence[str], found: Sequence[tuple[Path, tuple]]
+) -> None:
+    """`link_reusable` with the candidate runs (`candidates`) already read; those under `root` itself are
+    passed over."""
+    found = [(src, cfg) for src, cfg in found if src.parent != root]
     root.mkdir(parents=True, exist_ok=True)
     for run in runs:
         wd = root / run.name
@@ -61,7 +74,7 @@ def link_reusable(runs: Sequence[Run], root: Path, extra_bindings: Sequence[str]
         wanted = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
         if wanted is None:
             raise ValueError(f"{run.name}: its gin files and bindings do not parse; run without --reuse to see why")
-        found = next((src for src, cfg in candidates if cfg == wanted), None)
-        if found is not None:
-            wd.symlink_to(found.resolve(), target_is_directory=True)
-            print(f"[sweep] {run.name}: reusing {found.resolve()} (same model and training configuration)", flush=True)
+        match = next((src for src, cfg in found if cfg == wanted), None)
+        if match is not None:
+            wd.symlink_to(match.resolve(), target_is_directory=True)
+            print(f"[sweep] {run.name}: reusing {match.resolve()} (same model and training configuration)", flush=True)

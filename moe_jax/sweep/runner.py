@@ -1,10 +1,10 @@
-"""Run a family's members, each in its own workdir and process, skipping finished ones.
+"""A sweep's processes: what each run has left to do, the device slots, launching, `member.json`.
 
 Member `<member>_s<seed>` trains in `<root>/<member>_s<seed>` with `moe-jax train` (so an
 interrupted member resumes from its checkpoint), then its results are read from `result.json`
 (plus `eval.json` when the family asks for benchmark tasks). With `parallel > 1` members run
 concurrently on disjoint device subsets: GPUs through CUDA_VISIBLE_DEVICES, CPU cores through
-processor affinity.
+processor affinity. The queue that decides what runs when is `moe_jax.sweep.schedule`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 from moe_jax.sweep.family import Family, FollowUp, Run
-from moe_jax.sweep.reuse import link_reusable
 
 
 def is_finished(workdir: Path) -> bool:
@@ -88,7 +86,7 @@ def _gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-def _launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
+def launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ)
     preexec = None
     if isinstance(slot, dict):
@@ -98,71 +96,6 @@ def _launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
         preexec = lambda: os.sched_setaffinity(0, cores)
     log = log_path.open("a")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
-
-
-def run_family(
-    family: Family,
-    root: Path,
-    *,
-    seeds: Sequence[int] | None = None,
-    scale: str | None = None,
-    parallel: int = 1,
-    extra_bindings: Sequence[str] = (),
-    eval_tasks: str | None = None,
-    only: Sequence[str] = (),
-    reuse: Sequence[Path] = (),
-) -> list[Run]:
-    """Train (or skip) every run of the family (or of the members named in `only`); returns the runs.
-    `reuse`: workdir roots of other families whose finished runs are linked where they are exactly a
-    run of this one (`moe_jax.sweep.reuse`). Raises if a member fails."""
-    root.mkdir(parents=True, exist_ok=True)
-    runs = select_runs(family, family.runs(seeds, scale), only)
-    if reuse:
-        link_reusable(runs, root, extra_bindings, reuse)
-    todo = _queue(runs, root, family, extra_bindings, eval_tasks)
-    total, launched = len(todo), 0
-    slots = device_slots(max(1, parallel))
-    free = list(range(len(slots)))
-    active: dict[int, tuple[Run, subprocess.Popen, float]] = {}
-    failures = []
-    try:
-        while todo or active:
-            while todo and free:
-                (run, cmds), slot = todo.pop(0), free.pop(0)
-                wd = root / run.name
-                _write_member(wd, run)
-                cmd = cmds[0] if len(cmds) == 1 else ["bash", "-c", " && ".join(" ".join(map(_quote, c)) for c in cmds)]
-                active[slot] = (run, _launch(cmd, slots[slot], wd / "sweep.log"), time.time())
-                launched += 1
-                print(
-                    f"[sweep] [{launched}/{total}] {run.name}: launched on {_describe_slot(slots[slot])}; "
-                    f"log {wd / 'sweep.log'}",
-                    flush=True,
-                )
-            time.sleep(1.0)
-            for slot, (run, proc, t0) in list(active.items()):
-                if proc.poll() is None:
-                    continue
-                del active[slot]
-                free.append(slot)
-                if proc.returncode == 0:
-                    print(f"[sweep] {run.name}: done in {time.time() - t0:.0f}s", flush=True)
-                else:
-                    failures.append(run.name)
-                    print(
-                        f"[sweep] {run.name}: FAILED (exit {proc.returncode}); see {root / run.name / 'sweep.log'}",
-                        flush=True,
-                    )
-    except KeyboardInterrupt:
-        print("[sweep] interrupted: stopping members (each saves a checkpoint; rerun to resume)", flush=True)
-        for _, proc, _ in active.values():
-            proc.send_signal(2)
-        for _, proc, _ in active.values():
-            proc.wait()
-        raise
-    if failures:
-        raise RuntimeError(f"sweep members failed: {failures}")
-    return runs
 
 
 def select_runs(family: Family, runs: list[Run], only: Sequence[str]) -> list[Run]:
@@ -177,52 +110,47 @@ def select_runs(family: Family, runs: list[Run], only: Sequence[str]) -> list[Ru
     return [r for r in runs if r.member.name in set(only)]
 
 
-def _queue(runs: list[Run], root: Path, family: Family, extra_bindings, eval_tasks) -> list[tuple[Run, list]]:
-    """(run, its pending commands) for every run with work left, saying which are skipped or resumed."""
-    todo = []
-    for run in runs:
-        wd = root / run.name
-        cmds = pending_commands(run, wd, family, extra_bindings, eval_tasks)
-        if not cmds:
-            print(f"[sweep] {run.name}: finished, skipped", flush=True)
-            continue
-        todo.append((run, cmds))
-        if is_finished(wd):
-            state = "trained; running " + ", ".join(c[3] for c in cmds)
-        else:
-            state = "resuming" if (wd / "checkpoints").exists() else "starting"
-        print(f"[sweep] {run.name}: queued, {state} ({run.model})", flush=True)
-    return todo
-
-
-def _write_member(wd: Path, run: Run) -> None:
-    """`<workdir>/member.json`: which member, seed, model, gin files and bindings the run is. A run
-    reused from another family (a link) keeps that family's file; the report names it by its link."""
+def write_member(wd: Path, run: Run) -> None:
+    """`<workdir>/member.json`: which member, seed, model, gin files and bindings the run is, and `code`:
+    the commits of the code that launched it (`code_version`; one more when a resume runs other code).
+    A run reused from another family (a link) keeps that family's file; the report names it by its link."""
     if wd.is_symlink():
         return
     wd.mkdir(parents=True, exist_ok=True)
-    (wd / "member.json").write_text(
-        json.dumps(
-            {
-                "member": run.member.name,
-                "label": run.member.label or run.member.name,
-                "seed": run.seed,
-                "model": run.model,
-                "gin_files": run.gin_files,
-                "bindings": run.bindings,
-            },
-            indent=2,
-        )
-    )
+    path = wd / "member.json"
+    code = json.loads(path.read_text()).get("code", []) if path.exists() else []
+    version = code_version()
+    if version and version not in code[-1:]:
+        code.append(version)
+    member = {
+        "member": run.member.name,
+        "label": run.member.label or run.member.name,
+        "seed": run.seed,
+        "model": run.model,
+        "gin_files": run.gin_files,
+        "bindings": run.bindings,
+        "code": code,
+    }
+    path.write_text(json.dumps(member, indent=2))
 
 
-def _describe_slot(slot) -> str:
+def code_version() -> str | None:
+    """The git commit of the moe_jax package in use (12 hex digits; "-dirty" when its tracked files have
+    uncommitted changes), or None outside a git checkout."""
+    package = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(package)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", "."]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def describe_slot(slot) -> str:
     if isinstance(slot, dict):
         return ", ".join(f"{k}={v}" for k, v in slot.items())
     return f"CPU cores {slot[0]}-{slot[-1]}" if len(slot) > 1 else f"CPU core {slot[0]}"
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(str(s))

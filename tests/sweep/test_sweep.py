@@ -174,7 +174,7 @@ def test_follow_ups_run_after_training_and_join_the_report(tmp_path):
 
 
 def test_only_runs_the_named_members_and_rejects_unknown_ones(tmp_path):
-    from moe_jax.sweep.runner import run_family
+    from moe_jax.sweep.schedule import run_family
 
     fam = Family(name="f", members=(Member("a", "gshard_tiny"), Member("b", "deepseekmoe_tiny")))
     with pytest.raises(ValueError, match=r"no member \['c'\].*\['a', 'b'\]"):
@@ -274,7 +274,8 @@ def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, ca
     """--reuse links a finished run of another family when its resolved ModelConfig and TrainConfig equal
     the member's (a model written as an include of another matches it), and nothing else: not another
     seed, not another binding, not an unfinished run; a linked run's member.json is left as it was."""
-    from moe_jax.sweep.runner import _write_member, run_family
+    from moe_jax.sweep.runner import write_member
+    from moe_jax.sweep.schedule import run_family
 
     other = tmp_path / "crossover"
     _finished_run(other / "gshard_s0", "gshard_tiny", ("TrainConfig.seed=0", "TrainConfig.log_every=7"))
@@ -296,7 +297,7 @@ def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, ca
     assert linked == {"0s_2of16_s0": (other / "gshard_s0").resolve()}
     assert "0s_2of16_s0: reusing" in capsys.readouterr().out
     before = (other / "gshard_s0" / "member.json").read_text()
-    _write_member(root / "0s_2of16_s0", runs[0])
+    write_member(root / "0s_2of16_s0", runs[0])
     assert (other / "gshard_s0" / "member.json").read_text() == before
     # An extra binding for every member changes the training: now only the renormalised run matches.
     root2 = tmp_path / "fig3_b"
