@@ -41,6 +41,7 @@ before every reduction, so they never reach outputs or gradients even if they ho
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -147,92 +148,96 @@ def _gshard_positions_in_group(ids: jax.Array, mask: jax.Array, num_experts: int
     return local_rank + offset[jnp.arange(k)[None, :], safe]
 
 
-def _ring_body(
-    x,
-    ids,
-    weights,
-    mask,
-    wi,
-    wo,
-    *,
-    num_experts,
-    mode,
-    capacity_factor,
-    gmm,
-    expert_axis,
-    reduce_axes,
-    tensor_axis,
-    max_per_expert=None,
-):
-    """shard_map body of the ring scheme. x [T_l, d]; ids/weights/mask [T_l, k]; wi/wo local experts;
-    `max_per_expert`: `Routing.max_per_expert` (bounded local computation when set, dropless only)."""
-    e_local = wi.shape[0]
-    if expert_axis is not None:
-        gather = functools.partial(jax.lax.all_gather, axis_name=expert_axis, axis=0, tiled=True)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a shard_map body knows statically: the dispatch's options and where the mesh axes are.
+
+    Attributes:
+      num_experts: E, routed experts over the whole mesh.
+      mode / capacity_factor / buffer_factor: as `expert_parallel_dispatch`.
+      gmm: the grouped-matmul kernel of the local experts.
+      expert_axis: the mesh's expert axis (None: EP = 1); tensor_axis: its tensor axis when larger than
+        1; reduce_axes: the batch axes other than expert, over which expert counts are summed.
+      max_per_expert: `Routing.max_per_expert` (expert choice), else None.
+    """
+
+    num_experts: int
+    mode: str
+    capacity_factor: float
+    buffer_factor: float
+    gmm: GmmFn
+    expert_axis: str | None
+    tensor_axis: str | None
+    reduce_axes: tuple[str, ...]
+    max_per_expert: int | None = None
+
+
+def _reduce(y: jax.Array, counts: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+    """Sum the partial outputs over the tensor axis (each shard holds a slice of the FFN width) and the
+    expert counts over the batch axes."""
+    if plan.tensor_axis is not None:
+        y = jax.lax.psum(y, plan.tensor_axis)
+    if plan.reduce_axes:
+        counts = jax.lax.psum(counts, plan.reduce_axes)
+    return y, counts
+
+
+def _ring_body(x, ids, weights, mask, wi, wo, *, plan: _Plan):
+    """shard_map body of the ring scheme. x [T_l, d]; ids/weights/mask [T_l, k]; wi/wo local experts.
+    With `plan.max_per_expert` (dropless only) the local computation is bounded."""
+    e_local, axis = wi.shape[0], plan.expert_axis
+    if axis is not None:
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=0, tiled=True)
         x, ids, weights, mask = gather(x), gather(ids), gather(weights), gather(mask)
-        first = jax.lax.axis_index(expert_axis) * e_local
+        first = jax.lax.axis_index(axis) * e_local
     else:
         first = 0
+    t_g, k = ids.shape
     local = ids - first
     mine = mask & (local >= 0) & (local < e_local)
     keep = mine
-    if mode == "capacity":
-        t_g, k = ids.shape
-        cap = expert_capacity(t_g, k, num_experts, capacity_factor)
-        keep = mine & (capacity_positions(ids, mine, num_experts) < cap)
-    if max_per_expert is not None and mode == "dropless":
-        t_g, k = ids.shape
-        bound = min(e_local * max_per_expert, t_g * k)
+    if plan.mode == "capacity":
+        cap = expert_capacity(t_g, k, plan.num_experts, plan.capacity_factor)
+        keep = mine & (capacity_positions(ids, mine, plan.num_experts) < cap)
+    experts = ExpertParams(wi=wi, wo=wo)
+    if plan.max_per_expert is not None and plan.mode == "dropless":
+        bound = min(e_local * plan.max_per_expert, t_g * k)
         local_routing = Routing(indices=jnp.where(keep, local, 0), weights=weights, mask=keep, max_active=bound)
-        y, counts = bounded_outputs(x, local_routing, ExpertParams(wi=wi, wo=wo), gmm)  # [T_g, d] f32
+        y, counts = bounded_outputs(x, local_routing, experts, plan.gmm)  # [T_g, d] f32
     else:
-        out_tk, counts = local_expert_outputs(x, local, keep, ExpertParams(wi=wi, wo=wo), gmm)
+        out_tk, counts = local_expert_outputs(x, local, keep, experts, plan.gmm)
         y = _weighted_sum(out_tk, weights, keep)  # [T_g, d] f32
     dropped = (mine & ~keep).astype(jnp.int32)
-    if expert_axis is not None:
-        y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-        dropped = jax.lax.psum_scatter(dropped, expert_axis, scatter_dimension=0, tiled=True)
-    if tensor_axis is not None:
-        y = jax.lax.psum(y, tensor_axis)
-    if reduce_axes:
-        counts = jax.lax.psum(counts, reduce_axes)
+    if axis is not None:
+        y = jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True)
+        dropped = jax.lax.psum_scatter(dropped, axis, scatter_dimension=0, tiled=True)
+    y, counts = _reduce(y, counts, plan)
     return y, counts, dropped > 0
 
 
-def _all_to_all_body(
-    x,
-    ids,
-    weights,
-    mask,
-    wi,
-    wo,
-    *,
-    num_experts,
-    mode,
-    capacity_factor,
-    buffer_factor,
-    gmm,
-    expert_axis,
-    reduce_axes,
-    tensor_axis,
-    max_per_expert=None,
-):
-    """shard_map body of the all_to_all scheme. x [T_l, d]; ids/weights/mask [T_l, k]; `max_per_expert`:
-    `Routing.max_per_expert` (smaller buffers and a scatter-add combine when set)."""
-    t, k = ids.shape
-    d = x.shape[1]
-    e_local = wi.shape[0]
-    ep = num_experts // e_local
-    keep = mask
-    if mode == "capacity":
-        cap = expert_capacity(t * ep, k, num_experts, capacity_factor)
-        keep = mask & (_gshard_positions_in_group(ids, mask, num_experts, expert_axis) < cap)
+def _buffer_rows(t: int, k: int, e_local: int, ep: int, plan: _Plan, cap: int | None) -> int:
+    """C, the rows each (source, destination) pair of the all_to_all buffer holds: the worst case
+    T_l * min(k, E_l) (dropless), bounded by the destination's capacity E_l * C_e (capacity mode) and
+    by E_l * max_per_expert (expert choice); with buffer_factor > 0, ceil(buffer_factor * T_l * k / EP)."""
     worst = t * min(k, e_local)
-    if mode == "capacity":
+    if cap is not None:
         worst = min(worst, e_local * cap)
-    if max_per_expert is not None:  # a destination's E_l experts take at most E_l * max_per_expert of them
-        worst = min(worst, e_local * max_per_expert)
-    rows = worst if buffer_factor <= 0 else max(1, min(worst, math.ceil(buffer_factor * t * k / ep)))
+    if plan.max_per_expert is not None:
+        worst = min(worst, e_local * plan.max_per_expert)
+    return worst if plan.buffer_factor <= 0 else max(1, min(worst, math.ceil(plan.buffer_factor * t * k / ep)))
+
+
+def _all_to_all_body(x, ids, weights, mask, wi, wo, *, plan: _Plan):
+    """shard_map body of the all_to_all scheme. x [T_l, d]; ids/weights/mask [T_l, k]; with
+    `plan.max_per_expert`, smaller buffers and a scatter-add combine."""
+    (t, k), d = ids.shape, x.shape[1]
+    e_local = wi.shape[0]
+    ep = plan.num_experts // e_local
+    keep, cap = mask, None
+    if plan.mode == "capacity":
+        cap = expert_capacity(t * ep, k, plan.num_experts, plan.capacity_factor)
+        keep = mask & (_gshard_positions_in_group(ids, mask, plan.num_experts, plan.expert_axis) < cap)
+    rows = _buffer_rows(t, k, e_local, ep, plan, cap)
     dest = ids // e_local
     rank = capacity_positions(dest, keep, ep)  # [T, k] in dest queue
     keep = keep & (rank < rows)
@@ -245,19 +250,21 @@ def _all_to_all_body(
     x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
     send = jnp.take(x_pad, slot_token, axis=0).reshape(ep, rows, d)
     send_ids = slot_expert.reshape(ep, rows)
-    if expert_axis is not None:
-        exchange = functools.partial(jax.lax.all_to_all, axis_name=expert_axis, split_axis=0, concat_axis=0, tiled=True)
+    if plan.expert_axis is not None:
+        exchange = functools.partial(
+            jax.lax.all_to_all, axis_name=plan.expert_axis, split_axis=0, concat_axis=0, tiled=True
+        )
         recv, recv_ids = exchange(send), exchange(send_ids)
     else:
         recv, recv_ids = send, send_ids
     valid = (recv_ids < e_local).reshape(-1, 1)  # [EP*C, 1]
     out, counts = local_expert_outputs(
-        recv.reshape(-1, d), recv_ids.reshape(-1, 1), valid, ExpertParams(wi=wi, wo=wo), gmm
+        recv.reshape(-1, d), recv_ids.reshape(-1, 1), valid, ExpertParams(wi=wi, wo=wo), plan.gmm
     )
     back = out.reshape(ep, rows, d)
-    if expert_axis is not None:
+    if plan.expert_axis is not None:
         back = exchange(back)
-    if max_per_expert is not None:  # combine by slot: EP*C rows, never the [T_l, k, d] form (k = E for expert choice)
+    if plan.max_per_expert is not None:  # combine by slot: EP*C rows, never [T_l, k, d] (k = E for expert choice)
         slot_weight = jnp.zeros(ep * rows + 1, jnp.float32).at[slot].set(jnp.where(keep, weights, 0.0).reshape(-1))
         rows_f32 = back.reshape(ep * rows, d).astype(jnp.float32) * slot_weight[:-1, None]
         y = jnp.zeros((t + 1, d), jnp.float32).at[slot_token].add(rows_f32)[:t]  # empty slots: row t, dropped
@@ -265,10 +272,7 @@ def _all_to_all_body(
         back_pad = jnp.concatenate([back.reshape(ep * rows, d), jnp.zeros((1, d), back.dtype)])
         out_tk = jnp.take(back_pad, slot, axis=0).reshape(t, k, d)
         y = _weighted_sum(out_tk, weights, keep)
-    if tensor_axis is not None:
-        y = jax.lax.psum(y, tensor_axis)
-    if reduce_axes:
-        counts = jax.lax.psum(counts, reduce_axes)
+    y, counts = _reduce(y, counts, plan)
     return y, counts, mask & ~keep
 
 
@@ -337,21 +341,18 @@ def expert_parallel_dispatch(
     tok = P(batch_axes, None)
     in_specs = (tok, tok, tok, tok, P(expert_axis, None, None, tensor_axis), P(expert_axis, tensor_axis, None))
     out_specs = (tok, P(expert_axis), tok)
-    common = dict(
+    plan = _Plan(
         num_experts=e,
         mode=mode,
         capacity_factor=capacity_factor,
+        buffer_factor=buffer_factor,
         gmm=get_gmm(gmm_backend),
         expert_axis=expert_axis,
-        reduce_axes=reduce_axes,
         tensor_axis=tensor_axis,
+        reduce_axes=reduce_axes,
+        max_per_expert=routing.max_per_expert,
     )
-    if scheme == "ring":
-        body = functools.partial(_ring_body, max_per_expert=routing.max_per_expert, **common)
-    else:
-        body = functools.partial(
-            _all_to_all_body, buffer_factor=buffer_factor, max_per_expert=routing.max_per_expert, **common
-        )
+    body = functools.partial(_ring_body if scheme == "ring" else _all_to_all_body, plan=plan)
     sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     y, counts, dropped = sharded(x, routing.indices, routing.weights, routing.mask, experts.wi, experts.wo)
     return DispatchOutput(y=y.astype(x.dtype), tokens_per_expert=counts, dropped=dropped)
