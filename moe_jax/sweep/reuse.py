@@ -77,4 +77,5 @@ def link_matching(
         match = next((src for src, cfg in found if cfg == wanted), None)
         if match is not None:
             wd.symlink_to(match.resolve(), target_is_directory=True)
-            print(f"[sweep] {run.name}: reusing {match.resolve()} (same model and training configuration)", flush=True)
+            name = f"{root.name}/{run.name}"
+            print(f"[sweep] {name}: reusing {match.resolve()} (same model and training configuration)", flush=True)

@@ -295,7 +295,7 @@ def test_reuse_links_only_runs_with_the_same_resolved_configuration(tmp_path, ca
     reuse.link_reusable(runs, root, (), [other])
     linked = {p.name: p.resolve() for p in root.iterdir() if p.is_symlink()}
     assert linked == {"0s_2of16_s0": (other / "gshard_s0").resolve()}
-    assert "0s_2of16_s0: reusing" in capsys.readouterr().out
+    assert "fig3/0s_2of16_s0: reusing" in capsys.readouterr().out
     before = (other / "gshard_s0" / "member.json").read_text()
     write_member(root / "0s_2of16_s0", runs[0])
     assert (other / "gshard_s0" / "member.json").read_text() == before
