@@ -22,6 +22,7 @@ import numpy as np
 
 from moe_jax.sweep import curves
 from moe_jax.sweep.family import Family
+from moe_jax.sweep.runner import is_finished
 from moe_jax.sweep.stats import describe
 
 
@@ -61,7 +62,8 @@ def follow_up_metrics(family: Family | None, workdir: Path) -> dict[str, float]:
 
 
 def collect(root: Path, family: Family | None = None) -> list[dict]:
-    """One row per finished run under `root` (with the family's follow-up metrics, when given).
+    """One row per finished run under `root` (`runner.is_finished`: an interrupted run's result.json is
+    passed over), with the family's follow-up metrics when given.
 
     A run directory named `<member>_s<seed>` of the family is reported as that member even when it is
     a link to an identical run of another family (e.g. table1's DeepSeekMoE reused as Fig 3's 1+7/63).
@@ -73,7 +75,7 @@ def collect(root: Path, family: Family | None = None) -> list[dict]:
     rows = []
     members = {m.name: m for m in (family.members if family else ())}
     for wd in sorted(p for p in (root.iterdir() if root.is_dir() else ()) if (p / "member.json").exists()):
-        if not (wd / "result.json").exists():
+        if not is_finished(wd):
             continue
         member = json.loads((wd / "member.json").read_text())
         row = {

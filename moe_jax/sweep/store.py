@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from moe_jax.sweep.family import Family
+from moe_jax.sweep.runner import is_finished
 
 # What a report reads of a run (moe_jax.sweep.report.collect), besides the family's follow-up outputs.
 RUN_FILES = ("member.json", "result.json", "config.gin", "metrics.jsonl", "eval.json", "counts.json")
@@ -47,7 +48,9 @@ def _stored_text(src: Path, run: Path) -> bytes:
 
 
 def _finished(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if (p / "member.json").exists() and (p / "result.json").exists())
+    """The runs under `root` that trained to their last step (an interrupted run's result.json says
+    "interrupted" and is not kept: it would later block storing the finished run)."""
+    return sorted(p for p in root.iterdir() if (p / "member.json").exists() and is_finished(p))
 
 
 def _plan(family: Family, root: Path, results: Path) -> list[tuple[Path, Path, Path | None]]:

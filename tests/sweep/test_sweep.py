@@ -356,6 +356,18 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path, 
         here / "gshard_s1"
     ).resolve() == results / "table1" / "runs" / "gshard_s1"
     assert collect(here, fam) == collect(root, fam)
+    # An interrupted run (result.json says so) is neither stored nor reported: stored, it would block
+    # storing the same run once it has finished.
+    cut = _finished_run(root / "gshard_s2", "gshard_tiny", ("TrainConfig.seed=2",))
+    (cut / "result.json").write_text(json.dumps({"stopped": "interrupted", "heldout_loss": 6.0}))
+    store_runs(fam, root, results)
+    assert not (here / "gshard_s2").exists()
+    assert [row["run"] for row in collect(root, fam)] == ["gshard_s0", "gshard_s1"]
+    (cut / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.5}))  # resumed, finished
+    store_runs(fam, root, results)
+    assert json.loads((here / "gshard_s2" / "result.json").read_text())["heldout_loss"] == 5.5
+    shutil.rmtree(cut)
+    shutil.rmtree(here / "gshard_s2")
     (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0, "workdir": str(wd)}))
     (wd / "analysis").mkdir()
     (wd / "analysis" / "specialization.json").write_text(json.dumps({"plots": [str(wd / "analysis" / "a.png")]}))
