@@ -18,8 +18,10 @@ at most the runs in flight.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -138,6 +140,34 @@ def run_sweep(families: Sequence[Family], roots: Sequence[Path], opts: Options, 
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
     jobs = plan(families, roots, opts)
+    with _stop_on_signals():
+        _run_queue(jobs, parallel, results, opts)
+    failed = [j.label for j in jobs if j.state == "failed"]
+    if failed:
+        raise RuntimeError(f"sweep members failed: {failed}")
+    return select(families, opts)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM both stop the queue as Ctrl-C does (`_run_queue` has every running member save a
+    checkpoint). Set explicitly: a shell starts a background job with SIGINT ignored, and a session's
+    end sends SIGTERM."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _run_queue(jobs: list[Job], parallel: int, results, opts: Options) -> None:
+    """Launch ready jobs on free slots until every job has ended; on KeyboardInterrupt stop the running
+    members (SIGINT: each saves a checkpoint) and wait for them."""
     slots = device_slots(max(1, parallel))
     free, active, launched, total = list(range(len(slots))), {}, 0, len(jobs)
     try:
@@ -173,10 +203,6 @@ def run_sweep(families: Sequence[Family], roots: Sequence[Path], opts: Options, 
         for _, proc, _ in active.values():
             proc.wait()
         raise
-    failed = [j.label for j in jobs if j.state == "failed"]
-    if failed:
-        raise RuntimeError(f"sweep members failed: {failed}")
-    return select(families, opts)
 
 
 def _next_ready(jobs: list[Job]) -> Job | None:

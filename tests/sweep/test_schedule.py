@@ -136,3 +136,54 @@ def test_the_cli_takes_several_families_into_one_workdir_root(tmp_path, monkeypa
         main(["a.py", "a.py", "--status"])
     assert "a family is given twice" in capsys.readouterr().err
     assert Path("workdirs").exists() is False
+
+
+SLOW_TRAIN = """
+import signal, sys, time
+from pathlib import Path
+wd, log = Path(sys.argv[1]), sys.argv[2]
+def save(signum, frame):
+    with open(log, "a") as f:
+        f.write(f"checkpoint {wd.name}\\n")
+    sys.exit(130)
+signal.signal(signal.SIGINT, save)
+with open(log, "a") as f:
+    f.write(f"started {wd.name}\\n")
+time.sleep(120)
+"""
+
+DRIVER = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to a background job
+from moe_jax.sweep import runner
+from moe_jax.sweep.cli import main
+fam, root, log, slow = sys.argv[1:5]
+runner.train_command = lambda run, wd, extra=(): [sys.executable, "-c", slow, str(wd), log]
+sys.exit(main([fam, "--workdir", root, "--parallel", "2"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_queue_and_every_member_saves(tmp_path, sig):
+    """SIGTERM (a session's end) or SIGINT (even when the shell started the sweep with SIGINT ignored)
+    has every running member checkpoint (it gets SIGINT) and the sweep exit 130."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import cli_env
+
+    (tmp_path / "fam.py").write_text(
+        "from moe_jax.sweep.family import Family, Member\n"
+        "FAMILY = Family(name='fam', members=(Member('a', 'gshard_tiny'), Member('b', 'dense_tiny')))\n"
+    )
+    log = tmp_path / "log"
+    args = [tmp_path / "fam.py", tmp_path / "runs", log, SLOW_TRAIN]
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], env=cli_env(), text=True)
+    deadline = time.time() + 120
+    while not log.exists() or log.read_text().count("started") < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=60) == 130
+    assert sorted(log.read_text().split("\n")[2:4]) == ["checkpoint a_s0", "checkpoint b_s0"]
