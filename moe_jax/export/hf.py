@@ -586,7 +586,7 @@ def _fresh_data_state(train_cfg, vocab_size: int, hf_dir: Path, notes: list[str]
 
     cache = default_cache(train_cfg, vocab_size)
     try:
-        loader = TokenLoader(cache, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
+        loader = TokenLoader(cache, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.data_order_seed)
     except Exception as err:  # the loader raises DataError/SeqLenError/OSError for a missing or odd cache
         _warn(
             notes,

@@ -5,7 +5,8 @@ ablation_fig3's "0 shared + 2/16" is the same model under another name. `moe-jax
 links such a member's workdir (a symlink `<root>/<member>_s<seed>` -> the finished run) instead of
 training it again. "Exactly" means the resolved `ModelConfig` and `TrainConfig` are equal, field by
 field, between the member's gin files + bindings and the finished run's own `config.gin`; fields that
-do not change the numbers (logging, checkpointing, the MFU peak: `BOOKKEEPING`) are ignored. Model names
+do not change the numbers (logging, checkpointing, the MFU peak: `BOOKKEEPING`) are ignored, and an
+unset `TrainConfig.data_seed` compares as the `seed` it defaults to. Model names
 and gin file names are not compared, so a model written as an include of another matches it. The report
 lists each run's workdir and data build, so a reused run stays visible as one.
 """
@@ -35,7 +36,8 @@ def resolved(gin_files: Sequence[str], bindings: Sequence[str]) -> tuple | None:
         model, train = ModelConfig(), TrainConfig()
     except (GinConfigError, ValueError, TypeError):
         return None
-    return model, dataclasses.replace(train, **{f: getattr(TrainConfig, f) for f in BOOKKEEPING})
+    bookkeeping = {f: getattr(TrainConfig, f) for f in BOOKKEEPING}
+    return model, dataclasses.replace(train, data_seed=train.data_order_seed, **bookkeeping)
 
 
 def finished_runs(source: Path) -> list[tuple[Path, tuple | None]]:

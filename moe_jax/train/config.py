@@ -34,7 +34,10 @@ class TrainConfig:
       beta1, beta2, adam_eps: AdamW moments (paper: 0.9, 0.95; eps unstated, 1e-8).
       grad_clip: global gradient-norm clipping (paper: 1.0); 0 disables.
       grad_accum_steps: split each batch into this many micro-batches and accumulate gradients.
-      seed: seed of parameter initialisation, data order and stochastic routing.
+      seed: seed of parameter initialisation, stochastic routing and (unless data_seed is set) data order.
+      data_seed: seed of the training data order alone; None = `seed`. Setting it apart from `seed`
+        separates a run-to-run spread into what the initialisation and what the order of the batches
+        contribute (e.g. two initialisations trained on the same batches); `data_order_seed` is the one used.
       data_cache: directory of the token cache (`moe-jax data build`); "" = the default cache.
       heldout_split: the cache split used for periodic held-out evaluation.
       log_every: steps between metric records (TensorBoard, metrics.jsonl, console).
@@ -65,6 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
     seed: int = 0
+    data_seed: int | None = None
     data_cache: str = ""
     heldout_split: str = "heldout"
     log_every: int = 10
@@ -74,6 +78,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     peak_flops_per_device: float = 0.0
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the training data order: `data_seed`, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

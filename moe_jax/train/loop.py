@@ -135,7 +135,7 @@ class _Data:
             "train",
             cfg.batch_size,
             cfg.seq_len,
-            seed=cfg.seed,
+            seed=cfg.data_order_seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )

@@ -123,3 +123,28 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert float(m1["ce"]) == pytest.approx(float(m2["ce"]), rel=1e-5)
     assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
     assert_tree_close(s2.params, s1.params, 1e-5)
+
+
+def test_data_seed_sets_the_batch_order_apart_from_the_initialisation(train_cache):
+    """`TrainConfig.data_seed` (None: `seed`) alone decides the order of the training batches: seed 1 with
+    data_seed 0 reads seed 0's batches; the parameter initialisation still follows `seed`."""
+    from moe_jax.sweep.reuse import resolved
+    from moe_jax.train.loop import _Data
+
+    model = tiny_model()
+
+    def first_batches(**kw):
+        loader = _Data.open(model, tiny_train(train_cache, **kw)).loader
+        return [np.asarray(next(loader)["decoder_target_tokens"]) for _ in range(3)]
+
+    same_order = first_batches(seed=1, data_seed=0)
+    for a, b in zip(same_order, first_batches(seed=0)):
+        np.testing.assert_array_equal(a, b)
+    assert any((a != b).any() for a, b in zip(same_order, first_batches(seed=1)))
+    assert tiny_train(train_cache, seed=1, data_seed=0).data_order_seed == 0
+    # A run whose data_seed is unset is the same training as one that sets it to its seed (--reuse).
+    from moe_jax.configs.gin_utils import model_gin_path
+
+    base = (str(model_gin_path("gshard_tiny")), "runs/proxy_cpu.gin")
+    assert resolved(base, ("TrainConfig.seed=1",)) == resolved(base, ("TrainConfig.seed=1", "TrainConfig.data_seed=1"))
+    assert resolved(base, ("TrainConfig.seed=1",)) != resolved(base, ("TrainConfig.seed=1", "TrainConfig.data_seed=0"))
