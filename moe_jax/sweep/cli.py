@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_only(families, args.only)
             except ValueError as err:
                 p.error(str(err))
-        return max(_print_status(f, root, args, len(families) > 1) for f, root in zip(families, roots))
+        return _print_statuses(families, roots, args)
     if not args.report:
         from moe_jax.sweep.schedule import Options, run_sweep
 
@@ -146,20 +146,36 @@ def _report(family, root: Path, results: str | None) -> int:
     return 0
 
 
-def _print_status(family, root: Path, args, several: bool = False) -> int:
-    from moe_jax.sweep.status import family_status, format_status
+def _print_statuses(families, roots: list[Path], args) -> int:
+    """Each family's `--status`, and with several families their total, each shared run counted once."""
+    from moe_jax.sweep.status import family_status, format_status, sweep_total
 
-    only = args.only
-    if several and only:
-        only = [m.name for m in family.members if m.name in set(only)]
-        if not only:
-            return 0
-    try:
-        statuses = family_status(
-            family, root, seeds=args.seeds, scale=args.scale, only=only, extra_bindings=args.bindings
+    every = []
+    for family, root in zip(families, roots):
+        only = args.only
+        if len(families) > 1 and only:
+            only = [m.name for m in family.members if m.name in set(only)]
+            if not only:
+                every.append([])
+                continue
+        try:
+            statuses = family_status(
+                family, root, seeds=args.seeds, scale=args.scale, only=only, extra_bindings=args.bindings
+            )
+        except ValueError as err:
+            print(f"moe-jax sweep: {err}")
+            return 1
+        print(format_status(family, root, statuses, args.parallel))
+        every.append(statuses)
+    if len(families) > 1:
+        print(
+            sweep_total(
+                families,
+                every,
+                seeds=args.seeds,
+                scale=args.scale,
+                extra_bindings=args.bindings,
+                parallel=args.parallel,
+            )
         )
-    except ValueError as err:
-        print(f"moe-jax sweep: {err}")
-        return 1
-    print(format_status(family, root, statuses, args.parallel))
     return 0

@@ -8,7 +8,9 @@ so far and mean tokens/s (`curves.training_time`); and an estimate of the run-ho
 an unfinished run comes from the runs' own throughput: (N - s) x tokens per step / the run's median
 window tokens/s (`curves.median_tokens_per_second`: unlike the mean, not skewed by a window in which the
 process was paused, e.g. by a benchmark stopping it); without a throughput yet, the mean training hours
-of the finished runs of the same member (else of the same model) for the steps left. Writes nothing: no
+of the finished runs of the same member (else of the same model) for the steps left; for a model none of
+the finished runs is, its training FLOPs at their median training FLOP/s. With several families,
+`sweep_total` adds one line in which a run two families share is counted once. Writes nothing: no
 report, member.json, link or directory.
 """
 
@@ -18,6 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from moe_jax.sweep import curves
 from moe_jax.sweep.family import Family, Run
@@ -40,6 +44,7 @@ class RunStatus:
       hours: training hours so far; tokens_per_second: mean throughput (None without logged throughput).
       median_tokens_per_second: the median window throughput (None likewise), for the estimate.
       left: estimated run-hours left (None: unknown); left_from: what the estimate is based on.
+      flops_per_token: the model's training FLOPs per token (only where an estimate needs it).
     """
 
     name: str
@@ -55,6 +60,7 @@ class RunStatus:
     median_tokens_per_second: float | None = None
     left: float | None = None
     left_from: str = ""
+    flops_per_token: float | None = None
 
 
 def workdir_train_config(workdir: Path):
@@ -143,8 +149,11 @@ def finished_hours(root: Path, statuses: Sequence[RunStatus]) -> list[tuple[str,
     return out
 
 
-def estimate(status: RunStatus, finished: Sequence[tuple[str, str, float]]) -> tuple[float | None, str]:
-    """(run-hours left, what it is based on) for one run; (None, why) when unknown."""
+def estimate(
+    status: RunStatus, finished: Sequence[tuple[str, str, float]], flop_rate: tuple[float, int] | None = None
+) -> tuple[float | None, str]:
+    """(run-hours left, what it is based on) for one run; (None, why) when unknown. `flop_rate`: (the
+    median training FLOP/s of the finished runs, how many), the last resort for a model none of them is."""
     if status.state == "finished":
         return 0.0, ""
     if status.state == "running or interrupted" and status.steps and status.median_tokens_per_second:
@@ -156,7 +165,38 @@ def estimate(status: RunStatus, finished: Sequence[tuple[str, str, float]]) -> t
         if hours:
             share = 1.0 if not status.steps else max(status.steps - status.step, 0) / status.steps
             return share * sum(hours) / len(hours), f"mean of {len(hours)} finished run(s) of {what}"
+    if flop_rate and status.flops_per_token and status.steps and status.tokens_per_step:
+        tokens = max(status.steps - status.step, 0) * status.tokens_per_step
+        return tokens * status.flops_per_token / flop_rate[0] / 3600, (
+            f"its FLOPs at the median FLOP/s of {flop_rate[1]} finished run(s)"
+        )
     return None, f"no finished run of member {status.member} or model {status.model}"
+
+
+def flops_per_token(run: Run, extra_bindings: Sequence[str] = ()) -> float | None:
+    """Training FLOPs per token of the run's model (`model.params.training_flops` over the sequence);
+    None when its configuration does not parse."""
+    from moe_jax.configs.gin_utils import model_gin_path
+    from moe_jax.model.params import count_params
+    from moe_jax.sweep.reuse import resolved
+
+    configs = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+    if configs is None:
+        return None
+    model, train = configs
+    return count_params(model, train.seq_len).flops / train.seq_len
+
+
+def median_flop_rate(statuses: Sequence[RunStatus]) -> tuple[float, int] | None:
+    """(median training FLOP/s, count) over the finished runs with a throughput and FLOPs per token.
+    Training FLOP/s is close across this codebase's CPU proxies (the same kernels, only widths differ),
+    so it carries a finished model's speed to an unseen one better than tokens/s does."""
+    rates = [
+        s.median_tokens_per_second * s.flops_per_token
+        for s in statuses
+        if s.state == "finished" and s.median_tokens_per_second and s.flops_per_token
+    ]
+    return (float(np.median(rates)), len(rates)) if rates else None
 
 
 def family_status(
@@ -172,11 +212,28 @@ def family_status(
     runs = select_runs(family, family.runs(seeds, scale), only)
     statuses = [run_status(run, root / run.name, extra_bindings) for run in runs]
     finished = finished_hours(root, statuses)
-    out = []
-    for s in statuses:
-        left, source = estimate(s, finished)
-        out.append(dataclasses.replace(s, left=left, left_from=source))
-    return out
+    out = [_estimated(s, finished) for s in statuses]
+    if all(s.left is not None for s in out):
+        return out
+    per_model: dict[str, float | None] = {}
+    for i, (run, s) in enumerate(zip(runs, out)):  # FLOPs of the finished runs and of the unestimated ones
+        if s.state == "finished" or s.left is None:
+            if run.model not in per_model:
+                per_model[run.model] = flops_per_token(run, extra_bindings)
+            cfg = train_config(run, root / run.name, extra_bindings)
+            out[i] = dataclasses.replace(
+                s,
+                flops_per_token=per_model[run.model],
+                steps=s.steps or (cfg.steps if cfg else None),
+                tokens_per_step=s.tokens_per_step or (cfg.batch_size * cfg.seq_len if cfg else None),
+            )
+    rate = median_flop_rate(out)
+    return [s if s.left is not None else _estimated(s, finished, rate) for s in out]
+
+
+def _estimated(status: RunStatus, finished, flop_rate=None) -> RunStatus:
+    left, source = estimate(status, finished, flop_rate)
+    return dataclasses.replace(status, left=left, left_from=source)
 
 
 def format_line(s: RunStatus) -> str:
@@ -216,3 +273,46 @@ def format_status(family: Family, root: Path, statuses: Sequence[RunStatus], par
         "each run's steps at its median window tokens/s (pauses excluded)."
     )
     return "\n".join([head, *map(format_line, statuses), tail, note])
+
+
+def sweep_total(
+    families: Sequence[Family],
+    statuses: Sequence[Sequence[RunStatus]],
+    *,
+    seeds: Sequence[int] | None = None,
+    scale: str | None = None,
+    extra_bindings: Sequence[str] = (),
+    parallel: int = 1,
+) -> str:
+    """One line for several families' sweep: the runs left, each distinct training counted once (a run
+    not started that is exactly another family's run left is linked, not trained: `moe_jax.sweep.schedule`),
+    with the run-hours and wall-hours it comes to."""
+    from moe_jax.configs.gin_utils import model_gin_path
+    from moe_jax.sweep.reuse import resolved
+
+    seen, left, shared, hours, unknown = [], 0, 0, 0.0, 0
+    for family, family_statuses in zip(families, statuses):
+        runs = {r.name: r for r in family.runs(seeds, scale)}
+        for s in family_statuses:
+            if s.state == "finished":
+                continue
+            run = runs[s.name]
+            key = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+            if s.state == "not started" and key is not None and key in seen:
+                shared += 1
+                continue
+            seen.append(key)
+            left += 1
+            if s.left is None:
+                unknown += 1
+            else:
+                hours += s.left
+    bound = "at least " if unknown else ""
+    line = (
+        f"All {len(families)} families: {left + shared} runs left, of which {shared} are another family's run "
+        f"(linked once it has trained, not counted): {bound}~{hours:.1f} run-hours; with --parallel {parallel}: "
+        f"{bound}~{hours / parallel:.1f} wall-hours."
+    )
+    if unknown:
+        line += f" {unknown} run(s) without an estimate are not counted."
+    return line

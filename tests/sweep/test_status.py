@@ -46,6 +46,16 @@ def _workdir(wd: Path, member: str, model: str, records=(), finished: bool = Fal
     return wd
 
 
+def _flops(model: str) -> float:
+    """Training FLOPs per token of a tiny model at runs/proxy_cpu.gin's 256 tokens (`count_params`)."""
+    from moe_jax.config import ModelConfig
+    from moe_jax.configs.gin_utils import model_gin_path, parse_gin
+    from moe_jax.model.params import count_params
+
+    parse_gin([str(model_gin_path(model)), "runs/proxy_cpu.gin"], ())
+    return count_params(ModelConfig(), 256).flops / 256
+
+
 @pytest.fixture
 def sweep_dirs(tmp_path):
     """gshard_s0 finished (150 s + 300 s = 450 s), gshard_s1 a link to a finished run of another family
@@ -79,8 +89,10 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     1024 tokens/s) their 300 steps take 400 s and 1200 s (mean 800 s); dsm_s0 ran 30 steps in 50 s (mean
     30 x 4096 / 50 = 2457.6 tokens/s; median of its windows (2048 + 4096) / 2 = 3072 tokens/s), so its 270
     steps left take 270 x 4096 / 3072 = 360 s; gshard_s2 (same member) and gshard2_s0, gshard2_s1 (no
-    finished run of their own, same model gshard_tiny) take 800 s each; dsm_s1 has no estimate.
-    360 + 3 x 800 = 2760 s = 0.767 run-hours, 0.383 with 2 at once."""
+    finished run of their own, same model gshard_tiny) take 800 s each; dsm_s1 (no finished run of its
+    member or model) takes its 300 x 4096 tokens at the median training FLOP/s of the finished runs (median
+    of 3072 and 1024 tokens/s = 2048, times gshard_tiny's FLOPs per token): 600 s x the FLOP ratio r.
+    360 + 3 x 800 + 600 r s = 0.93 run-hours, 0.47 with 2 at once."""
     fam = load_family(_family_file(sweep_dirs))
     root = sweep_dirs / "runs"
     status = {s.name: s for s in family_status(fam, root)}
@@ -106,7 +118,7 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
         "gshard_s1": 0.0,
         "gshard_s2": pytest.approx(800),
         "dsm_s0": pytest.approx(360),
-        "dsm_s1": None,
+        "dsm_s1": pytest.approx(600 * _flops("deepseekmoe_tiny") / _flops("gshard_tiny")),
         "gshard2_s0": pytest.approx(800),
         "gshard2_s1": pytest.approx(800),
     }
@@ -123,8 +135,8 @@ def test_status_states_links_and_remaining_hours(sweep_dirs):
     assert (
         "running or interrupted: step 0/300; left ~0.22 h (mean of 2 finished run(s) of model gshard_tiny)" in lines[7]
     )
-    assert lines[5].endswith("not started; left: unknown (no finished run of member dsm or model deepseekmoe_tiny)")
-    assert lines[8].startswith("Remaining: at least ~0.8 run-hours; with --parallel 2: at least ~0.4 wall-hours.")
+    assert lines[5].endswith("not started; left ~0.17 h (its FLOPs at the median FLOP/s of 2 finished run(s))")
+    assert lines[8].startswith("Remaining: ~0.9 run-hours; with --parallel 2: ~0.5 wall-hours.")
     assert "own throughput" in lines[9]
 
 
@@ -174,7 +186,7 @@ def test_status_writes_nothing_and_a_missing_root_is_all_not_started(sweep_dirs,
     assert main([str(family_file), "--status", f"--workdir={sweep_dirs / 'runs'}", "--parallel", "2"]) == 0
     assert _snapshot(sweep_dirs) == before  # no report, member.json, link or directory
     out = capsys.readouterr().out
-    assert "7 runs (2 finished, 2 running or interrupted, 3 not started)" in out and "at least ~0.4 wall-hours" in out
+    assert "7 runs (2 finished, 2 running or interrupted, 3 not started)" in out and "2: ~0.5 wall-hours" in out
     missing = sweep_dirs / "nowhere"
     assert main([str(family_file), "--status", f"--workdir={missing}", "--only", "gshard"]) == 0
     assert not missing.exists()
@@ -190,3 +202,24 @@ def test_status_and_report_are_exclusive(tmp_path, capsys):
         main(["experiments/table1.py", "--status", "--report", f"--workdir={tmp_path}"])
     assert err.value.code == 2
     assert "--status and --report are exclusive" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_an_unseen_model_is_estimated_from_its_flops_at_the_finished_runs_flop_rate(tmp_path):
+    """No finished run of DeepSeekMoE: its 300 steps x 4096 tokens are costed at the training FLOP/s of
+    the finished GShard (4096 tokens/s x its FLOPs per token); with several families, a run not started
+    that is exactly another family's run left is counted once."""
+    from moe_jax.sweep.status import sweep_total
+
+    rows = [{"step": 150, "tokens_per_second": 4096.0}, {"step": 300, "tokens_per_second": 4096.0}]
+    _workdir(tmp_path / "a" / "gshard_s0", "gshard", "gshard_tiny", rows, True)
+    base = ("runs/proxy_cpu.gin",)
+    a = Family(name="a", members=(Member("gshard", "gshard_tiny"), Member("dsm", "deepseekmoe_tiny")), base=base)
+    b = Family(name="b", members=(Member("1s_7of63", "ablation_1s_7of63_tiny"),), base=base)
+    a_status = family_status(a, tmp_path / "a")
+    dsm = a_status[1]
+    assert dsm.name == "dsm_s0" and dsm.left_from == "its FLOPs at the median FLOP/s of 1 finished run(s)"
+    ratio = _flops("deepseekmoe_tiny") / _flops("gshard_tiny")
+    assert ratio > 1.0 and dsm.left * 3600 == pytest.approx(300 * ratio, rel=1e-6)
+    total = sweep_total([a, b], [a_status, family_status(b, tmp_path / "b")])
+    assert total.startswith("All 2 families: 2 runs left, of which 1 are another family's run")
+    assert f"~{dsm.left:.1f} run-hours" in total
