@@ -6,12 +6,22 @@ same direction at the same seed), while Dense and Hash move by 0.003. `TrainConf
 initialisation, any stochastic routing and the data order; `TrainConfig.data_seed` sets the data order
 alone. The two runs of each model here cross the two: initialisation of seed 0 with the batches of seed
 1, and the reverse. With table1's seeds 0 and 1 (linked: the same training) they make a 2 x 2 design,
-whose row and column differences are the initialisation's and the data order's effect.
+whose row and column differences are the initialisation's and the data order's effect. Every run also
+gets its held-out bits/byte per corpus source (`PER_SOURCE`), to see whether a seed's gain is spread over
+every source (an optimisation effect) or sits in the sources its data order shows last.
 
 Default regime: the CPU proxies of the other families (runs/proxy_base.gin, 10M tokens, held-out
 bits/byte)."""
 
-from moe_jax.sweep.family import PROXY_SCALES, Family, Member
+from moe_jax.sweep.family import PROXY_SCALES, Family, FollowUp, Member
+
+# The held-out bits/byte of each corpus source (`moe-jax eval` with no benchmark task): where a seed's
+# gain lands, for the report's results.csv (`heldout_bpb/<source>`).
+PER_SOURCE = FollowUp(
+    ("eval", "--tasks=", "--out={workdir}/heldout_sources.json"),
+    "heldout_sources.json",
+    "moe_jax.evaluate.heldout:source_metrics",
+)
 
 
 def _crossed(name: str, model: str, label: str) -> tuple[Member, ...]:
@@ -31,5 +41,6 @@ FAMILY = Family(
     seeds=(0, 1),
     members=(*_crossed("gshard", "gshard_base", "GShard"), *_crossed("deepseekmoe", "deepseekmoe_base", "DeepSeekMoE")),
     metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
+    follow_ups=(PER_SOURCE,),
     scales=PROXY_SCALES,
 )

@@ -130,3 +130,12 @@ def heldout_eval(
             out[name] = heldout_pass(eval_step, params, loader, mesh, max_batches, name=name, on_batch=bar.update)
         bar.close()
     return HeldoutResult(sources=out, seq_len=seq_len, batches_per_source=max_batches)
+
+
+def source_metrics(report: dict) -> dict[str, float]:
+    """Flat numbers of a `moe-jax eval` JSON for sweep reports: `heldout_bpb/<source>`, the held-out bits
+    per byte of each corpus source, and `heldout_bpb/all` over the whole split."""
+    heldout = report["heldout"]
+    out = {"heldout_bpb/all": heldout["bits_per_byte"]}
+    out.update({f"heldout_bpb/{name}": src["bits_per_byte"] for name, src in heldout["sources"].items()})
+    return out

@@ -76,7 +76,8 @@ class FollowUp:
 
     Attributes:
       command: the subcommand and its flags, e.g. ("analyze", "--heldout_batches=2"); the runner adds
-        `--workdir=<member workdir>`.
+        `--workdir=<member workdir>` and puts that workdir in place of "{workdir}" in a flag (e.g.
+        "--out={workdir}/heldout_sources.json").
       output: the file (relative to the workdir) it writes; its existence marks the step done.
       metrics: "module:function" turning that file's JSON into {metric: float} for the report.
     """

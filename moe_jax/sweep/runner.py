@@ -36,7 +36,8 @@ def train_command(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()) -
 
 
 def follow_up_command(step: FollowUp, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "moe_jax.cli", *step.command, f"--workdir={workdir}"]
+    flags = [flag.replace("{workdir}", str(workdir)) for flag in step.command]
+    return [sys.executable, "-m", "moe_jax.cli", *flags, f"--workdir={workdir}"]
 
 
 def pending_commands(

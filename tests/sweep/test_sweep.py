@@ -400,3 +400,23 @@ def test_stored_runs_keep_links_and_are_never_replaced_by_another_run(tmp_path, 
     assert "no finished runs under workdirs/fam" in last and last.endswith("--results experiments/results")
     assert main(["fam.py", "--report", "--results", "experiments/results"]) == 0
     assert "| gshard | gshard_tiny | 2 |" in (results / "fam" / "summary.md").read_text()
+
+
+def test_a_follow_up_flag_names_the_workdir_and_per_source_metrics_join_the_report(tmp_path):
+    """ "{workdir}" in a follow-up's flags becomes the member's workdir; `source_metrics` flattens a
+    `moe-jax eval` JSON into one held-out bits/byte per source."""
+    from moe_jax.evaluate.heldout import source_metrics
+    from moe_jax.sweep.runner import follow_up_command
+
+    fam = load_family(REPO / "experiments" / "seed_variance.py")
+    (step,) = fam.follow_ups
+    wd = tmp_path / "gshard_s0"
+    cmd = follow_up_command(step, wd)
+    assert cmd[3:] == ["eval", "--tasks=", f"--out={wd}/heldout_sources.json", f"--workdir={wd}"]
+    report = {
+        "heldout": {
+            "bits_per_byte": 1.9,
+            "sources": {"gcide": {"bits_per_byte": 1.6, "loss": 2.0}, "kjv": {"bits_per_byte": 1.8, "loss": 2.2}},
+        }
+    }
+    assert source_metrics(report) == {"heldout_bpb/all": 1.9, "heldout_bpb/gcide": 1.6, "heldout_bpb/kjv": 1.8}
