@@ -8,7 +8,8 @@ alone. The two runs of each model here cross the two: initialisation of seed 0 w
 1, and the reverse. With table1's seeds 0 and 1 (linked: the same training) they make a 2 x 2 design,
 whose row and column differences are the initialisation's and the data order's effect. Every run also
 gets its held-out bits/byte per corpus source (`PER_SOURCE`), to see whether a seed's gain is spread over
-every source (an optimisation effect) or sits in the sources its data order shows last.
+every source (an optimisation effect) or sits in the sources its data order shows last; Dense and Hash
+(table1's runs, linked) are the reference without a learned router.
 
 Default regime: the CPU proxies of the other families (runs/proxy_base.gin, 10M tokens, held-out
 bits/byte)."""
@@ -39,7 +40,12 @@ FAMILY = Family(
     "initialisation and what the data order contribute (TrainConfig.data_seed).",
     base=("runs/proxy_base.gin",),
     seeds=(0, 1),
-    members=(*_crossed("gshard", "gshard_base", "GShard"), *_crossed("deepseekmoe", "deepseekmoe_base", "DeepSeekMoE")),
+    members=(
+        *_crossed("gshard", "gshard_base", "GShard"),
+        *_crossed("deepseekmoe", "deepseekmoe_base", "DeepSeekMoE"),
+        Member("dense", "dense_base", label="Dense: init s, data s (reference, no router)"),
+        Member("hash", "hash_base", label="Hash Layer: init s, data s (reference, fixed routing)"),
+    ),
     metrics=("heldout_bits_per_byte", "heldout_loss", "train_loss"),
     follow_ups=(PER_SOURCE,),
     scales=PROXY_SCALES,
