@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,8 @@ def _gpu_count() -> int:
 
 
 def launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
+    """Start `cmd` on the device slot in a process group of its own (`interrupt` signals the whole group:
+    a member's commands chained by `bash -c` are a shell and its child), appending to `log_path`."""
     env = dict(os.environ)
     preexec = None
     if isinstance(slot, dict):
@@ -96,7 +99,16 @@ def launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
         cores = list(slot)
         preexec = lambda: os.sched_setaffinity(0, cores)
     log = log_path.open("a")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, process_group=0)
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT to every process of a launched member's group (`moe-jax train` then saves a checkpoint and
+    stops), once: a terminal's Ctrl-C reaches only the sweep, whose own group the members are not in."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:  # it had already ended
+        pass
 
 
 def select_runs(family: Family, runs: list[Run], only: Sequence[str]) -> list[Run]:

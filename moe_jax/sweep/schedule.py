@@ -33,6 +33,7 @@ from moe_jax.sweep.reuse import candidates, link_matching, resolved
 from moe_jax.sweep.runner import (
     describe_slot,
     device_slots,
+    interrupt,
     is_finished,
     launch,
     pending_commands,
@@ -199,7 +200,7 @@ def _run_queue(jobs: list[Job], parallel: int, results, opts: Options) -> None:
     except KeyboardInterrupt:
         print("[sweep] interrupted: stopping members (each saves a checkpoint; rerun to resume)", flush=True)
         for _, proc, _ in active.values():
-            proc.send_signal(2)
+            interrupt(proc)
         for _, proc, _ in active.values():
             proc.wait()
         raise

@@ -159,23 +159,28 @@ from moe_jax.sweep import runner
 from moe_jax.sweep.cli import main
 fam, root, log, slow = sys.argv[1:5]
 runner.train_command = lambda run, wd, extra=(): [sys.executable, "-c", slow, str(wd), log]
+runner.follow_up_command = lambda step, wd: [sys.executable, "-c", "print('follow-up')"]
 sys.exit(main([fam, "--workdir", root, "--parallel", "2"]))
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_queue_and_every_member_saves(tmp_path, sig):
+@pytest.mark.parametrize("sig,follow_up", [("SIGTERM", False), ("SIGINT", False), ("SIGINT", True)])
+def test_a_signal_stops_the_queue_and_every_member_saves(tmp_path, sig, follow_up):
     """SIGTERM (a session's end) or SIGINT (even when the shell started the sweep with SIGINT ignored)
-    has every running member checkpoint (it gets SIGINT) and the sweep exit 130."""
+    has every running member checkpoint (it gets SIGINT) and the sweep exit 130; also when a member's
+    training is chained with a follow-up (`bash -c "train && follow-up"`: the signal goes to the whole
+    process group, not only to the shell, which would leave the training running)."""
     import signal
     import subprocess
     import time
 
     from helpers import cli_env
 
+    follow_ups = "(FollowUp(('analyze',), 'out.json'),)" if follow_up else "()"
     (tmp_path / "fam.py").write_text(
-        "from moe_jax.sweep.family import Family, Member\n"
-        "FAMILY = Family(name='fam', members=(Member('a', 'gshard_tiny'), Member('b', 'dense_tiny')))\n"
+        "from moe_jax.sweep.family import Family, FollowUp, Member\n"
+        "FAMILY = Family(name='fam', members=(Member('a', 'gshard_tiny'), Member('b', 'dense_tiny')), "
+        f"follow_ups={follow_ups})\n"
     )
     log = tmp_path / "log"
     args = [tmp_path / "fam.py", tmp_path / "runs", log, SLOW_TRAIN]
@@ -187,3 +192,4 @@ def test_a_signal_stops_the_queue_and_every_member_saves(tmp_path, sig):
     proc.send_signal(getattr(signal, sig))
     assert proc.wait(timeout=60) == 130
     assert sorted(log.read_text().split("\n")[2:4]) == ["checkpoint a_s0", "checkpoint b_s0"]
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "runs")], capture_output=True).stdout == b""
