@@ -4,7 +4,7 @@ Families share runs: table1's GShard is Fig 3's "0 shared + 2/16", and the speci
 analyses table1's models. A sweep of several families trains each distinct run once:
 
 - a run already finished under another family's root (or a `--reuse` root) with the same resolved
-  configuration is linked before anything starts (`moe_jax.sweep.reuse.link_reusable`);
+  configuration is linked before anything starts (`moe_jax.sweep.reuse.link_matching`);
 - a run that is exactly one queued earlier (same `reuse.resolved` model and training configuration)
   waits for that one, is then linked to it, and runs only its own family's follow-ups.
 
@@ -13,7 +13,7 @@ order given, members in family order), so every paired comparison gains a seed a
 run starts on the first free slot (`runner.device_slots`) once the run it waits for, if any, has
 finished. With `results`, a run's small files are stored (`moe_jax.sweep.store`) as soon as it ends, and a
 family's report is written as soon as its last queued run ends, so a session that is cut off loses
-at most the runs in flight.
+only what the runs in flight did since their last checkpoint (rerunning the command resumes them).
 """
 
 from __future__ import annotations
