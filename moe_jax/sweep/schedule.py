@@ -11,8 +11,9 @@ analyses table1's models. A sweep of several families trains each distinct run o
 Runs are queued seed by seed (every family's seed 0, then seed 1, ...; within a seed, families in the
 order given, members in family order), so every paired comparison gains a seed as early as it can. A
 run starts on the first free slot (`runner.device_slots`) once the run it waits for, if any, has
-finished. With `results`, a run's small files are stored (`moe_jax.sweep.store`) as soon as it ends, and a
-family's report is written as soon as its last queued run ends, so a session that is cut off loses
+finished; a run with no training left (linked, or trained and missing a follow-up) goes first. With
+`results`, a run's small files are stored (`moe_jax.sweep.store`) as soon as it ends, and a family's
+report is written as soon as its last queued run ends, so a session that is cut off loses
 only what the runs in flight did since their last checkpoint (rerunning the command resumes them).
 """
 
@@ -207,7 +208,11 @@ def _run_queue(jobs: list[Job], parallel: int, results, opts: Options) -> None:
 
 
 def _next_ready(jobs: list[Job]) -> Job | None:
-    return next((j for j in jobs if j.state == "pending" and (j.source is None or j.source.state == "done")), None)
+    """The first pending job whose source (if any) has finished; one with no training left (a link to a
+    trained run, or a trained run missing a follow-up: minutes, not hours) goes before any that trains."""
+    ready = [j for j in jobs if j.state == "pending" and (j.source is None or j.source.state == "done")]
+    trained = [j for j in ready if j.source is not None or is_finished(j.workdir)]
+    return (trained or ready or [None])[0]
 
 
 def _prepare(job: Job, opts: Options) -> bool:

@@ -75,8 +75,8 @@ def test_shared_runs_train_once_seed_by_seed_and_are_stored_as_they_end(tmp_path
     assert fake.read_text().splitlines() == [
         "train t1/dense_s0",
         "train t1/gshard_s0",
+        "follow-up gshard_s0",  # spec's analysis of t1's GShard, linked, not retrained, before any training
         "train fig/1s_3of31_s0",
-        "follow-up gshard_s0",  # spec's analysis of t1's GShard, linked, not retrained
         "train t1/dense_s1",
         "train t1/gshard_s1",
         "train fig/1s_3of31_s1",
