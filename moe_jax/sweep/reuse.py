@@ -14,6 +14,7 @@ lists each run's workdir and data build, so a reused run stays visible as one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +39,14 @@ def resolved(gin_files: Sequence[str], bindings: Sequence[str]) -> tuple | None:
         return None
     bookkeeping = {f: getattr(TrainConfig, f) for f in BOOKKEEPING}
     return model, dataclasses.replace(train, data_seed=train.data_order_seed, **bookkeeping)
+
+
+@functools.lru_cache(maxsize=None)
+def run_config(run: Run, extra_bindings: tuple[str, ...] = ()) -> tuple | None:
+    """`resolved` for a run as the runner trains it (its model's gin file, the family's gin files, its
+    bindings and the sweep's extra ones); cached, as the queue and `--status` ask for the same run
+    several times and each answer parses gin."""
+    return resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
 
 
 def finished_runs(source: Path) -> list[tuple[Path, tuple | None]]:
@@ -73,7 +82,7 @@ def link_matching(
         wd = root / run.name
         if wd.exists() or wd.is_symlink():
             continue
-        wanted = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+        wanted = run_config(run, tuple(extra_bindings))
         if wanted is None:
             raise ValueError(f"{run.name}: its gin files and bindings do not parse; run without --reuse to see why")
         match = next((src for src, cfg in found if cfg == wanted), None)

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from moe_jax.configs.gin_utils import model_gin_path
 from moe_jax.sweep.family import Family, Run
-from moe_jax.sweep.reuse import candidates, link_matching, resolved
+from moe_jax.sweep.reuse import candidates, link_matching, run_config
 from moe_jax.sweep.runner import (
     describe_slot,
     device_slots,
@@ -114,7 +113,7 @@ def plan(families: Sequence[Family], roots: Sequence[Path], opts: Options) -> li
             continue
         job = Job(family, run, root, cmds, _label(family, run, families))
         if not is_finished(wd):
-            key = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *opts.extra_bindings))
+            key = run_config(run, tuple(opts.extra_bindings))
             job.source = None if wd.exists() else next((j for k, j in trainers if k == key), None)
             if job.source is None and key is not None:
                 trainers.append((key, job))

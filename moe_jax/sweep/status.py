@@ -78,12 +78,11 @@ def workdir_train_config(workdir: Path):
 def train_config(run: Run, workdir: Path, extra_bindings: Sequence[str] = ()):
     """The run's TrainConfig: from its config.gin, else (not written yet) from its gin files and bindings
     as the runner passes them; None when it does not parse."""
-    from moe_jax.configs.gin_utils import model_gin_path
-    from moe_jax.sweep.reuse import resolved
+    from moe_jax.sweep.reuse import run_config
 
     if (workdir / "config.gin").exists():
         return workdir_train_config(workdir)
-    configs = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+    configs = run_config(run, tuple(extra_bindings))
     return None if configs is None else configs[1]
 
 
@@ -176,11 +175,10 @@ def estimate(
 def flops_per_token(run: Run, extra_bindings: Sequence[str] = ()) -> float | None:
     """Training FLOPs per token of the run's model (`model.params.training_flops` over the sequence);
     None when its configuration does not parse."""
-    from moe_jax.configs.gin_utils import model_gin_path
     from moe_jax.model.params import count_params
-    from moe_jax.sweep.reuse import resolved
+    from moe_jax.sweep.reuse import run_config
 
-    configs = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+    configs = run_config(run, tuple(extra_bindings))
     if configs is None:
         return None
     model, train = configs
@@ -287,8 +285,7 @@ def sweep_total(
     """One line for several families' sweep: the runs left, each distinct training counted once (a run
     not started that is exactly another family's run left is linked, not trained: `moe_jax.sweep.schedule`),
     with the run-hours and wall-hours it comes to."""
-    from moe_jax.configs.gin_utils import model_gin_path
-    from moe_jax.sweep.reuse import resolved
+    from moe_jax.sweep.reuse import run_config
 
     seen, left, shared, hours, unknown = [], 0, 0, 0.0, 0
     for family, family_statuses in zip(families, statuses):
@@ -297,7 +294,7 @@ def sweep_total(
             if s.state == "finished":
                 continue
             run = runs[s.name]
-            key = resolved((str(model_gin_path(run.model)), *run.gin_files), (*run.bindings, *extra_bindings))
+            key = run_config(run, tuple(extra_bindings))
             if s.state == "not started" and key is not None and key in seen:
                 shared += 1
                 continue
