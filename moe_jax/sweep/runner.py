@@ -98,8 +98,8 @@ def launch(cmd: list[str], slot, log_path: Path) -> subprocess.Popen:
     else:
         cores = list(slot)
         preexec = lambda: os.sched_setaffinity(0, cores)
-    log = log_path.open("a")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, process_group=0)
+    with log_path.open("a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, process_group=0)
 
 
 def interrupt(proc: subprocess.Popen) -> None:
