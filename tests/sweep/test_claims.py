@@ -13,6 +13,7 @@ from moe_jax.sweep.family import load_family
 
 REPO = Path(__file__).resolve().parents[2]
 T2 = 4.302652729911275  # t_{0.975, 2}: 3 paired seeds
+NOISY_SEEDS = 4  # "noisy" below at 4 seeds: t_{0.975, 3} * 0.1 / sqrt(4) = 3.182 * 0.05 = 0.159 < 0.2
 BASE = {0: 1.0, 1: 2.0, 2: 3.0}
 # member -> per-seed shift from BASE (the paired differences member - base).
 SHIFTS = {
@@ -71,7 +72,7 @@ def test_paired_statistics_hand_computed(results):
     [
         ("better", "lower", "reproduced", "reproduced"),
         ("better", "higher", "reversed", "reversed"),
-        ("noisy", "lower", "within noise", "within noise"),
+        ("noisy", "lower", "within noise", f"within noise ({NOISY_SEEDS} seeds at this mean and std)"),
         ("worse", "lower", "reversed", "reversed"),
         ("worse", "higher", "reproduced", "reproduced"),
         ("same", "equal", "reproduced", "reproduced (within noise)"),
@@ -83,6 +84,18 @@ def test_paired_statistics_hand_computed(results):
 def test_verdicts(results, member, expect, kind, verdict):
     o = outcome(results, member, expect=expect)
     assert (o.kind, o.verdict) == (kind, verdict)
+
+
+def test_seeds_to_detect_hand_computed():
+    # mean 1, std 1: t_{0.975,5} / sqrt(6) = 2.571 / 2.449 = 1.050 > 1, t_{0.975,6} / sqrt(7) = 2.447 / 2.646 = 0.925
+    assert cl.seeds_to_detect(cl.Stats(2, 1.0, 1.0)) == 7
+    assert cl.seeds_to_detect(cl.Stats(3, -1.0, 1.0)) == 7  # the sign does not matter
+    # table1's DeepSeekMoE - GShard after two seeds, -0.0087 ± 0.0328: t_{0.975,57} * 0.0328 / sqrt(58) =
+    # 2.0025 * 0.004307 = 0.008624 < 0.0087, t_{0.975,56} * 0.0328 / sqrt(57) = 2.0032 * 0.004344 = 0.008703
+    n = cl.seeds_to_detect(cl.Stats(2, -0.0087, 0.0328))
+    assert n == 58 and not cl.beyond_noise(cl.Stats(n - 1, -0.0087, 0.0328))
+    assert cl.seeds_to_detect(cl.Stats(2, 0.0, 1.0)) is None
+    assert cl.seeds_to_detect(cl.Stats(2, 0.001, 1.0), most=50) is None
 
 
 def test_noise_rule_threshold():
@@ -139,7 +152,8 @@ def test_the_tiny_table1_as_fixture():
     assert o.verdict == "reproduced"  # 0.1299 > 12.706 * 0.00923 / sqrt(2) = 0.0829
     c = Comparison("table1", "hash", "dense", "heldout_loss", "lower", "Hash < Dense")
     o = cl.compare(c, cl.read_results(REPO / "experiments/results/tiny/table1/results.csv"))
-    assert o.verdict == "within noise"  # +0.0201 ± 0.0131 (2)
+    assert o.kind == "within noise"  # +0.0201 ± 0.0131 (2)
+    assert o.verdict == "within noise (5 seeds at this mean and std)"  # 2.776 * 0.0131 / sqrt(5) = 0.0163 < 0.0201
 
 
 def test_table_rows_and_bad_input(results, tmp_path):
