@@ -3,9 +3,10 @@
     moe-jax export --workdir=workdirs/ds_tiny [--step=N] --format=transformers --out=hf/ds_tiny \\
         [--dtype=bfloat16] [--shard_size=2GB] [--overwrite]
 
---format=transformers writes transformers' native Qwen2MoeForCausalLM (MoE) or LlamaForCausalLM (dense):
-AutoModelForCausalLM / AutoTokenizer load it without remote code. --format=hf (the default) writes
-DeepSeek's DeepseekForCausalLM layout (loaded with DeepSeek's remote code). Import reads all three:
+--format=transformers writes transformers' native Qwen2MoeForCausalLM (softmax-routed MoE),
+Glm4MoeForCausalLM (sigmoid-scored MoE) or LlamaForCausalLM (dense): AutoModelForCausalLM / AutoTokenizer
+load it without remote code. --format=hf (the default) writes DeepSeek's DeepseekForCausalLM layout
+(loaded with DeepSeek's remote code). Import reads all four:
 
     moe-jax import --hf=hf/ds_tiny --workdir=workdirs/ds_tiny_imported \\
         [--gin_file=runs/proxy_cpu.gin] [--gin.KEY=VALUE ...] [--step=N]
@@ -56,7 +57,7 @@ def export_main(argv: list[str] | None = None) -> int:
         default="hf",
         choices=["hf", "transformers"],
         help="output layout: hf = DeepSeek's DeepseekForCausalLM (remote code); transformers = native "
-        "Qwen2MoeForCausalLM (MoE) / LlamaForCausalLM (dense)",
+        "Qwen2MoeForCausalLM (softmax MoE) / Glm4MoeForCausalLM (sigmoid MoE) / LlamaForCausalLM (dense)",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
@@ -113,7 +114,7 @@ def import_main(argv: list[str] | None = None) -> int:
         "--hf",
         required=True,
         help="HF directory (config.json + safetensors [+ index]) of a "
-        "DeepseekForCausalLM, Qwen2MoeForCausalLM or LlamaForCausalLM",
+        "DeepseekForCausalLM, Qwen2MoeForCausalLM, Glm4MoeForCausalLM or LlamaForCausalLM",
     )
     p.add_argument("--workdir", required=True, help="new workdir to create")
     p.add_argument(

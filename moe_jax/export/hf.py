@@ -1,7 +1,7 @@
 """Export a `moe-jax train` workdir to a Hugging Face layout, and import one back.
 
     export_hf("workdirs/ds_tiny", "hf/ds_tiny", dtype="bfloat16", shard_size=2 * 10**9)   # DeepSeek's layout
-    export_hf("workdirs/ds_tiny", "hf/ds_tiny_tf", fmt="transformers")   # Qwen2MoeForCausalLM / LlamaForCausalLM
+    export_hf("workdirs/ds_tiny", "hf/ds_tiny_tf", fmt="transformers")   # Qwen2Moe / Glm4Moe / LlamaForCausalLM
     import_hf("hf/ds_tiny", "workdirs/ds_tiny_again")      # -> config.gin + an orbax checkpoint
 
 Formats (`FORMATS`): "hf" is DeepSeek's `DeepseekForCausalLM` (remote code); "transformers" is

@@ -252,7 +252,7 @@ class Layout:
     """One Hugging Face architecture's tensor table.
 
     Attributes:
-      name: "deepseek", "qwen2_moe" or "llama" (config.json's model_type).
+      name: "deepseek", "qwen2_moe", "glm4_moe" or "llama" (config.json's model_type).
       architecture: the class transformers instantiates (config.json `architectures`).
       moe: rows of a MoE layer with a router (after LAYER_RULES) when it has shared experts / has none.
         None: the architecture has no routed MoE layer.

@@ -8,7 +8,7 @@ Typical use (see docs/parallelism.md):
     optimizer = create_sharded(lambda: nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)
     batch = shard_batch(local_batch, mesh)                # each process feeds its own rows
     with jax.set_mesh(mesh):
-        loss = train_step(model, optimizer, batch)        # the MoE layers switch to expert parallelism
+        state, metrics = train_step(state, batch, rng)    # the MoE layers switch to expert parallelism
 """
 
 from __future__ import annotations
