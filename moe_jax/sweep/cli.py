@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-jax sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only print each run's state, training hours and an estimate of the hours left (writes nothing; "
         "the wall-hours estimate divides by --parallel)",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.status and args.report:
         p.error(
