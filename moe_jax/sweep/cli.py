@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep the finished runs' small files in DIR/<family>/runs/ (no checkpoints; e.g. "
         "experiments/results, committed) and write the report to DIR/<family>/ from them; with --report "
-        "and no workdir, regenerates that report from the stored runs alone (moe_jax.sweep.store)",
+        "and no workdir, regenerates that report from the stored runs alone (moe_jax.sweep.store); a sweep "
+        "restores the finished runs stored there that its workdirs lack instead of training them again, and "
+        "--status counts them as finished",
     )
     p.add_argument(
         "--status",
@@ -165,7 +167,13 @@ def _print_statuses(families, roots: list[Path], args) -> int:
                 continue
         try:
             statuses = family_status(
-                family, root, seeds=args.seeds, scale=args.scale, only=only, extra_bindings=args.bindings
+                family,
+                root,
+                seeds=args.seeds,
+                scale=args.scale,
+                only=only,
+                extra_bindings=args.bindings,
+                results=args.results,
             )
         except ValueError as err:
             print(f"moe-jax sweep: {err}")

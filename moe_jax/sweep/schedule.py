@@ -12,9 +12,11 @@ Runs are queued seed by seed (every family's seed 0, then seed 1, ...; within a 
 order given, members in family order), so every paired comparison gains a seed as early as it can. A
 run starts on the first free slot (`runner.device_slots`) once the run it waits for, if any, has
 finished; a run with no training left (linked, or trained and missing a follow-up) goes first. With
-`results`, a run's small files are stored (`moe_jax.sweep.store`) as soon as it ends, and a family's
-report is written as soon as its last queued run ends, so a session that is cut off loses
-only what the runs in flight did since their last checkpoint (rerunning the command resumes them).
+`results`, the finished runs stored there that the workdirs lack are restored before anything is queued
+(`store.restore_runs`: a new machine goes on where the store left off), a run's small files are stored
+(`moe_jax.sweep.store`) as soon as it ends, and a family's report is written as soon as its last queued
+run ends, so a session that is cut off loses only what the runs in flight did since their last
+checkpoint (rerunning the command resumes them).
 """
 
 from __future__ import annotations
@@ -92,10 +94,16 @@ def check_only(families: Sequence[Family], only: Sequence[str]) -> None:
         raise ValueError(f"no family has member {unknown}; their members: {members}")
 
 
-def plan(families: Sequence[Family], roots: Sequence[Path], opts: Options) -> list[Job]:
+def plan(families: Sequence[Family], roots: Sequence[Path], opts: Options, results: Path | None = None) -> list[Job]:
     """The queue: every selected run with work left, seed-major, each identical repeat of an earlier run
-    waiting on it. Links finished identical runs of the other roots and of `opts.reuse` first."""
+    waiting on it. Restores the runs `results` holds and the workdirs lack (`store.restore_runs`), then
+    links finished identical runs of the other roots and of `opts.reuse`."""
     selected = select(families, opts)
+    if results is not None:
+        from moe_jax.sweep.store import restore_runs
+
+        for family, root, runs in zip(families, roots, selected):
+            restore_runs(family, runs, root, Path(results), opts.extra_bindings)
     sources = [*opts.reuse, *(r for r in roots if r.is_dir())] if opts.reuse or len(roots) > 1 else []
     found = candidates(sources) if sources else []
     for root, runs in zip(roots, selected):
@@ -140,7 +148,7 @@ def run_sweep(families: Sequence[Family], roots: Sequence[Path], opts: Options, 
     run fails the runs waiting on it; the others go on. Raises RuntimeError naming the failed runs."""
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
-    jobs = plan(families, roots, opts)
+    jobs = plan(families, roots, opts, results)
     with _stop_on_signals():
         _run_queue(jobs, parallel, results, opts)
     failed = [j.label for j in jobs if j.state == "failed"]

@@ -10,8 +10,9 @@ window tokens/s (`curves.median_tokens_per_second`: unlike the mean, not skewed 
 process was paused, e.g. by a benchmark stopping it); without a throughput yet, the mean training hours
 of the finished runs of the same member (else of the same model) for the steps left; for a model none of
 the finished runs is, its training FLOPs at their median training FLOP/s. With several families,
-`sweep_total` adds one line in which a run two families share is counted once. Writes nothing: no
-report, member.json, link or directory.
+`sweep_total` adds one line in which a run two families share is counted once. With `--results`, a run
+with no workdir that is stored there is read from its stored copy (the sweep restores it). Writes
+nothing: no report, member.json, link or directory.
 """
 
 from __future__ import annotations
@@ -205,20 +206,24 @@ def family_status(
     scale: str | None = None,
     only: Sequence[str] = (),
     extra_bindings: Sequence[str] = (),
+    results: Path | None = None,
 ) -> list[RunStatus]:
-    """Every run the sweep would train with these options, with its state and an estimate of what is left."""
+    """Every run the sweep would train with these options, with its state and an estimate of what is left.
+    `results`: a run with no workdir is read from its stored copy there, when it has one (the sweep
+    restores it rather than training it: `store.restore_runs`)."""
     runs = select_runs(family, family.runs(seeds, scale), only)
-    statuses = [run_status(run, root / run.name, extra_bindings) for run in runs]
+    workdirs = [_workdir(family, run, root, results) for run in runs]
+    statuses = [run_status(run, wd, extra_bindings) for run, wd in zip(runs, workdirs)]
     finished = finished_hours(root, statuses)
     out = [_estimated(s, finished) for s in statuses]
     if all(s.left is not None for s in out):
         return out
     per_model: dict[str, float | None] = {}
-    for i, (run, s) in enumerate(zip(runs, out)):  # FLOPs of the finished runs and of the unestimated ones
+    for i, (run, wd, s) in enumerate(zip(runs, workdirs, out)):  # FLOPs of the finished and unestimated runs
         if s.state == "finished" or s.left is None:
             if run.model not in per_model:
                 per_model[run.model] = flops_per_token(run, extra_bindings)
-            cfg = train_config(run, root / run.name, extra_bindings)
+            cfg = train_config(run, wd, extra_bindings)
             out[i] = dataclasses.replace(
                 s,
                 flops_per_token=per_model[run.model],
@@ -227,6 +232,16 @@ def family_status(
             )
     rate = median_flop_rate(out)
     return [s if s.left is not None else _estimated(s, finished, rate) for s in out]
+
+
+def _workdir(family: Family, run: Run, root: Path, results: Path | None) -> Path:
+    """The run's workdir under `root`; when there is none, its finished stored copy under `results`, if any."""
+    wd = root / run.name
+    if results is None or wd.exists() or wd.is_symlink():
+        return wd
+    from moe_jax.sweep.store import stored_run
+
+    return stored_run(family, run.name, Path(results)) or wd
 
 
 def _estimated(status: RunStatus, finished, flop_rate=None) -> RunStatus:

@@ -12,6 +12,14 @@ name of the workdir root it lives in), and linked here with a relative symlink, 
 counts it as trained elsewhere. JSON files are stored with machine paths made portable (`portable`).
 A stored run is never overwritten by a different one: if a run was retrained, its stored `result.json`
 differs and `store_runs` refuses before copying anything.
+
+The store also survives the workdirs: on a machine whose workdirs are gone (a new cloud VM, a cleaned
+scratch disk), `restore_runs` copies a stored finished run back into its empty workdir when it was trained
+exactly as the sweep would train it (`reuse.resolved` of its config.gin), so the sweep goes on with the
+runs it does not have instead of retraining the ones it has. A restored run has no checkpoint: it is
+reported and linked, not analysed again (its stored follow-up outputs come with it). A stored link to
+another family's run is not copied: a sweep of both families (or `--reuse` of the other's root) links it
+again to the restored run, as it links any run two families share.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
-from moe_jax.sweep.family import Family
+from moe_jax.sweep.family import Family, Run
 from moe_jax.sweep.runner import is_finished
 
 # What a report reads of a run (moe_jax.sweep.report.collect), besides the family's follow-up outputs.
@@ -98,3 +107,35 @@ def store_runs(family: Family, root: Path, results: Path) -> list[Path]:
             link.symlink_to(os.path.relpath(stored, link.parent))
         stored_paths.append(link or stored)
     return stored_paths
+
+
+def stored_run(family: Family, name: str, results: Path) -> Path | None:
+    """`results/<family>/runs/<name>` when it holds a finished run (through a link to another family's
+    stored run, too), else None."""
+    stored = Path(results) / family.name / "runs" / name
+    return stored if stored.is_dir() and is_finished(stored) else None
+
+
+def restore_runs(
+    family: Family, runs: Sequence[Run], root: Path, results: Path, extra_bindings: Sequence[str] = ()
+) -> list[str]:
+    """Copy each stored finished run (`stored_run`, the family's own, not a link) whose workdir under
+    `root` does not exist back into it, when its config.gin resolves to the configuration the sweep would
+    train (`reuse.run_config`); returns the restored runs' names. A stored run trained otherwise (other
+    bindings, or code whose gin no longer parses) is left alone and named, as the sweep trains it again."""
+    from moe_jax.sweep.reuse import resolved, run_config
+
+    restored = []
+    for run in runs:
+        wd, stored = root / run.name, stored_run(family, run.name, results)
+        if wd.exists() or wd.is_symlink() or stored is None or stored.is_symlink():
+            continue
+        if resolved([str(stored / "config.gin")], ()) != run_config(run, tuple(extra_bindings)):
+            print(f"[sweep] {family.name}/{run.name}: the stored run at {stored} was trained otherwise; training it")
+            continue
+        for src in sorted(p for p in stored.rglob("*") if p.is_file()):
+            (wd / src.relative_to(stored)).parent.mkdir(parents=True, exist_ok=True)
+            (wd / src.relative_to(stored)).write_bytes(src.read_bytes())
+        restored.append(run.name)
+        print(f"[sweep] {family.name}/{run.name}: restored from {stored} (finished; no checkpoint)", flush=True)
+    return restored

@@ -15,13 +15,13 @@ from moe_jax.sweep.family import Family, FollowUp, Member
 FAKE_TRAIN = """
 import json, os, sys
 from pathlib import Path
-wd, name, log = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+wd, name, log, config = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 with open(log, "a") as f:
     f.write(f"train {wd.parent.name}/{name}\\n")
 if os.environ.get("FAIL_RUN") == name:
     sys.exit(3)
 wd.mkdir(parents=True, exist_ok=True)
-(wd / "config.gin").write_text("# fake\\n")
+(wd / "config.gin").write_text(config)
 (wd / "result.json").write_text(json.dumps({"stopped": "done", "heldout_loss": 5.0 + len(name) / 100}))
 """
 
@@ -50,13 +50,23 @@ def _families():
     return [t1, fig, spec]
 
 
+def _config(run, extra=()) -> str:
+    """The config.gin `moe-jax train` would write for the run (what `restore_runs` compares)."""
+    import gin
+    from moe_jax.configs.gin_utils import model_gin_path, parse_gin
+
+    files = (str(model_gin_path(run.model)), *run.gin_files)
+    parse_gin(files, (*run.bindings, *extra), modules=("moe_jax.train.config",))
+    return gin.config_str()
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     log = tmp_path / "launches.log"
     monkeypatch.setattr(
         runner,
         "train_command",
-        lambda run, wd, extra=(): [sys.executable, "-c", FAKE_TRAIN, str(wd), run.name, str(log)],
+        lambda run, wd, extra=(): [sys.executable, "-c", FAKE_TRAIN, str(wd), run.name, str(log), _config(run, extra)],
     )
     monkeypatch.setattr(
         runner,
@@ -99,6 +109,43 @@ def test_shared_runs_train_once_seed_by_seed_and_are_stored_as_they_end(tmp_path
     schedule.run_sweep(families, roots, opts, parallel=1, results=results)
     assert fake.read_text() == before
     assert "launched" not in capsys.readouterr().out
+
+
+def test_a_new_machine_restores_the_stored_runs_and_trains_only_the_rest(tmp_path, fake, capsys):
+    """Workdirs lost, the store kept (a new VM): the sweep copies each stored finished run back, links
+    the runs families share again, trains only what the store lacks, and never retrains a stored run; a stored
+    run trained with other settings is trained again, not restored. `--status` counts the stored runs."""
+    import shutil
+
+    from moe_jax.sweep.status import family_status
+
+    families, results, work = _families(), tmp_path / "results", tmp_path / "work"
+    roots = [work / f.name for f in families]
+    schedule.run_sweep(families, roots, schedule.Options(seeds=(0,)), parallel=1, results=results)
+    shutil.rmtree(work)
+    fake.write_text("")
+    states = [s.state for s in family_status(families[0], roots[0], seeds=(0, 1), results=results)]
+    assert states == ["finished", "not started", "finished", "not started"]
+    assert {s.state for s in family_status(families[0], roots[0], seeds=(0, 1))} == {"not started"}
+    other = results / "t1" / "runs" / "dense_s0" / "config.gin"
+    other.write_text(other.read_text() + "TrainConfig.steps = 7\n")
+    capsys.readouterr()
+    schedule.run_sweep(families, roots, schedule.Options(seeds=(0, 1)), parallel=1, results=results)
+    assert fake.read_text().splitlines() == [
+        "train t1/dense_s0",  # its stored config.gin says another number of steps
+        "train t1/dense_s1",
+        "train t1/gshard_s1",
+        "train fig/1s_3of31_s1",
+    ]
+    out = capsys.readouterr().out
+    assert f"t1/gshard_s0: restored from {results / 't1' / 'runs' / 'gshard_s0'} (finished; no checkpoint)" in out
+    assert "t1/dense_s0: the stored run at" in out and "was trained otherwise; training it" in out
+    for link in (work / "fig" / "0s_2of16_s0", work / "spec" / "gshard_s0"):
+        assert link.is_symlink() and link.resolve() == (work / "t1" / "gshard_s0").resolve()
+    assert (work / "t1" / "gshard_s0" / "analysis" / "x.json").exists()  # the follow-up's output came back
+    assert (work / "fig" / "1s_3of31_s0" / "result.json").read_bytes() == (
+        results / "fig" / "runs" / "1s_3of31_s0" / "result.json"
+    ).read_bytes()
 
 
 def test_a_failed_run_fails_only_the_runs_waiting_on_it(tmp_path, fake, monkeypatch, capsys):
