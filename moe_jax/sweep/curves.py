@@ -117,7 +117,8 @@ def crossover(tokens: np.ndarray, diffs: np.ndarray) -> dict:
 
     Returns {"tokens": first such evaluation or None, "final": last mean difference, "final_std": its
     std over seeds, "trend_tokens": where a least-squares line of the mean difference against
-    log10(tokens), fitted to the later half of the evaluations, crosses 0 (None if it does not fall)}.
+    log10(tokens), fitted to the later half of the evaluations, crosses 0 after the last evaluation
+    (None if it does not fall, or crossed already: a prediction only for a member still behind)}.
     """
     if tokens.size == 0:
         return {"tokens": None, "final": math.nan, "final_std": math.nan, "trend_tokens": None}
@@ -128,8 +129,8 @@ def crossover(tokens: np.ndarray, diffs: np.ndarray) -> dict:
     trend = None
     if len(mean[half]) >= 2:
         slope, icpt = np.polyfit(np.log10(tokens[half]), mean[half], 1)
-        if slope < -1e-9:  # falling (a flat line, up to rounding, predicts nothing)
-            trend = float(10 ** (-icpt / slope))
+        at = 10 ** (-icpt / slope) if slope < -1e-9 else None  # a flat line, up to rounding, predicts nothing
+        trend = float(at) if at is not None and at > tokens[-1] else None
     final = describe(diffs[:, -1])
     return {
         "tokens": None if first is None else float(tokens[first]),
@@ -168,10 +169,20 @@ def crossover_table(curves: dict, family: Family) -> str:
             continue
         c = crossover(tokens, diffs)
         at = "not within the budget" if c["tokens"] is None else f"{c['tokens'] / 1e6:.2f}M"
-        trend = "-" if c["trend_tokens"] is None else f"{c['trend_tokens'] / 1e6:.3g}M"
+        trend = _trend_text(c["trend_tokens"], tokens[-1])
         std = f" ± {c['final_std']:.4f}" if c["final_std"] else ""
         lines.append(f"| {a} - {b} | {at} | {c['final']:+.4f}{std} | {trend} |")
     return "\n".join(lines)
+
+
+def _trend_text(at: float | None, budget: float) -> str:
+    """The trend's crossing in millions of tokens; past 1000 times the budget only that (a line fitted
+    to half a run says nothing precise about a thousandfold extrapolation)."""
+    if at is None:
+        return "-"
+    if at > 1000 * budget:
+        return "beyond 1000x the budget"
+    return f"{at / 1e9:.3g}B" if at >= 1e9 else f"{at / 1e6:.3g}M"
 
 
 def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:

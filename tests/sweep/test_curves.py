@@ -34,6 +34,10 @@ def test_crossover_trend_when_not_reached():
     assert c["tokens"] is None and c["final_std"] == 0.0
     assert math.isclose(c["trend_tokens"], 1e10, rel_tol=1e-6)
     assert C.crossover(tokens, -diffs[:, ::-1] * 0 + 0.1)["trend_tokens"] is None  # flat: no prediction
+    assert C.crossover(tokens, diffs - 0.25)["trend_tokens"] is None  # crossed at ~3.2e7, before the last point
+    assert C._trend_text(1e10, 1e9) == "10B" and C._trend_text(3.51e7, 1e7) == "35.1M"
+    assert C._trend_text(2e12, 1e9) == "beyond 1000x the budget"
+    assert C._trend_text(None, 1e9) == "-"
 
 
 def test_paired_table_golden():
