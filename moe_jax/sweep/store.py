@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -118,24 +119,20 @@ def stored_run(family: Family, name: str, results: Path) -> Path | None:
 
 def restore_runs(
     family: Family, runs: Sequence[Run], root: Path, results: Path, extra_bindings: Sequence[str] = ()
-) -> list[str]:
+) -> None:
     """Copy each stored finished run (`stored_run`, the family's own, not a link) whose workdir under
     `root` does not exist back into it, when its config.gin resolves to the configuration the sweep would
-    train (`reuse.run_config`); returns the restored runs' names. A stored run trained otherwise (other
-    bindings, or code whose gin no longer parses) is left alone and named, as the sweep trains it again."""
+    train (`reuse.run_config`). A stored run trained otherwise (other bindings, or code whose gin no longer
+    parses) is left alone and named, as the sweep trains it again."""
     from moe_jax.sweep.reuse import resolved, run_config
 
-    restored = []
     for run in runs:
         wd, stored = root / run.name, stored_run(family, run.name, results)
         if wd.exists() or wd.is_symlink() or stored is None or stored.is_symlink():
             continue
-        if resolved([str(stored / "config.gin")], ()) != run_config(run, tuple(extra_bindings)):
+        config = stored / "config.gin"
+        if not config.exists() or resolved([str(config)], ()) != run_config(run, tuple(extra_bindings)):
             print(f"[sweep] {family.name}/{run.name}: the stored run at {stored} was trained otherwise; training it")
             continue
-        for src in sorted(p for p in stored.rglob("*") if p.is_file()):
-            (wd / src.relative_to(stored)).parent.mkdir(parents=True, exist_ok=True)
-            (wd / src.relative_to(stored)).write_bytes(src.read_bytes())
-        restored.append(run.name)
+        shutil.copytree(stored, wd)
         print(f"[sweep] {family.name}/{run.name}: restored from {stored} (finished; no checkpoint)", flush=True)
-    return restored
