@@ -185,6 +185,49 @@ def _trend_text(at: float | None, budget: float) -> str:
     return f"{at / 1e9:.3g}B" if at >= 1e9 else f"{at / 1e6:.3g}M"
 
 
+# The end-of-training columns of `diagnostics_table`: DIAGNOSTICS' keys, and the two that only a table
+# shows well (the busiest expert's load, and the shared experts' output norm beside the routed one).
+FINAL_DIAGNOSTICS = (
+    *((k, t.replace(" (dashed: shared)", "")) for k, t in DIAGNOSTICS),
+    ("moe/mean_max_load", "max expert load / mean"),
+    ("moe/mean_shared_norm", "shared output norm"),
+)
+FINAL_WINDOW = 10  # logged training steps averaged per run for the end-of-training diagnostics
+
+
+def final_diagnostics(root: Path, rows: list[dict], window: int = FINAL_WINDOW) -> dict[str, dict[str, list[float]]]:
+    """member -> metrics.jsonl key -> one value per finished run that logs it: the mean of the run's last
+    `window` logged values (each already a mean over the MoE layers), so that one noisy batch does not
+    stand for the end of training."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        for key, _ in FINAL_DIAGNOSTICS:
+            values = [v for _, v in sorted(series(root / r["run"], key).items())][-window:]
+            if values:
+                out.setdefault(r["member"], {}).setdefault(key, []).append(float(np.mean(values)))
+    return out
+
+
+def diagnostics_table(root: Path, rows: list[dict], family: Family, window: int = FINAL_WINDOW) -> str:
+    """Markdown: each routed member's router diagnostics at the end of training (`final_diagnostics`),
+    mean ± std over its seeds; "" when no run logs them (a family of dense models)."""
+    final = final_diagnostics(root, rows, window)
+    if not final:
+        return ""
+    lines = [
+        "| member | seeds | " + " | ".join(title for _, title in FINAL_DIAGNOSTICS) + " |",
+        "|" + "---|" * (len(FINAL_DIAGNOSTICS) + 2),
+    ]
+    for member in (m.name for m in family.members if m.name in final):
+        cells = []
+        for key, _ in FINAL_DIAGNOSTICS:
+            s = describe(final[member].get(key, []))
+            cells.append("-" if s is None else f"{s.mean:.3f}" + (f" ± {s.std:.3f}" if s.n > 1 else ""))
+        seeds = max(len(v) for v in final[member].values())
+        lines.append(f"| {member} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
     """held-out bits/byte against tokens (log x) per member, and the paired differences per pair."""
     import matplotlib.pyplot as plt

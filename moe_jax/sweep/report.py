@@ -4,7 +4,8 @@ Reads each member workdir's `member.json`, `result.json`, optional `eval.json` a
 writes `<root>/report/`: `results.csv` (one row per run), `summary.md` (mean and spread over seeds
 per member, with the paper's numbers beside ours, and what the runs cost: training hours and mean
 tokens/s from each run's metrics.jsonl; for a family with `pairs`, the paired per-seed differences and
-where each member's held-out curve overtakes its baseline), `loss_curves.png`
+where each member's held-out curve overtakes its baseline; for routed members, their router diagnostics
+at the end of training, `curves.diagnostics_table`), `loss_curves.png`
 (training loss of every member overlaid, mean over seeds), `bar_<metric>.png`, and from the periodic
 evaluations `heldout_curves.png` and `router_diagnostics.png` (`moe_jax.sweep.curves`).
 """
@@ -284,6 +285,14 @@ def write_report(family: Family, root: Path, out: Path | None = None) -> Path:
         text += (
             f"\n## Paired differences (same seeds)\n\n{diffs}\n\n## Held-out curves: where the member "
             f"overtakes the baseline\n\n{curves.crossover_table(heldout, family)}\n"
+        )
+    diagnostics = curves.diagnostics_table(root, rows, family)
+    if diagnostics:
+        text += (
+            f"\n## Router diagnostics at the end of training\n\nEach run's mean over its last "
+            f"{curves.FINAL_WINDOW} logged steps and its MoE layers (`moe_jax.moe.stats`: entropy / ln E is 1 "
+            f"for a uniform router, load CV 0 and max load 1 for a balanced one); mean ± std over seeds.\n\n"
+            f"{diagnostics}\n"
         )
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

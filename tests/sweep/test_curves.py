@@ -76,3 +76,27 @@ def test_training_time_sums_the_windows_and_keeps_the_last_row_of_a_redone_step(
     assert out["mean_tokens_per_second"] == pytest.approx(40 * 100 / 13.5)
     assert out["median_tokens_per_second"] == pytest.approx(750.0)  # of 1000, 500, 100, 2000
     assert C.training_time([{"step": 10, "heldout/loss": 3.0}], 100) == {}
+
+
+def _metrics(workdir, records):
+    import json
+
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_diagnostics_table_averages_the_last_window_then_the_seeds(tmp_path):
+    fam = Family("f", members=(Member("moe", "x"), Member("dense", "y")))
+    # seed 0: load CV 0.9 early, then 0.2 and 0.4 over the last two logged steps; seed 1: 0.5 and 0.7.
+    _metrics(tmp_path / "moe_s0", [{"step": s, "moe/mean_load_cv": v} for s, v in ((1, 0.9), (2, 0.2), (3, 0.4))])
+    _metrics(tmp_path / "moe_s1", [{"step": 1, "moe/mean_load_cv": 0.5}, {"step": 2, "moe/mean_load_cv": 0.7}])
+    _metrics(tmp_path / "dense_s0", [{"step": 1, "loss": 3.0}])
+    rows = [{"run": f"{m}_s{s}", "member": m, "seed": s} for m, s in (("moe", 0), ("moe", 1), ("dense", 0))]
+    final = C.final_diagnostics(tmp_path, rows, window=2)
+    assert final == {"moe": {"moe/mean_load_cv": [pytest.approx(0.3), pytest.approx(0.6)]}}  # dense logs none
+    table = C.diagnostics_table(tmp_path, rows, fam, window=2)
+    cv = C.FINAL_DIAGNOSTICS.index(("moe/mean_load_cv", "expert-load spread (CV)"))
+    cells = table.splitlines()[2].strip("| ").split(" | ")
+    assert cells[:2] == ["moe", "2"] and cells[2 + cv] == f"0.450 ± {np.std([0.3, 0.6], ddof=1):.3f}"
+    assert cells[2] == "-" and len(table.splitlines()) == 3  # a key no run logs; no row for dense
+    assert C.diagnostics_table(tmp_path, rows[2:], fam) == ""  # a family of dense models: no table
