@@ -199,10 +199,14 @@ def final_diagnostics(root: Path, rows: list[dict], window: int = FINAL_WINDOW) 
     """member -> metrics.jsonl key -> one value per finished run that logs it: the mean of the run's last
     `window` logged values (each already a mean over the MoE layers), so that one noisy batch does not
     stand for the end of training."""
+    from moe_jax.train.metrics import read_metrics
+
     out: dict[str, dict[str, list[float]]] = {}
     for r in rows:
+        records = read_metrics(root / r["run"])  # once per run, not once per key
         for key, _ in FINAL_DIAGNOSTICS:
-            values = [v for _, v in sorted(series(root / r["run"], key).items())][-window:]
+            by_step = {x["step"]: x[key] for x in records if key in x and np.isfinite(x[key])}  # as `series`
+            values = [by_step[step] for step in sorted(by_step)][-window:]
             if values:
                 out.setdefault(r["member"], {}).setdefault(key, []).append(float(np.mean(values)))
     return out
