@@ -192,6 +192,13 @@ FINAL_DIAGNOSTICS = (
     ("moe/mean_max_load", "max expert load / mean"),
     ("moe/mean_shared_norm", "shared output norm"),
 )
+# Shown only where some run's value is not 0: the routers that use them (expert choice leaves tokens
+# without an expert; auxiliary-loss-free balancing spreads a selection bias) would otherwise add a
+# column of zeros to every family's table.
+SOMETIMES_DIAGNOSTICS = (
+    ("moe/mean_unrouted_fraction", "tokens with no routed expert"),
+    ("moe/mean_router_bias_range", "selection-bias range (max - min)"),
+)
 FINAL_WINDOW = 10  # logged training steps averaged per run for the end-of-training diagnostics
 
 
@@ -204,7 +211,7 @@ def final_diagnostics(root: Path, rows: list[dict], window: int = FINAL_WINDOW) 
     out: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         records = read_metrics(root / r["run"])  # once per run, not once per key
-        for key, _ in FINAL_DIAGNOSTICS:
+        for key, _ in (*FINAL_DIAGNOSTICS, *SOMETIMES_DIAGNOSTICS):
             by_step = {x["step"]: x[key] for x in records if key in x and np.isfinite(x[key])}  # as `series`
             values = [by_step[step] for step in sorted(by_step)][-window:]
             if values:
@@ -214,17 +221,20 @@ def final_diagnostics(root: Path, rows: list[dict], window: int = FINAL_WINDOW) 
 
 def diagnostics_table(root: Path, rows: list[dict], family: Family, window: int = FINAL_WINDOW) -> str:
     """Markdown: each routed member's router diagnostics at the end of training (`final_diagnostics`),
-    mean ± std over its seeds; "" when no run logs them (a family of dense models)."""
+    mean ± std over its seeds, and the SOMETIMES_DIAGNOSTICS that some run has not at 0; "" when no run
+    logs them (a family of dense models)."""
     final = final_diagnostics(root, rows, window)
     if not final:
         return ""
+    used = [(k, t) for k, t in SOMETIMES_DIAGNOSTICS if any(any(final[m].get(k, [])) for m in final)]
+    columns = (*FINAL_DIAGNOSTICS, *used)
     lines = [
-        "| member | seeds | " + " | ".join(title for _, title in FINAL_DIAGNOSTICS) + " |",
-        "|" + "---|" * (len(FINAL_DIAGNOSTICS) + 2),
+        "| member | seeds | " + " | ".join(title for _, title in columns) + " |",
+        "|" + "---|" * (len(columns) + 2),
     ]
     for member in (m.name for m in family.members if m.name in final):
         cells = []
-        for key, _ in FINAL_DIAGNOSTICS:
+        for key, _ in columns:
             s = describe(final[member].get(key, []))
             cells.append("-" if s is None else f"{s.mean:.3f}" + (f" ± {s.std:.3f}" if s.n > 1 else ""))
         seeds = max(len(v) for v in final[member].values())

@@ -291,7 +291,9 @@ def write_report(family: Family, root: Path, out: Path | None = None) -> Path:
         text += (
             f"\n## Router diagnostics at the end of training\n\nEach run's mean over its last "
             f"{curves.FINAL_WINDOW} logged steps and its MoE layers (`moe_jax.moe.stats`: entropy / ln E is 1 "
-            f"for a uniform router, load CV 0 and max load 1 for a balanced one); mean ± std over seeds.\n\n"
+            f"for a uniform router, load CV 0 and max load 1 for a balanced one); mean ± std over seeds. The "
+            f"columns for tokens with no routed expert (expert choice) and the selection-bias range "
+            f"(auxiliary-loss-free balancing) appear only where some run has them above 0.\n\n"
             f"{diagnostics}\n"
         )
     (out / "summary.md").write_text(text)

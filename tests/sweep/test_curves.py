@@ -100,3 +100,16 @@ def test_diagnostics_table_averages_the_last_window_then_the_seeds(tmp_path):
     assert cells[:2] == ["moe", "2"] and cells[2 + cv] == f"0.450 ± {np.std([0.3, 0.6], ddof=1):.3f}"
     assert cells[2] == "-" and len(table.splitlines()) == 3  # a key no run logs; no row for dense
     assert C.diagnostics_table(tmp_path, rows[2:], fam) == ""  # a family of dense models: no table
+
+
+def test_diagnostics_table_shows_a_sometimes_column_only_where_a_run_has_it_above_zero(tmp_path):
+    fam = Family("f", members=(Member("softmax", "x"), Member("expert_choice", "x")))
+    unrouted = "moe/mean_unrouted_fraction"
+    _metrics(tmp_path / "softmax_s0", [{"step": 1, "moe/mean_load_cv": 0.3, unrouted: 0.0}])
+    rows = [{"run": "softmax_s0", "member": "softmax", "seed": 0}]
+    assert "tokens with no routed expert" not in C.diagnostics_table(tmp_path, rows, fam)  # 0 everywhere
+    _metrics(tmp_path / "expert_choice_s0", [{"step": 1, "moe/mean_load_cv": 0.0, unrouted: 0.25}])
+    rows.append({"run": "expert_choice_s0", "member": "expert_choice", "seed": 0})
+    header, _, softmax, expert_choice = C.diagnostics_table(tmp_path, rows, fam).splitlines()
+    assert header.strip("| ").split(" | ")[-1] == "tokens with no routed expert"  # bias range: no run logs it
+    assert softmax.endswith("| 0.000 |") and expert_choice.endswith("| 0.250 |")
