@@ -84,9 +84,14 @@ def series(workdir: Path, key: str, last_step: int | None = None) -> dict[int, f
     """step -> value of `key` in a run's metrics.jsonl (periodic records only: before `last_step`)."""
     from moe_jax.train.metrics import read_metrics
 
+    return by_step(read_metrics(workdir), key, last_step)
+
+
+def by_step(records: list[dict], key: str, last_step: int | None = None) -> dict[int, float]:
+    """step -> finite value of `key` in already-read metrics records (before `last_step`)."""
     return {
         r["step"]: r[key]
-        for r in read_metrics(workdir)
+        for r in records
         if key in r and (last_step is None or r["step"] < last_step) and np.isfinite(r[key])
     }
 
@@ -212,8 +217,7 @@ def final_diagnostics(root: Path, rows: list[dict], window: int = FINAL_WINDOW) 
     for r in rows:
         records = read_metrics(root / r["run"])  # once per run, not once per key
         for key, _ in (*FINAL_DIAGNOSTICS, *SOMETIMES_DIAGNOSTICS):
-            by_step = {x["step"]: x[key] for x in records if key in x and np.isfinite(x[key])}  # as `series`
-            values = [by_step[step] for step in sorted(by_step)][-window:]
+            values = [v for _, v in sorted(by_step(records, key).items())][-window:]
             if values:
                 out.setdefault(r["member"], {}).setdefault(key, []).append(float(np.mean(values)))
     return out
