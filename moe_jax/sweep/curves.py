@@ -277,7 +277,8 @@ def plot_heldout(curves: dict, family: Family, out: Path) -> Path | None:
             tokens, diffs = paired(curves, a, b)
             if tokens.size == 0:
                 continue
-            ax.plot(tokens, diffs.mean(0), color=f"C{i}", label=f"{a} - {b} ({diffs.shape[0]} seeds)")
+            n = diffs.shape[0]
+            ax.plot(tokens, diffs.mean(0), color=f"C{i}", label=f"{a} - {b} ({n} seed{'s' * (n > 1)})")
             if diffs.shape[0] > 1:
                 sd = diffs.std(0, ddof=1)
                 ax.fill_between(tokens, diffs.mean(0) - sd, diffs.mean(0) + sd, color=f"C{i}", alpha=0.2)
