@@ -113,3 +113,12 @@ def test_diagnostics_table_shows_a_sometimes_column_only_where_a_run_has_it_abov
     header, _, softmax, expert_choice = C.diagnostics_table(tmp_path, rows, fam).splitlines()
     assert header.strip("| ").split(" | ")[-1] == "tokens with no routed expert"  # bias range: no run logs it
     assert softmax.endswith("| 0.000 |") and expert_choice.endswith("| 0.250 |")
+
+
+def test_run_curves_reads_results_csv_rows_as_written_or_as_strings(tmp_path, monkeypatch):
+    """The final held-out row (step 30, the run's last step) is left out of the curve; tokens = step x 100."""
+    monkeypatch.setattr(C, "tokens_per_step", lambda workdir: 100)
+    _metrics(tmp_path / "moe_s1", [{"step": s, C.HELDOUT: v} for s, v in ((10, 3.0), (20, 2.5), (30, 2.0))])
+    want = {"moe": {1: {1000: 3.0, 2000: 2.5}}}
+    assert C.run_curves(tmp_path, [{"run": "moe_s1", "member": "moe", "seed": 1.0, "step": 30.0}]) == want
+    assert C.run_curves(tmp_path, [{"run": "moe_s1", "member": "moe", "seed": "1", "step": "30.0"}]) == want
