@@ -99,16 +99,15 @@ def by_step(records: list[dict], key: str, last_step: int | None = None) -> dict
 def run_curves(root: Path, rows: list[dict], key: str = HELDOUT) -> dict[str, dict[int, dict[int, float]]]:
     """member -> seed -> {tokens: value} of every finished run.
 
-    `rows` are results.csv rows as the report holds them or as read back from the file (`read_results`
-    gives floats, `csv.DictReader` strings such as "2442.0"): step and seed are read as whole numbers.
+    `rows` are results.csv rows as the report holds them, or as `moe_jax.sweep.claims.read_results` reads
+    them back from the file (numbers as floats).
     """
     out: dict[str, dict[int, dict[int, float]]] = {}
     for r in rows:
         wd = root / r["run"]
         per = tokens_per_step(wd)
-        last = int(float(r.get("step", 0))) if key == HELDOUT else None
-        seed = int(float(r["seed"]))
-        out.setdefault(r["member"], {})[seed] = {s * per: v for s, v in series(wd, key, last).items()}
+        last = int(r.get("step", 0)) if key == HELDOUT else None
+        out.setdefault(r["member"], {})[int(r["seed"])] = {s * per: v for s, v in series(wd, key, last).items()}
     return out
 
 

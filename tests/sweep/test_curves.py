@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_jax.sweep import curves as C
+from moe_jax.sweep.claims import read_results
 from moe_jax.sweep.family import Family, Member
 
 
@@ -115,10 +116,12 @@ def test_diagnostics_table_shows_a_sometimes_column_only_where_a_run_has_it_abov
     assert softmax.endswith("| 0.000 |") and expert_choice.endswith("| 0.250 |")
 
 
-def test_run_curves_reads_results_csv_rows_as_written_or_as_strings(tmp_path, monkeypatch):
-    """The final held-out row (step 30, the run's last step) is left out of the curve; tokens = step x 100."""
+def test_run_curves_reads_results_csv_rows_as_written_or_as_read_back(tmp_path, monkeypatch):
+    """The final held-out row (step 30, the run's last step) is left out of the curve; tokens = step x 100.
+    Rows read back from a results.csv (step stored as "30.0") go through the project's reader."""
     monkeypatch.setattr(C, "tokens_per_step", lambda workdir: 100)
     _metrics(tmp_path / "moe_s1", [{"step": s, C.HELDOUT: v} for s, v in ((10, 3.0), (20, 2.5), (30, 2.0))])
     want = {"moe": {1: {1000: 3.0, 2000: 2.5}}}
-    assert C.run_curves(tmp_path, [{"run": "moe_s1", "member": "moe", "seed": 1.0, "step": 30.0}]) == want
-    assert C.run_curves(tmp_path, [{"run": "moe_s1", "member": "moe", "seed": "1", "step": "30.0"}]) == want
+    assert C.run_curves(tmp_path, [{"run": "moe_s1", "member": "moe", "seed": 1, "step": 30}]) == want
+    (tmp_path / "results.csv").write_text("run,member,seed,step\nmoe_s1,moe,1,30.0\n")
+    assert C.run_curves(tmp_path, read_results(tmp_path / "results.csv")) == want
